@@ -1,0 +1,34 @@
+# Two entry points for a fresh clone with only Python 3.11 and pip: `make demo` and `make test`.
+# Both create .venv (reused when present) and install the kit from constraints.txt.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test bench lock clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	# torch first, from the pinned release, so no resolver picks a different build
+	$(BIN)/python -m pip install --quiet -c constraints.txt torch torchvision
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
+	@touch $(STAMP)
+
+demo: install
+	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --smoke --results gate_reports
+	$(BIN)/covtoken audit gate_reports
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python tests/bench_stats.py
+
+lock: install
+	$(BIN)/python -m pip freeze --exclude-editable | sed '1i # Pinned versions every install and every job uses (pip install -c constraints.txt ...).\n# Regenerate with: make lock' > constraints.txt
+
+clean-venv:
+	rm -rf $(VENV)

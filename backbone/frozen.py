@@ -1,0 +1,124 @@
+"""A frozen backbone: registry spec + model in eval mode + preprocessing + patch-token extraction.
+
+Token convention (recorded with every run): block indices are 0-based (block ``depth - 1`` is the last);
+tokens are the *output of the block*, before the model's final norm unless ``final_norm=True``; CLS and
+register tokens are stripped, so each image gives ``grid[0] * grid[1]`` patch tokens in row-major order.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .registry import BackboneSpec, get_spec
+
+__all__ = ["FrozenBackbone", "load_backbone", "state_dict_digest"]
+
+log = logging.getLogger(__name__)
+
+
+def state_dict_digest(model: torch.nn.Module) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of every tensor in the state dict."""
+    h = hashlib.sha256()
+    for key, tensor in sorted(model.state_dict().items()):
+        t = tensor.detach().to("cpu").contiguous()
+        h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+class FrozenBackbone:
+    """A model that never trains, with the preprocessing of its spec.
+
+    Args:
+        spec: registry entry.
+        model: the built module; it is put in eval mode and its parameters frozen.
+        device: where the forward pass runs.
+    """
+
+    def __init__(self, spec: BackboneSpec, model: torch.nn.Module, *, device: str | torch.device = "cpu") -> None:
+        self.spec = spec
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.weights_digest = state_dict_digest(self.model)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.spec.grid
+
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+        """Images in the common layout -> normalised ``(B, 3, S, S)`` float32 tensor.
+
+        Grey images are repeated to three channels; every image is resized to the square input with bilinear
+        interpolation (no crop), then normalised with the spec's mean/std.
+        """
+        batch = []
+        for img in images:
+            t = torch.as_tensor(np.asarray(img, dtype=np.float32))
+            if t.ndim == 2:
+                t = t[None].expand(3, -1, -1)
+            elif t.ndim == 3 and t.shape[2] == 3:
+                t = t.permute(2, 0, 1)
+            else:
+                raise ValueError(f"image must be (H, W) or (H, W, 3), got {tuple(t.shape)}")
+            batch.append(F.interpolate(t[None], size=(self.spec.image_size,) * 2, mode="bilinear",
+                                       align_corners=False, antialias=True)[0])
+        x = torch.stack(batch)
+        mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
+        std = torch.tensor(self.spec.std).view(1, 3, 1, 1)
+        return ((x - mean) / std).to(self.device)
+
+    @torch.inference_mode()
+    def patch_tokens(self, pixels: torch.Tensor, blocks: Sequence[int], *, final_norm: bool = False) -> dict[int, torch.Tensor]:
+        """Patch tokens of the requested blocks.
+
+        Args:
+            pixels: ``(B, 3, S, S)`` output of :meth:`preprocess`.
+            blocks: 0-based block indices in ``[0, depth)``.
+            final_norm: apply the model's final LayerNorm to the block outputs.
+
+        Returns:
+            ``{block: (B, N, d) float32 tensor on CPU}`` with ``N = grid[0] * grid[1]``.
+        """
+        blocks = sorted(set(int(b) for b in blocks))
+        bad = [b for b in blocks if not 0 <= b < self.spec.depth]
+        if bad:
+            raise ValueError(f"{self.spec.name}: block indices {bad} outside [0, {self.spec.depth})")
+        from .extract import extract_patch_tokens
+
+        out = extract_patch_tokens(self, pixels, blocks, final_norm=final_norm)
+        n = self.grid[0] * self.grid[1]
+        for b, t in out.items():
+            if t.shape[1] != n or t.shape[2] != self.spec.width:
+                raise RuntimeError(f"{self.spec.name}: block {b} gave tokens {tuple(t.shape)}, expected (B, {n}, {self.spec.width})")
+            if not torch.isfinite(t).all():
+                raise FloatingPointError(f"{self.spec.name}: block {b} produced NaN/Inf tokens")
+        return {b: t.float().cpu() for b, t in out.items()}
+
+    def provenance(self, *, blocks: Sequence[int], final_norm: bool) -> dict:
+        """Backbone fields of a gate record."""
+        prov = self.spec.provenance()
+        prov.update({"weights_digest": self.weights_digest, "blocks": sorted(set(int(b) for b in blocks)),
+                     "final_norm": bool(final_norm)})
+        return prov
+
+
+def load_backbone(name: str, *, weights: str | Path | None = None, device: str = "cpu") -> FrozenBackbone:
+    """Build the registered backbone ``name`` and freeze it.
+
+    Args:
+        name: registry name (unknown names raise with the list of choices).
+        weights: local folder or file replacing the Hub download (see :class:`BackboneSpec`).
+        device: ``"cpu"`` or ``"cuda"``.
+    """
+    spec = get_spec(name)
+    log.info("building backbone %s (%s %s @ %s)", name, spec.library, spec.hub_id, spec.revision)
+    model = spec.builder(spec=spec, weights=weights)
+    return FrozenBackbone(spec, model, device=device)

@@ -1,0 +1,1 @@
+"""Real backbones from the Hugging Face Hub (registered on import). Filled in by the backbone work."""

@@ -1,0 +1,148 @@
+"""One registry from backbone names to frozen-model builders, with their preprocessing and pinned revision.
+
+Every backbone the kit can use is a :class:`BackboneSpec` registered here under a short name. A spec says
+where the weights come from (library, Hub id, pinned revision), how images are prepared (square input size,
+mean/std, resize without crop, so lesions at the border are never cut away), and the token geometry (patch
+size, depth, width, how many CLS/register tokens precede the patch tokens). Registering a name twice is an
+error; looking up an unknown name raises with the list of choices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+
+__all__ = ["BackboneSpec", "register", "get_spec", "list_backbones", "UnknownBackboneError"]
+
+Library = Literal["timm", "transformers", "open_clip"]
+
+
+class UnknownBackboneError(KeyError):
+    """A backbone name that is not in the registry."""
+
+    def __str__(self) -> str:  # KeyError quotes its message; keep it readable
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build one frozen backbone and read its patch tokens.
+
+    Attributes:
+        name: registry key.
+        library: which maintained library builds the architecture.
+        hub_id: Hub repository of the weights (``None`` for the embedded tiny ViT); open_clip ids keep their
+            ``hf-hub:`` prefix.
+        revision: pinned Hub commit sha of the weights (``None`` only for the embedded model).
+        image_size: square input side in pixels; images are resized (no crop) to it.
+        patch_size: patch side in pixels; the token grid is ``image_size // patch_size`` per side.
+        depth: number of transformer blocks; block indices are 0-based, ``depth - 1`` is the final block.
+        width: token dimension d.
+        num_prefix_tokens: CLS + register tokens stripped before patch tokens are returned.
+        num_registers: register tokens among the prefix tokens.
+        mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
+        builder: keyword-only callable ``builder(spec=..., weights=...) -> torch.nn.Module``; ``weights`` is a
+            local folder or file that replaces the Hub download (used by the offline tests and by jobs that
+            mount weights); ``None`` means "fetch ``hub_id`` at ``revision``".
+        weights_sha256: optional hex prefix the weight file must match.
+        modality: the images this backbone is meant for (documentation only).
+        notes: free text (licence, paper).
+    """
+
+    name: str
+    library: Library
+    hub_id: str | None
+    revision: str | None
+    image_size: int
+    patch_size: int
+    depth: int
+    width: int
+    num_prefix_tokens: int
+    num_registers: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    builder: Callable[..., torch.nn.Module] = field(repr=False, compare=False)
+    weights_sha256: str | None = None
+    modality: str = "any"
+    notes: str = ""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"{self.name}: image_size {self.image_size} is not a multiple of {self.patch_size}")
+        if self.hub_id is not None and self.revision is None:
+            raise ValueError(f"{self.name}: Hub weights {self.hub_id!r} need a pinned revision")
+        if self.hub_id is not None and self.library == "open_clip" and not self.hub_id.startswith("hf-hub:"):
+            raise ValueError(f"{self.name}: open_clip Hub ids must start with 'hf-hub:', got {self.hub_id!r}")
+        if self.hub_id is not None and not self.hub_id.removeprefix("hf-hub:").strip("/"):
+            raise ValueError(f"{self.name}: empty Hub id")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+    def provenance(self) -> dict:
+        """The fields a gate record stores about this backbone."""
+        return {
+            "name": self.name,
+            "library": self.library,
+            "hub_id": self.hub_id,
+            "revision": self.revision,
+            "image_size": self.image_size,
+            "patch_size": self.patch_size,
+            "depth": self.depth,
+            "width": self.width,
+            "num_prefix_tokens_stripped": self.num_prefix_tokens,
+            "num_registers": self.num_registers,
+            "block_index_base": 0,
+            "preprocess": {"resize": "square, no crop", "mean": list(self.mean), "std": list(self.std)},
+        }
+
+
+_REGISTRY: dict[str, BackboneSpec] = {}
+
+
+def register(spec: BackboneSpec) -> BackboneSpec:
+    """Add ``spec`` to the registry; a name can be registered once."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"backbone {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def list_backbones() -> list[str]:
+    """Registered names, sorted."""
+    _load_builtin()
+    return sorted(_REGISTRY)
+
+
+def get_spec(name: str) -> BackboneSpec:
+    """The spec registered under ``name``.
+
+    Raises:
+        UnknownBackboneError: listing the valid names.
+    """
+    _load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownBackboneError(
+            f"unknown backbone {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}"
+        ) from None
+
+
+def _load_builtin() -> None:
+    # The built-in entries live in their own modules and register themselves on first use.
+    from . import hub, tiny  # noqa: F401
+
+
+def weights_dir(weights: str | Path | None) -> Path | None:
+    """Normalise a ``weights`` override to a Path, checking that it exists."""
+    if weights is None:
+        return None
+    path = Path(weights)
+    if not path.exists():
+        raise FileNotFoundError(f"weights override {path} does not exist")
+    return path
