@@ -1,1 +1,253 @@
-def main(): print("hi")
+"""The ``covtoken`` command line: run jobs, audit records, calibrate and lock thresholds.
+
+    covtoken run jobs/g1_lesion_subspace.py --smoke            # local backend, record fetched into gate_reports/
+    covtoken audit [gate_reports/]                             # recompute every decision; non-zero on any problem
+    covtoken thresholds calibrate --gate G1 --entry embedded results/calibration/calibration/*.json --out P.json
+    covtoken thresholds lock P.json [--supersede]
+    covtoken thresholds verify | show
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from .audit import NEGATIVE, SUMMARY, audit_folder, render_negative, render_summary
+from .lock import (LockError, ThresholdLock, gate_template, lock_entry, propose_thresholds, write_lock)
+from .record import RecordError, loads_strict, new_run_id, read_record, sha256_file, utc_now, write_json_atomic
+from .runner import default_lock_path
+
+__all__ = ["main", "fetch_local_run"]
+
+console = Console(stderr=True)
+log = logging.getLogger("covtoken.cli")
+
+
+# ----------------------------------------------------------------------------------------------------- run
+def fetch_local_run(src: Path, run_id: str, dest: Path) -> Path:
+    """Copy one run's record and artefacts from a results folder into ``dest`` (never overwriting)."""
+    record_path = src / f"{run_id}.json"
+    read_record(record_path)  # a malformed record is never fetched
+    target = dest / f"{run_id}.json"
+    if target.exists():
+        raise FileExistsError(f"{target}: run already fetched; records are never overwritten")
+    art_src, art_dst = src / "artefacts" / run_id, dest / "artefacts" / run_id
+    if art_src.is_dir():
+        if art_dst.exists():
+            raise FileExistsError(f"{art_dst}: artefacts already present")
+        shutil.copytree(art_src, art_dst)
+    shutil.copyfile(record_path, target)
+    return target
+
+
+def _job_gate(job: Path) -> str:
+    stem = job.stem.split("_", 1)[0].upper()
+    if not stem.startswith("G"):
+        raise SystemExit(f"{job}: job scripts are named g<N>_<name>.py")
+    return stem
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    job = Path(args.job)
+    if not job.is_file():
+        console.print(f"[red]{job}: job script not found[/red]")
+        return 2
+    if args.backend != "local":
+        console.print("[red]only the local backend runs from `covtoken run`; use `covtoken submit` for HF Jobs[/red]")
+        return 2
+    run_id = new_run_id(_job_gate(job))
+    staging = Path(args.staging)
+    cmd = [sys.executable, str(job), "--results", str(staging), "--run-id", run_id, *args.job_args]
+    console.print(f"[bold]covtoken run[/bold] {' '.join(cmd)}")
+    stage = "starting"
+    with console.status(f"{run_id}: {stage}") as status:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            sys.stderr.write(line)
+            brace = line.find("{")
+            if brace >= 0 and '"event"' in line:
+                try:
+                    ev = json.loads(line[brace:])
+                except json.JSONDecodeError:
+                    continue
+                if ev.get("event") == "stage_start":
+                    stage = ev.get("stage", stage)
+                    status.update(f"{run_id}: {stage}")
+        rc = proc.wait()
+    if rc != 0:
+        console.print(f"[red]job failed with exit code {rc}; no record was fetched[/red]")
+        return rc
+    if (staging / "calibration" / f"{run_id}.json").exists():
+        console.print(f"calibration run written to {staging / 'calibration' / f'{run_id}.json'}")
+        return 0
+    target = fetch_local_run(staging, run_id, Path(args.results))
+    rec = read_record(target)
+    console.print(f"[bold]{rec['gate_id']}[/bold] {rec['decision'].upper()} -> {target}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- audit
+def cmd_audit(args: argparse.Namespace) -> int:
+    folder = Path(args.folder)
+    lock_path = Path(args.lock) if args.lock else default_lock_path()
+    report = audit_folder(folder, lock_path=lock_path)
+    if not report.ok:
+        for p in report.all_problems():
+            console.print(f"[red]FAIL[/red] {p}", soft_wrap=True)
+        console.print(f"[red]audit failed: {len(report.all_problems())} problem(s) in {folder}[/red]")
+        return 1
+    summary, negative = render_summary(report), render_negative(report)
+    if args.check:
+        stale = [n for n, text in ((SUMMARY, summary), (NEGATIVE, negative))
+                 if not (folder / n).is_file() or (folder / n).read_text() != text]
+        if stale:
+            console.print(f"[red]audit --check: {', '.join(stale)} in {folder} is stale or missing; run `covtoken audit`[/red]")
+            return 1
+    else:
+        for name, text in ((SUMMARY, summary), (NEGATIVE, negative)):
+            tmp = folder / f".{name}.tmp"
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, folder / name)
+    table = Table(title=f"audit of {folder}: {len(report.records)} record(s), all decisions recomputed")
+    for col in ("gate", "run", "decision", "thresholds"):
+        table.add_column(col)
+    for ra in sorted(report.records, key=lambda r: r.record["run_id"]):
+        table.add_row(ra.record["gate_id"], ra.record["run_id"], ra.record["decision"], ra.prereg[0])
+    Console().print(table)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- thresholds
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    template = gate_template(args.gate)
+    entry = template["entries"].get(args.entry)
+    if entry is None:
+        raise LockError(f"gate {args.gate} has no template entry {args.entry!r}")
+    key = f"{args.gate}/{args.entry}"
+    runs, inputs = [], []
+    for f in args.calibration_files:
+        doc = loads_strict(Path(f).read_text(), source=f)
+        if doc.get("kind") != "covtoken.calibration_run" or doc.get("entry") != key:
+            raise LockError(f"{f}: not a calibration run of {key} (kind={doc.get('kind')!r}, entry={doc.get('entry')!r})")
+        if doc["dataset"]["splits"].get("role") != "calibration":
+            raise LockError(f"{f}: field dataset/splits/role: thresholds are calibrated on calibration splits only")
+        runs.append(doc["metrics"])
+        inputs.append({"file": Path(f).name, "sha256": sha256_file(f), "run_id": doc["run_id"],
+                       "code_commit": doc["code"]["commit"]})
+    rules = {c.get("calibration_rule", "fixed") for c in entry["criteria"]}
+    if not runs and rules != {"fixed"}:
+        raise LockError(f"{key}: criteria with rules {sorted(rules - {'fixed'})} need calibration results")
+    criteria = propose_thresholds(entry["criteria"], runs) if runs else [dict(c) for c in entry["criteria"]]
+    calibration = {**entry.get("calibration", {}), "inputs": inputs, "proposed_at": utc_now(),
+                   "proposed_values": {c["id"]: c["threshold"] for c in criteria}}
+    proposal = {"kind": "covtoken.threshold_proposal", "gate_id": args.gate, "entry": args.entry,
+                "claim": template["claim"], "criteria": criteria, "parameters": entry["parameters"],
+                "calibration": calibration}
+    write_json_atomic(args.out, proposal)
+    console.print(f"proposal written to {args.out}: " + ", ".join(f"{c['id']} {c['comparator']} {c['threshold']}"
+                                                                  for c in criteria))
+    return 0
+
+
+def cmd_lock(args: argparse.Namespace) -> int:
+    lock_path = Path(args.lock) if args.lock else default_lock_path()
+    doc = loads_strict(lock_path.read_text(), source=str(lock_path)) if lock_path.exists() else {}
+    if doc:
+        ThresholdLock(doc, source=str(lock_path))  # never build on a tampered lock
+    prop = loads_strict(Path(args.proposal).read_text(), source=args.proposal)
+    if prop.get("kind") != "covtoken.threshold_proposal":
+        raise LockError(f"{args.proposal}: not a threshold proposal")
+    calibration = {**prop["calibration"], "locked_at": utc_now()}
+    new = lock_entry(doc, gate_id=prop["gate_id"], claim=prop["claim"], name=prop["entry"], criteria=prop["criteria"],
+                     parameters=prop["parameters"], calibration=calibration, supersede=args.supersede)
+    write_lock(new, lock_path)
+    e = ThresholdLock(new).entry(f"{prop['gate_id']}/{prop['entry']}")
+    console.print(f"locked {e.key} ({e.digest}) in {lock_path}; commit it before any judged run")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    lock_path = Path(args.lock) if args.lock else default_lock_path()
+    lock = ThresholdLock.load(lock_path)
+    console.print(f"{lock_path}: intact ({lock.digest}); gates {', '.join(lock.gate_ids())}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    lock = ThresholdLock.load(Path(args.lock) if args.lock else default_lock_path())
+    table = Table(title="locked thresholds")
+    for col in ("entry", "criterion", "metric", "rule", "calibration"):
+        table.add_column(col)
+    for gid in lock.gate_ids():
+        for name in sorted(lock.doc["gates"][gid]["entries"]):
+            e = lock.entry(f"{gid}/{name}")
+            for c in e.criteria:
+                table.add_row(e.key, c["id"], c["metric"], f"{c['judged_on']} {c['comparator']} {c['threshold']}",
+                              str(e.calibration.get("method", e.calibration.get("split", ""))))
+    Console().print(table)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="covtoken", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a job script with the local backend and fetch its record")
+    r.add_argument("job", help="jobs/<gate>_<name>.py")
+    r.add_argument("--backend", default="local", choices=["local"], help="local subprocess (HF Jobs: covtoken submit)")
+    r.add_argument("--results", default="gate_reports", help="where the record is fetched to")
+    r.add_argument("--staging", default="results/local", help="the job's own results folder")
+    r.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job script")
+    r.set_defaults(fn=cmd_run)
+
+    a = sub.add_parser("audit", help="recompute every decision and regenerate SUMMARY.md / NEGATIVE_RESULT.md")
+    a.add_argument("folder", nargs="?", default="gate_reports")
+    a.add_argument("--lock", help="threshold lock (default configs/thresholds.lock.json)")
+    a.add_argument("--check", action="store_true", help="write nothing; fail if the summaries are stale")
+    a.set_defaults(fn=cmd_audit)
+
+    t = sub.add_parser("thresholds", help="calibrate, lock, verify or show the threshold lock")
+    tsub = t.add_subparsers(dest="thresholds_command", required=True)
+    c = tsub.add_parser("calibrate", help="propose thresholds from calibration-split runs")
+    c.add_argument("--gate", required=True)
+    c.add_argument("--entry", required=True)
+    c.add_argument("--out", required=True, help="proposal file to write")
+    c.add_argument("calibration_files", nargs="*", help="calibration run files written by the job")
+    c.set_defaults(fn=cmd_calibrate)
+    lk = tsub.add_parser("lock", help="freeze a proposal into the lock")
+    lk.add_argument("proposal")
+    lk.add_argument("--lock", help="lock file (default configs/thresholds.lock.json)")
+    lk.add_argument("--supersede", action="store_true", help="replace an existing entry (its digest is kept)")
+    lk.set_defaults(fn=cmd_lock)
+    for name, fn in (("verify", cmd_verify), ("show", cmd_show)):
+        v = tsub.add_parser(name)
+        v.add_argument("--lock")
+        v.set_defaults(fn=fn)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    if getattr(args, "job_args", None) and args.job_args[0] == "--":
+        args.job_args = args.job_args[1:]
+    try:
+        return int(args.fn(args) or 0)
+    except (LockError, RecordError, FileExistsError, FileNotFoundError) as exc:
+        console.print(f"[red]error:[/red] {exc}")
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""The audit: recompute every decision from its record and the locked thresholds, and fail closed.
+
+For each record under a results folder the audit checks the schema, that the lock it names is intact and
+that its entry digest is the one the record was judged under, that the record's criteria are the locked
+ones, that re-applying the decision rule to the recorded metrics gives the recorded outcomes and decision,
+that the provenance is complete, and that every artefact is present with the recorded hash (and that no
+unlisted file sits in the run's artefact folder). When git history is available it also checks that the
+lock entry was committed at or before the code commit that produced the record (pre-registration).
+
+Any problem makes the audit fail and is reported with the file and field. Only a clean audit regenerates
+``SUMMARY.md`` and ``NEGATIVE_RESULT.md``; an empty folder is a failure, never a pass.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .lock import LockError, ThresholdLock, entry_digest, judge
+from .provenance import git, repo_root
+from .record import RecordError, iter_record_paths, loads_strict, read_record, sha256_file
+
+__all__ = ["AuditReport", "audit_folder", "preregistration", "render_summary", "render_negative"]
+
+log = logging.getLogger(__name__)
+SUMMARY = "SUMMARY.md"
+NEGATIVE = "NEGATIVE_RESULT.md"
+WALL_TOLERANCE_S = 5.0
+
+
+@dataclass
+class RecordAudit:
+    path: Path
+    record: dict | None = None
+    problems: list[str] = field(default_factory=list)
+    prereg: tuple[str, str] = ("unavailable", "not checked")
+
+    def fail(self, fld: str, msg: str) -> None:
+        self.problems.append(f"{self.path}: field {fld}: {msg}")
+
+
+@dataclass
+class AuditReport:
+    folder: Path
+    records: list[RecordAudit]
+    problems: list[str]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and bool(self.records) and all(not r.problems for r in self.records)
+
+    def all_problems(self) -> list[str]:
+        return self.problems + [p for r in self.records for p in r.problems]
+
+
+def _check_lock(ra: RecordAudit, lock: ThresholdLock) -> None:
+    rec = ra.record
+    assert rec is not None
+    try:
+        entry = lock.entry(rec["lock"]["entry"])
+    except LockError as exc:
+        ra.fail("lock/entry", str(exc))
+        return
+    if rec["lock"]["entry_digest"] != entry.digest:
+        ra.fail("lock/entry_digest", f"record was judged under {rec['lock']['entry_digest']}, the lock entry "
+                                     f"{entry.key} is now {entry.digest}")
+    if entry.gate_id != rec["gate_id"]:
+        ra.fail("lock/entry", f"entry {entry.key} belongs to another gate than {rec['gate_id']}")
+    if rec["claim"] != entry.claim:
+        ra.fail("claim", "differs from the claim locked for the gate")
+    locked = [(c["id"], c["metric"], c["comparator"], c["threshold"], c["judged_on"]) for c in entry.criteria]
+    recorded = [(c["id"], c["metric"], c["comparator"], c["threshold"], c["judged_on"]) for c in rec["criteria"]]
+    if locked != recorded:
+        for i in range(max(len(locked), len(recorded))):
+            a = locked[i] if i < len(locked) else None
+            b = recorded[i] if i < len(recorded) else None
+            if a != b:
+                ra.fail(f"criteria/{i}", f"recorded {b} but the lock has {a}")
+                break
+        return
+    decision, judged, _ = judge(entry.criteria, rec["metrics"])
+    for i, (want, got) in enumerate(zip(judged, rec["criteria"])):
+        for key in ("observed", "point", "outcome"):
+            if want[key] != got[key]:
+                ra.fail(f"criteria/{i}/{key}", f"recorded {got[key]!r}, recomputed {want[key]!r}")
+    if decision != rec["decision"]:
+        ra.fail("decision", f"recorded {rec['decision']!r}, recomputed {decision!r} from the metrics and the lock")
+
+
+def _check_provenance(ra: RecordAudit) -> None:
+    prov = ra.record["provenance"]
+    bb = prov["backbone"]
+    if bb["hub_id"] is not None and not bb["revision"]:
+        ra.fail("provenance/backbone/revision", f"Hub backbone {bb['hub_id']} without a revision")
+    ds = prov["dataset"]
+    if not ds["n_patients"] or not all(v > 0 for v in ds["n_patients"].values()):
+        ra.fail("provenance/dataset/n_patients", f"empty split in {ds['n_patients']}")
+    if prov["backend"]["name"] == "hf-jobs" and not prov["backend"]["job_id"]:
+        ra.fail("provenance/backend/job_id", "an HF Jobs run must carry its job id")
+    if prov["code"]["dirty"] and not prov["code"].get("diff_sha256"):
+        ra.fail("provenance/code/diff_sha256", "a dirty run must carry the hash of its diff")
+    from datetime import datetime
+
+    def ts(s: str) -> datetime:
+        return datetime.fromisoformat(s.replace("Z", "+00:00"))
+
+    span = (ts(prov["finished_at"]) - ts(prov["started_at"])).total_seconds()
+    if abs(span - prov["wall_seconds"]) > WALL_TOLERANCE_S:
+        ra.fail("provenance/wall_seconds", f"{prov['wall_seconds']:.1f} s but start/end span {span:.1f} s")
+
+
+def _check_artefacts(ra: RecordAudit) -> None:
+    rec = ra.record
+    base = ra.path.parent
+    listed = set()
+    for i, art in enumerate(rec["artefacts"]):
+        f = base / art["path"]
+        listed.add(f.resolve())
+        if not art["path"].startswith(f"artefacts/{rec['run_id']}/"):
+            ra.fail(f"artefacts/{i}/path", f"{art['path']} is outside artefacts/{rec['run_id']}/")
+        if not f.is_file():
+            ra.fail(f"artefacts/{i}/path", f"{f} is missing")
+            continue
+        if f.stat().st_size != art["bytes"]:
+            ra.fail(f"artefacts/{i}/bytes", f"{f} has {f.stat().st_size} bytes, recorded {art['bytes']}")
+        if sha256_file(f) != art["sha256"]:
+            ra.fail(f"artefacts/{i}/sha256", f"{f} does not match its recorded hash")
+    run_dir = base / "artefacts" / rec["run_id"]
+    if run_dir.is_dir():
+        for f in sorted(run_dir.rglob("*")):
+            if f.is_file() and f.resolve() not in listed:
+                ra.fail("artefacts", f"{f} is in the run's artefact folder but not listed in the record")
+
+
+def preregistration(record: dict, lock_path: Path) -> tuple[str, str]:
+    """Was the lock entry committed at or before the code commit that produced the record?
+
+    Returns:
+        ``(status, detail)`` with status ``pre-registered``, ``not-registered`` or ``unavailable``.
+    """
+    root = repo_root()
+    if root is None:
+        return "unavailable", "no git checkout"
+    commit = record["provenance"]["code"]["commit"]
+    if git(root, "cat-file", "-t", commit, check=False).strip() != "commit":
+        return "unavailable", f"code commit {commit[:12]} is not in this clone's history"
+    try:
+        rel = lock_path.resolve().relative_to(root).as_posix()
+    except ValueError:
+        return "unavailable", f"lock {lock_path} is outside the repository"
+    gate_id, _, name = record["lock"]["entry"].partition("/")
+    want = record["lock"]["entry_digest"]
+    first = None
+    for c in git(root, "log", "--format=%H", "--reverse", "--", rel).split():
+        try:
+            doc = loads_strict(git(root, "show", f"{c}:{rel}"), source=f"{c[:12]}:{rel}")
+            gate = doc["gates"][gate_id]
+            entry = gate["entries"][name]
+        except (KeyError, TypeError, RecordError):
+            continue
+        if entry.get("digest") == want and entry_digest(gate_id, gate["claim"], name, entry) == want:
+            first = first or c
+            if _is_ancestor(root, c, commit):
+                return "pre-registered", f"lock entry committed in {c[:12]}, code at {commit[:12]}"
+    if first:
+        return "not-registered", f"lock entry first committed in {first[:12]}, after the code commit {commit[:12]}"
+    return "not-registered", f"lock entry digest {want[:19]}... was never committed"
+
+
+def _is_ancestor(root: Path, a: str, b: str) -> bool:
+    import subprocess
+
+    return subprocess.run(["git", "-C", str(root), "merge-base", "--is-ancestor", a, b]).returncode == 0
+
+
+def audit_folder(folder: str | Path, *, lock_path: str | Path) -> AuditReport:
+    """Audit every record under ``folder`` against the lock at ``lock_path``."""
+    folder, lock_path = Path(folder), Path(lock_path)
+    report = AuditReport(folder, [], [])
+    if not folder.is_dir():
+        report.problems.append(f"{folder}: results folder is missing")
+        return report
+    try:
+        lock = ThresholdLock.load(lock_path)
+    except (LockError, RecordError) as exc:
+        report.problems.append(str(exc))
+        return report
+    paths = iter_record_paths(folder)
+    if not paths:
+        report.problems.append(f"{folder}: no gate records found; an empty audit is not a pass")
+    seen: dict[str, Path] = {}
+    for p in paths:
+        ra = RecordAudit(p)
+        report.records.append(ra)
+        try:
+            ra.record = read_record(p)
+        except RecordError as exc:
+            ra.problems.append(str(exc))
+            continue
+        rid = ra.record["run_id"]
+        if rid in seen:
+            ra.fail("run_id", f"duplicate of {seen[rid]}")
+        seen[rid] = p
+        _check_lock(ra, lock)
+        _check_provenance(ra)
+        _check_artefacts(ra)
+        ra.prereg = preregistration(ra.record, lock_path)
+        if ra.prereg[0] == "not-registered":
+            ra.fail("lock/entry_digest", f"thresholds were not pre-registered: {ra.prereg[1]}")
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ summaries
+def _key_metric(rec: dict) -> str:
+    c = rec["criteria"][0]
+    m = rec["metrics"][c["metric"]]
+    v = "n/a" if m["value"] is None else f"{m['value']:.3f}"
+    ci = "" if m["ci"] is None else f" [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
+    return f"{c['metric']} = {v}{ci}"
+
+
+def _row(ra: RecordAudit) -> str:
+    r = ra.record
+    prov = r["provenance"]
+    ds = prov["dataset"]
+    cells = [r["gate_id"], r["claim"], f"**{r['decision']}**", _key_metric(r),
+             f"{prov['backbone']['name']} ({prov['backbone']['revision'] or 'seeded'})",
+             f"{ds['id']} ({sum(ds['n_patients'].values())} patients)", f"`{r['run_id']}`",
+             f"{ra.prereg[0]}" + (" (dirty)" if prov["code"]["dirty"] else "")]
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def render_summary(report: AuditReport) -> str:
+    """The SUMMARY.md table, deterministic for a given set of records."""
+    head = ("| gate | claim | decision | key metric [95% CI] | backbone | dataset | run | thresholds |\n"
+            "|---|---|---|---|---|---|---|---|")
+    ordered = sorted(report.records, key=lambda ra: (ra.record["gate_id"], ra.record["run_id"]))
+    main = [_row(ra) for ra in ordered if not ra.record.get("sample_run")]
+    samples = [_row(ra) for ra in ordered if ra.record.get("sample_run")]
+    lines = ["# Gate summary", "",
+             "Generated by `covtoken audit` from the records in this folder; every decision below was recomputed "
+             "from the record's metrics and the locked thresholds. Do not edit by hand.", "",
+             "`thresholds`: whether the lock entry was committed at or before the code that produced the run "
+             "(`unavailable` when git history is not at hand).", "", head, *main]
+    if samples:
+        lines += ["", "## Sample runs (small real-data samples; not evidence for the claims)", "", head, *samples]
+    return "\n".join(lines) + "\n"
+
+
+def render_negative(report: AuditReport) -> str:
+    """NEGATIVE_RESULT.md: every failed gate and the claim it falsifies, and what stays open."""
+    lines = ["# Negative results", "",
+             "Generated by `covtoken audit`. A failed gate is a result: it is recorded here with the claim it "
+             "falsifies and the criteria that were not met.", ""]
+    failed = [ra for ra in report.records if ra.record["decision"] == "fail"]
+    open_ = [ra for ra in report.records if ra.record["decision"] == "inconclusive"]
+    if not failed:
+        lines.append("No gate failed.")
+    for ra in sorted(failed, key=lambda r: r.record["run_id"]):
+        r = ra.record
+        lines += [f"## {r['gate_id']} — `{r['run_id']}`" + (" (sample run)" if r.get("sample_run") else ""), "",
+                  f"Falsified claim: {r['claim']}", ""]
+        for c in r["criteria"]:
+            if c["outcome"] != "met":
+                obs = "n/a" if c["observed"] is None else f"{c['observed']:.4f}"
+                lines.append(f"- {c['id']}: {c['metric']} ({c['judged_on']}) = {obs}, needed {c['comparator']} "
+                             f"{c['threshold']} → {c['outcome']}")
+        lines.append("")
+    if open_:
+        lines += ["## Inconclusive", ""]
+        for ra in sorted(open_, key=lambda r: r.record["run_id"]):
+            lines.append(f"- {ra.record['gate_id']} `{ra.record['run_id']}`: {ra.record.get('decision_reason', '')}")
+    return "\n".join(lines).rstrip() + "\n"

@@ -1,0 +1,135 @@
+"""G1 evaluation: token-level lesion AUROC per block and construction, selection on validation, paired test.
+
+Protocol (pure functions; the job passes arrays in, gets metrics out):
+
+1. Every scored arm ``"<construction>@<block>"`` gets its validation AUROC.
+2. The mid-layer arm with the best *validation* AUROC is selected (ties: lower block, then name); the final
+   block arm of the same construction is its comparison. The intensity baseline's sign (bright or dark) is
+   chosen on validation too. Nothing is selected on test.
+3. On test patients one patient-clustered, class-stratified paired bootstrap covers all arms at once, so
+   every CI and every difference (mid - final, mid - baseline) uses the same resamples.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import roc_auc_score
+
+from .bootstrap import clustered_bootstrap_auroc
+
+__all__ = ["SplitScores", "G1Result", "evaluate_g1", "arm_name", "percentile_ci"]
+
+
+def arm_name(construction: str, block: int) -> str:
+    return f"{construction}@{block}"
+
+
+@dataclass(frozen=True)
+class SplitScores:
+    """Scores of one split, flattened over images and tokens.
+
+    Attributes:
+        scores: arm name -> ``(n,)`` scores (higher = more lesion-like).
+        labels: ``(n,)`` int8, 1 lesion, 0 background, -1 excluded.
+        patients: ``(n,)`` patient id per token.
+        images: ``(n,)`` image id per token.
+    """
+
+    scores: Mapping[str, np.ndarray]
+    labels: np.ndarray
+    patients: np.ndarray
+    images: np.ndarray
+
+    def valid(self) -> np.ndarray:
+        return self.labels >= 0
+
+
+@dataclass(frozen=True)
+class G1Result:
+    metrics: dict
+    table: list[dict]
+    selection: dict
+
+
+def percentile_ci(samples: np.ndarray, level: float) -> tuple[float, float]:
+    """Percentile interval of bootstrap ``samples`` (1-D)."""
+    a = (1.0 - level) / 2.0
+    lo, hi = np.quantile(samples, [a, 1.0 - a])
+    return float(lo), float(hi)
+
+
+def _auroc(y: np.ndarray, s: np.ndarray) -> float:
+    return float(roc_auc_score(y, s))
+
+
+def evaluate_g1(*, val: SplitScores, test: SplitScores, constructions: Sequence[str], mid_blocks: Sequence[int],
+                final_block: int, baseline: Mapping[str, tuple[np.ndarray, np.ndarray]], n_boot: int,
+                ci_level: float, seed: int) -> G1Result:
+    """Select on ``val``, test on ``test``.
+
+    Args:
+        val, test: scores of every ``construction@block`` arm on the two splits.
+        constructions: construction names present in the arms.
+        mid_blocks: candidate blocks for the "mid-layer" selection (the final block is never among them).
+        final_block: index of the last block.
+        baseline: baseline name -> (val scores, test scores), e.g. ``{"bright": ..., "dark": ...}``.
+        n_boot, ci_level, seed: bootstrap settings (from the locked entry).
+
+    Returns:
+        metrics for the record, a per-arm table (val and test AUROC with CI), and the selection made.
+    """
+    if final_block in mid_blocks:
+        raise ValueError(f"final block {final_block} cannot be a mid-layer candidate")
+    vmask, tmask = val.valid(), test.valid()
+    yv, yt = val.labels[vmask].astype(int), test.labels[tmask].astype(int)
+    for name, y in (("validation", yv), ("test", yt)):
+        if y.min() == y.max():
+            raise ValueError(f"{name} split has only one token class; cannot compute AUROC")
+    val_auc = {arm: _auroc(yv, s[vmask]) for arm, s in val.scores.items()}
+    candidates = [(c, b) for b in sorted(mid_blocks) for c in constructions]
+    best_c, best_b = max(candidates, key=lambda cb: (val_auc[arm_name(*cb)], -cb[1], cb[0]))
+    mid_arm, final_arm = arm_name(best_c, best_b), arm_name(best_c, final_block)
+    base_val = {k: _auroc(yv, v[0][vmask]) for k, v in baseline.items()}
+    base_name = max(sorted(base_val), key=lambda k: base_val[k])
+
+    arms = [mid_arm, final_arm, f"baseline:{base_name}"] + sorted(test.scores)
+    stacked = np.stack([test.scores[mid_arm][tmask], test.scores[final_arm][tmask], baseline[base_name][1][tmask]]
+                       + [test.scores[a][tmask] for a in sorted(test.scores)])
+    boot = clustered_bootstrap_auroc(yt, stacked, test.patients[tmask], n_boot=n_boot, ci_level=ci_level, seed=seed)
+    samples = boot.samples
+    n_test = {"patients": int(len(np.unique(test.patients[tmask]))), "images": int(len(np.unique(test.images[tmask]))),
+              "tokens": int(tmask.sum()), "positive_tokens": int(yt.sum()), "resamples": int(n_boot)}
+
+    def metric(i: int, description: str) -> dict:
+        return {"value": boot.auroc[i], "ci": list(boot.ci[i]), "ci_level": ci_level, "ci_method": boot.method,
+                "n": n_test, "unit": "AUROC", "description": description}
+
+    def diff(i: int, j: int, description: str) -> dict:
+        d = samples[:, i] - samples[:, j]
+        return {"value": boot.auroc[i] - boot.auroc[j], "ci": list(percentile_ci(d, ci_level)), "ci_level": ci_level,
+                "ci_method": boot.method + " (paired difference)", "n": n_test, "unit": "AUROC difference",
+                "description": description}
+
+    metrics = {
+        "mid_auroc": metric(0, f"test token AUROC of the validation-selected mid-layer arm {mid_arm}"),
+        "final_auroc": metric(1, f"test token AUROC of the same construction at the final block ({final_arm})"),
+        "delta_mid_final_auroc": diff(0, 1, f"{mid_arm} minus {final_arm}, paired over patients"),
+        "intensity_baseline_auroc": metric(2, f"trivial intensity baseline ({base_name}, sign chosen on validation)"),
+        "delta_mid_intensity_auroc": diff(0, 2, f"{mid_arm} minus the intensity baseline ({base_name})"),
+        "selected_block": {"value": float(best_b), "ci": None, "ci_method": None,
+                           "n": {"patients": int(len(np.unique(val.patients[vmask])))},
+                           "unit": "0-based block index", "description": "mid-layer block chosen on validation"},
+    }
+    table = []
+    for k, arm in enumerate(arms[3:], start=3):
+        c, _, b = arm.partition("@")
+        table.append({"arm": arm, "construction": c, "block": int(b), "val_auroc": val_auc[arm],
+                      "test_auroc": boot.auroc[k], "test_ci": list(boot.ci[k])})
+    table.append({"arm": f"baseline:{base_name}", "construction": "intensity", "block": None,
+                  "val_auroc": base_val[base_name], "test_auroc": boot.auroc[2], "test_ci": list(boot.ci[2])})
+    selection = {"mid_arm": mid_arm, "final_arm": final_arm, "val_auroc": val_auc[mid_arm],
+                 "baseline": base_name, "baseline_val_auroc": base_val, "candidates": [arm_name(*cb) for cb in candidates],
+                 "rule": "max validation AUROC over mid-layer arms; ties -> lower block, then name"}
+    return G1Result(metrics=metrics, table=table, selection=selection)

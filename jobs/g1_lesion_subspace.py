@@ -1,0 +1,153 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+# ]
+# ///
+"""G1 - a label-free subspace in mid-layer patch tokens localises lesions better than the final layer.
+
+Density construction A (global Gaussian with Ledoit-Wolf shrinkage; kNN distance) and residual
+construction B (energy off the top principal subspace) are fitted on the tokens of training patients of
+every block, with no mask in sight, and score the tokens of validation and test patients. The mid-layer
+arm with the best validation AUROC is compared on test patients with the final block of the same
+construction (patient-clustered paired bootstrap); a trivial intensity baseline is reported beside it.
+The decision is judged under the locked thresholds and written as a gate record.
+
+Run locally (embedded default: CT phantoms + the tiny ViT, 2 CPU cores, about a minute):
+    covtoken run jobs/g1_lesion_subspace.py --smoke
+    python jobs/g1_lesion_subspace.py --smoke --results results/local        # the same, without the launcher
+
+On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
+    covtoken submit jobs/g1_lesion_subspace.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
+        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+    hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
+
+Calibration (proposes thresholds; never judged):
+    python jobs/g1_lesion_subspace.py --smoke --calibration --results results/calibration
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class G1Config:
+    dataset: str = field(default="phantom-ct", metadata={"help": "dataset name (see covtoken.data.catalog)"})
+    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
+    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
+    work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
+    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
+    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G1/embedded or G1/real"})
+    run_id: str | None = field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
+    seed: int = field(default=0, metadata={"help": "seed of the data generator, splits and subsamples"})
+    constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
+    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
+    calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
+    smoke: bool = field(default=False, metadata={"help": "embedded default: CT phantoms + tiny ViT on CPU"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from covtoken.runner import add_config_arguments, load_config
+
+    add_config_arguments(parser, G1Config)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(G1Config, args)
+    if cfg.smoke:
+        cfg = replace(cfg, dataset="phantom-ct", backbone="tiny-vit", device="cpu")
+    return run_g1(cfg)
+
+
+def run_g1(cfg: G1Config) -> int:
+    from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.splits import split_patients
+    from covtoken.eval.baselines import token_intensity
+    from covtoken.eval.labels import token_labels, token_lesion_fraction
+    from covtoken.eval.localisation import SplitScores, evaluate_g1
+    from covtoken.runner import Run, default_lock_path, stage
+    from covtoken.subspace import score_blocks
+
+    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
+    entry = cfg.lock_entry or ("G1/embedded" if embedded else "G1/real")
+    run = Run(gate_id="G1", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
+              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration)
+    P = run.parameters
+
+    with stage("load_data", dataset=cfg.dataset):
+        opts = dict(P.get("dataset_options", {}))
+        if is_embedded(cfg.dataset):
+            # calibration patients come from another generator seed: disjoint from every judged run
+            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
+        data = load_dataset(cfg.dataset, **opts)
+        items = data.items
+    splits = split_patients([it.patient_id for it in items], fractions=P["split_fractions"], seed=cfg.seed)
+    with stage("backbone", backbone=cfg.backbone):
+        bb = load_backbone(cfg.backbone, weights=cfg.weights, device=cfg.device)
+    blocks = list(range(bb.spec.depth))
+    final_block = blocks[-1]
+    bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
+    with stage("token_bank", images=len(items), blocks=len(blocks)):
+        bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]),
+                               batch_size=cfg.batch_size)
+
+    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
+            for name, members in splits.items()}
+    n_tok = bank.grid[0] * bank.grid[1]
+    with stage("fit_and_score"):
+        scores = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions),
+                              fit_rows=rows["train"], score_rows=np.concatenate([rows["val"], rows["test"]]),
+                              params=dict(P["construction_params"]), seed=cfg.seed,
+                              max_fit_tokens=int(P["max_fit_tokens"]))
+        bright = token_intensity([it.image for it in items], bank.grid)
+
+    # Masks are opened only here, inside covtoken.eval, after every score exists.
+    frac = token_lesion_fraction(data.masks, bank.image_ids, bank.grid)
+    labels = token_labels(frac, positive_min=P["positive_min"], negative_max=P["negative_max"])
+    n_val = len(rows["val"]) * n_tok
+
+    def split_scores(name: str, sl: slice) -> SplitScores:
+        r = rows[name]
+        return SplitScores(scores={k: v[sl] for k, v in scores.items()}, labels=labels[r].reshape(-1),
+                           patients=np.repeat(np.array(bank.patient_ids)[r], n_tok),
+                           images=np.repeat(np.array(bank.image_ids)[r], n_tok))
+
+    val, test = split_scores("val", slice(0, n_val)), split_scores("test", slice(n_val, None))
+    base = {"bright": (bright[rows["val"]].reshape(-1), bright[rows["test"]].reshape(-1)),
+            "dark": (-bright[rows["val"]].reshape(-1), -bright[rows["test"]].reshape(-1))}
+    with stage("evaluate"):
+        res = evaluate_g1(val=val, test=test, constructions=list(cfg.constructions), mid_blocks=blocks[:-1],
+                          final_block=final_block, baseline=base, n_boot=int(P["n_boot"]),
+                          ci_level=float(P["ci_level"]), seed=cfg.seed)
+
+    backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
+    dataset_prov = {**data.provenance, "splits": {"unit": "patient", "fit": "train", "select": "val", "judge": "test",
+                                                  "fractions": dict(P["split_fractions"]),
+                                                  "role": "calibration" if cfg.calibration else "evaluation"},
+                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed}
+    if cfg.calibration:
+        path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+        logging.getLogger("covtoken.g1").info("calibration metrics written to %s", path)
+        return 0
+    run.artefacts.json("auroc_per_block.json", res.table, description="val/test token AUROC of every arm with CI")
+    run.artefacts.json("selection.json", res.selection, description="what was selected on validation, and how")
+    run.artefacts.json("splits.json", {k: sorted(v) for k, v in splits.items()},
+                       description="patient membership of each split")
+    run.notes.append(f"selected {res.selection['mid_arm']} on validation (AUROC {res.selection['val_auroc']:.4f})")
+    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+    logging.getLogger("covtoken.g1").info("record: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,224 @@
+"""What every job script shares: layered frozen config, the run context, and writing the one record.
+
+A job declares its config as a frozen dataclass. :func:`load_config` merges, in order, the dataclass
+defaults, an optional JSON experiment file (``--config``), and command-line overrides; unknown keys are
+rejected. :class:`Run` opens a run (run id, start time, code state, results folder), collects artefacts,
+judges the metrics under the locked entry and writes the record atomically at the end. The record is the
+only output a gate decision lives in.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, TypeVar
+
+from .lock import DEFAULT_LOCK_PATH, ThresholdLock, gate_template_entry, judge
+from .provenance import code_state, package_versions, runtime
+from .record import ArtefactWriter, dumps_strict, loads_strict, new_run_id, utc_now, write_json_atomic, write_record
+
+__all__ = ["load_config", "add_config_arguments", "Run", "stage", "default_lock_path", "ConfigError"]
+
+log = logging.getLogger("covtoken.run")
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or a value of the wrong type."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """One ``--<field>`` flag per dataclass field (default ``None`` = not given), plus ``--config FILE``."""
+    parser.add_argument("--config", type=Path, help="JSON experiment file layered over the defaults")
+    for f in dataclasses.fields(cls):
+        flag = "--" + f.name.replace("_", "-")
+        kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        if kind == "bool":
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None,
+                                help=f.metadata.get("help"))
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"),
+                                metavar=f.name.upper())
+
+
+def _coerce(cls: type, name: str, value: Any, default: Any) -> Any:
+    if value is None or default is None and isinstance(value, str) and value.lower() == "none":
+        return None
+    if isinstance(value, str):
+        if isinstance(default, bool):
+            raise ConfigError(f"config key {name!r}: expected a boolean")
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, (list, tuple)):
+            return tuple(v for v in (x.strip() for x in value.split(",")) if v)
+        return value
+    if isinstance(value, list):
+        return tuple(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if default is not None and not isinstance(value, type(default)) and not (
+            isinstance(default, tuple) and isinstance(value, tuple)):
+        raise ConfigError(f"config key {name!r}: expected {type(default).__name__}, got {type(value).__name__}")
+    return value
+
+
+def load_config(cls: type[C], args: argparse.Namespace) -> C:
+    """Defaults <- ``--config`` JSON file <- explicit command-line flags; returns a frozen instance."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    defaults = {n: (f.default if f.default is not dataclasses.MISSING else f.default_factory())  # type: ignore[misc]
+                for n, f in fields.items()}
+    merged = dict(defaults)
+    if getattr(args, "config", None):
+        path = Path(args.config)
+        doc = loads_strict(path.read_text(), source=str(path))
+        if not isinstance(doc, dict):
+            raise ConfigError(f"{path}: an experiment file must be a JSON object")
+        unknown = sorted(set(doc) - set(fields))
+        if unknown:
+            raise ConfigError(f"{path}: unknown config keys {unknown}; valid keys: {sorted(fields)}")
+        for k, v in doc.items():
+            merged[k] = _coerce(cls, k, v, defaults[k])
+    for k in fields:
+        v = getattr(args, k, None)
+        if v is not None:
+            merged[k] = _coerce(cls, k, v, defaults[k])
+    return cls(**merged)
+
+
+def default_lock_path() -> Path:
+    """``configs/thresholds.lock.json`` of the working directory, else the copy shipped with the package."""
+    if DEFAULT_LOCK_PATH.is_file():
+        return DEFAULT_LOCK_PATH
+    from importlib import resources
+
+    return Path(str(resources.files("covtoken").joinpath("configs/thresholds.lock.json")))
+
+
+@contextmanager
+def stage(name: str, **fields: Any) -> Iterator[None]:
+    """Log structured start/end events (JSON) with the duration; on error log its type, then re-raise."""
+    t0 = time.perf_counter()
+    log.info(json.dumps({"event": "stage_start", "stage": name, **fields}))
+    try:
+        yield
+    except BaseException as exc:
+        log.error(json.dumps({"event": "stage_error", "stage": name, "error": type(exc).__name__,
+                              "seconds": round(time.perf_counter() - t0, 3)}))
+        raise
+    log.info(json.dumps({"event": "stage_end", "stage": name, "seconds": round(time.perf_counter() - t0, 3)}))
+
+
+class Run:
+    """One run of one gate.
+
+    Args:
+        gate_id: e.g. ``"G1"``.
+        results_dir: where ``<run_id>.json`` and ``artefacts/<run_id>/`` go.
+        lock_entry: e.g. ``"G1/embedded"``; the lock is verified now, before any work is done.
+        calibration: a calibration run (parameters from ``configs/gates/<gate>.json``, never judged).
+        lock_path: the threshold lock file.
+        config: the frozen config dataclass (saved in the record).
+        seed: the run's seed.
+        run_id: fixed id (resuming a job); a new one otherwise.
+        backend: ``{"name": "local" | "hf-jobs", "job_id": ...}`` plus free fields.
+    """
+
+    def __init__(self, *, gate_id: str, results_dir: str | Path, lock_entry: str, lock_path: str | Path,
+                 config: Any, seed: int, run_id: str | None = None, backend: Mapping[str, Any] | None = None,
+                 device: str = "cpu", calibration: bool = False) -> None:
+        self.gate_id = gate_id
+        self.results_dir = Path(results_dir)
+        self.lock_path = Path(lock_path)
+        self.calibration = calibration
+        if lock_entry.partition("/")[0] != gate_id:
+            raise ValueError(f"lock entry {lock_entry} is not an entry of gate {gate_id}")
+        self.entry_key = lock_entry
+        if calibration:
+            # Calibration comes before the lock: the protocol parameters come from the gate template.
+            self.lock, self.entry = None, None
+            self._parameters = gate_template_entry(lock_entry)["parameters"]
+        else:
+            self.lock = ThresholdLock.load(self.lock_path)  # refuses a tampered lock before any work
+            self.entry = self.lock.entry(lock_entry)
+            self._parameters = self.entry.parameters
+        self.config = config
+        self.seed = seed
+        self.run_id = run_id or new_run_id(gate_id)
+        if (self.results_dir / f"{self.run_id}.json").exists():
+            raise FileExistsError(f"run {self.run_id} already has a record in {self.results_dir}; use a new run id")
+        self.backend = dict(backend or {"name": "local", "job_id": None})
+        self.device = device
+        self.code = code_state()
+        self.started_at = utc_now()
+        self._t0 = time.perf_counter()
+        self.artefacts = ArtefactWriter(self.results_dir, self.run_id)
+        self.notes: list[str] = []
+        log.info(json.dumps({"event": "run_start", "run_id": self.run_id, "gate": gate_id, "entry": lock_entry,
+                             "commit": self.code["commit"], "dirty": self.code["dirty"]}))
+
+    @property
+    def parameters(self) -> Mapping[str, Any]:
+        """The locked protocol parameters of the entry (label rule, CI level, resamples...)."""
+        return self._parameters
+
+    def finish(self, *, metrics: dict, backbone: dict, dataset: dict, sample_run: bool = False) -> Path:
+        """Judge ``metrics`` under the locked entry and write the record; returns its path."""
+        if self.entry is None:
+            raise RuntimeError("a calibration run is never judged; use write_calibration")
+        decision, criteria, reason = judge(self.entry.criteria, metrics)
+        rt = runtime(self.device)
+        finished = utc_now()
+        record = {
+            "record_type": "covtoken.gate_record",
+            "schema_version": 1,
+            "run_id": self.run_id,
+            "gate_id": self.gate_id,
+            "claim": self.entry.claim,
+            "decision": decision,
+            "decision_reason": reason,
+            "sample_run": sample_run,
+            "criteria": criteria,
+            "metrics": metrics,
+            "lock": self.lock.record_stamp(self.entry.key, _display_path(self.lock_path)),
+            "provenance": {
+                "code": self.code,
+                "packages": package_versions(),
+                **rt,
+                "backbone": backbone,
+                "dataset": dataset,
+                "seed": self.seed,
+                "started_at": self.started_at,
+                "finished_at": finished,
+                "wall_seconds": round(time.perf_counter() - self._t0, 3),
+                "backend": self.backend,
+                "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
+            },
+            "artefacts": self.artefacts.entries,
+            "notes": self.notes,
+        }
+        path = write_record(record, self.results_dir)
+        log.info(json.dumps({"event": "record_written", "path": str(path), "decision": decision}))
+        return path
+
+    def write_calibration(self, *, metrics: dict, backbone: dict, dataset: dict) -> Path:
+        """Calibration runs are not judged: write their metrics for ``covtoken thresholds calibrate``."""
+        doc = {"kind": "covtoken.calibration_run", "gate_id": self.gate_id, "entry": self.entry_key,
+               "run_id": self.run_id, "metrics": metrics, "backbone": backbone, "dataset": dataset,
+               "code": self.code, "started_at": self.started_at, "finished_at": utc_now(),
+               "config": json.loads(dumps_strict(dataclasses.asdict(self.config)))}
+        return write_json_atomic(self.results_dir / "calibration" / f"{self.run_id}.json", doc)
+
+
+def _display_path(p: Path) -> str:
+    try:
+        return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
+    except ValueError:
+        return p.as_posix()
