@@ -67,16 +67,41 @@ def main(argv: list[str] | None = None) -> int:
     return run_g1(cfg)
 
 
+def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types live in the packages)
+    """Everything G1 computes before masks are opened: token bank, subspace fit and scores, intensity baseline.
+
+    It receives the loaded dataset as the job has it (masks included) and must not depend on the masks;
+    ``tests/test_label_leak.py`` runs it with permuted and zeroed masks and requires bit-identical output.
+
+    Returns:
+        ``(bank, rows, scores, brightness)``: the token bank, image rows per split, ``{arm: (n,)}`` scores of
+        validation then test tokens, and ``(n_images, N)`` token brightness.
+    """
+    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.eval.baselines import token_intensity
+    from covtoken.subspace import score_blocks
+
+    items = data.items
+    blocks = list(range(bb.spec.depth))
+    bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]),
+                           batch_size=cfg.batch_size)
+    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
+            for name, members in splits.items()}
+    scores = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions),
+                          fit_rows=rows["train"], score_rows=np.concatenate([rows["val"], rows["test"]]),
+                          params=dict(P["construction_params"]), seed=cfg.seed,
+                          max_fit_tokens=int(P["max_fit_tokens"]))
+    bright = token_intensity([it.image for it in items], bank.grid)
+    return bank, rows, scores, bright
+
+
 def run_g1(cfg: G1Config) -> int:
     from covtoken.backbone.frozen import load_backbone
-    from covtoken.backbone.tokenbank import TokenBank
     from covtoken.data.catalog import is_embedded, load_dataset
-    from covtoken.data.splits import split_patients
-    from covtoken.eval.baselines import token_intensity
+    from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, evaluate_g1
     from covtoken.runner import Run, default_lock_path, stage
-    from covtoken.subspace import score_blocks
 
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
     entry = cfg.lock_entry or ("G1/embedded" if embedded else "G1/real")
@@ -92,24 +117,15 @@ def run_g1(cfg: G1Config) -> int:
         data = load_dataset(cfg.dataset, **opts)
         items = data.items
     splits = split_patients([it.patient_id for it in items], fractions=P["split_fractions"], seed=cfg.seed)
+    validate_splits(splits, items)
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, device=cfg.device)
     blocks = list(range(bb.spec.depth))
     final_block = blocks[-1]
     bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
-    with stage("token_bank", images=len(items), blocks=len(blocks)):
-        bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]),
-                               batch_size=cfg.batch_size)
-
-    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
-            for name, members in splits.items()}
+    with stage("label_free_scores", images=len(items), blocks=len(blocks)):
+        bank, rows, scores, bright = label_free_stage(data, bb, splits, P, cfg, bank_dir)
     n_tok = bank.grid[0] * bank.grid[1]
-    with stage("fit_and_score"):
-        scores = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions),
-                              fit_rows=rows["train"], score_rows=np.concatenate([rows["val"], rows["test"]]),
-                              params=dict(P["construction_params"]), seed=cfg.seed,
-                              max_fit_tokens=int(P["max_fit_tokens"]))
-        bright = token_intensity([it.image for it in items], bank.grid)
 
     # Masks are opened only here, inside covtoken.eval, after every score exists.
     frac = token_lesion_fraction(data.masks, bank.image_ids, bank.grid)
@@ -131,7 +147,8 @@ def run_g1(cfg: G1Config) -> int:
                           ci_level=float(P["ci_level"]), seed=cfg.seed)
 
     backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
-    dataset_prov = {**data.provenance, "splits": {"unit": "patient", "fit": "train", "select": "val", "judge": "test",
+    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
+    dataset_prov = {**data.provenance, "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"], "fit": "train", "select": "val", "judge": "test",
                                                   "fractions": dict(P["split_fractions"]),
                                                   "role": "calibration" if cfg.calibration else "evaluation"},
                     "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed}
@@ -141,8 +158,7 @@ def run_g1(cfg: G1Config) -> int:
         return 0
     run.artefacts.json("auroc_per_block.json", res.table, description="val/test token AUROC of every arm with CI")
     run.artefacts.json("selection.json", res.selection, description="what was selected on validation, and how")
-    run.artefacts.json("splits.json", {k: sorted(v) for k, v in splits.items()},
-                       description="patient membership of each split")
+    run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
     run.notes.append(f"selected {res.selection['mid_arm']} on validation (AUROC {res.selection['val_auroc']:.4f})")
     path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
     logging.getLogger("covtoken.g1").info("record: %s", path)
