@@ -193,7 +193,7 @@ def cmd_show(args: argparse.Namespace) -> int:
             e = lock.entry(f"{gid}/{name}")
             for c in e.criteria:
                 table.add_row(e.key, c["id"], c["metric"], f"{c['judged_on']} {c['comparator']} {c['threshold']}",
-                              str(e.calibration.get("method", e.calibration.get("split", ""))))
+                              str(e.calibration.get("method", "calibration split")))
     Console().print(table)
     return 0
 
