@@ -128,11 +128,12 @@ class Run:
         seed: the run's seed.
         run_id: fixed id (resuming a job); a new one otherwise.
         backend: ``{"name": "local" | "hf-jobs", "job_id": ...}`` plus free fields.
+        command: the job's command line as recorded (default ``sys.argv``).
     """
 
     def __init__(self, *, gate_id: str, results_dir: str | Path, lock_entry: str, lock_path: str | Path,
                  config: Any, seed: int, run_id: str | None = None, backend: Mapping[str, Any] | None = None,
-                 device: str = "cpu", calibration: bool = False) -> None:
+                 device: str = "cpu", calibration: bool = False, command: list[str] | None = None) -> None:
         self.gate_id = gate_id
         self.results_dir = Path(results_dir)
         self.lock_path = Path(lock_path)
@@ -155,6 +156,7 @@ class Run:
             raise FileExistsError(f"run {self.run_id} already has a record in {self.results_dir}; use a new run id")
         self.backend = dict(backend or {"name": "local", "job_id": None})
         self.device = device
+        self.command = list(command) if command else [Path(sys.argv[0]).name, *sys.argv[1:]]
         self.code = code_state()
         self.started_at = utc_now()
         self._t0 = time.perf_counter()
@@ -198,7 +200,7 @@ class Run:
                 "finished_at": finished,
                 "wall_seconds": round(time.perf_counter() - self._t0, 3),
                 "backend": self.backend,
-                "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                "command": self.command,
                 "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
             },
             "artefacts": self.artefacts.entries,

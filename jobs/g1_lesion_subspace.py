@@ -59,12 +59,13 @@ def main(argv: list[str] | None = None) -> int:
     from covtoken.runner import add_config_arguments, load_config
 
     add_config_arguments(parser, G1Config)
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
     cfg = load_config(G1Config, args)
     if cfg.smoke:
         cfg = replace(cfg, dataset="phantom-ct", backbone="tiny-vit", device="cpu")
-    return run_g1(cfg)
+    return run_g1(cfg, command=["jobs/g1_lesion_subspace.py", *argv])
 
 
 def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types live in the packages)
@@ -95,7 +96,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
     return bank, rows, scores, bright
 
 
-def run_g1(cfg: G1Config) -> int:
+def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.data.catalog import is_embedded, load_dataset
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
@@ -106,7 +107,7 @@ def run_g1(cfg: G1Config) -> int:
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
     entry = cfg.lock_entry or ("G1/embedded" if embedded else "G1/real")
     run = Run(gate_id="G1", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
-              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration)
+              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
     P = run.parameters
 
     with stage("load_data", dataset=cfg.dataset):

@@ -1,0 +1,188 @@
+"""The audit fails closed: every edit of a lock, a metric, a decision or an artefact byte is caught by name.
+
+One real G1 run on the embedded default is made per session; each test tampers with its own copy.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from covtoken.audit import audit_folder, preregistration
+from covtoken.cli import main as cli_main
+from covtoken.lock import ThresholdLock, lock_entry, write_lock
+from covtoken.provenance import repo_root
+from covtoken.record import dumps_strict
+from g1_helpers import copy_lock, run_g1_smoke
+
+
+@pytest.fixture(scope="session")
+def g1_run(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("g1")
+    lock = copy_lock(base / "lock")
+    record = run_g1_smoke(base / "results", base / "work", lock)
+    return record, lock
+
+
+@pytest.fixture
+def workspace(g1_run, tmp_path) -> tuple[Path, Path, Path]:
+    record, lock = g1_run
+    results = tmp_path / "results"
+    shutil.copytree(record.parent, results)
+    lock_copy = Path(shutil.copy(lock, tmp_path / "thresholds.lock.json"))
+    return results, results / record.name, lock_copy
+
+
+def problems(results: Path, lock: Path) -> list[str]:
+    rep = audit_folder(results, lock_path=lock)
+    return rep.all_problems() if not rep.ok else []
+
+
+def rewrite(path: Path, fn) -> None:
+    doc = json.loads(path.read_text())
+    fn(doc)
+    path.write_text(dumps_strict(doc))
+
+
+def test_clean_run_passes_and_writes_summaries(workspace):
+    results, record, lock = workspace
+    assert problems(results, lock) == []
+    rc = cli_main(["audit", str(results), "--lock", str(lock)])
+    assert rc == 0
+    summary = (results / "SUMMARY.md").read_text()
+    rec = json.loads(record.read_text())
+    assert rec["run_id"] in summary and f"**{rec['decision']}**" in summary
+    assert (results / "NEGATIVE_RESULT.md").is_file()
+    # --check accepts fresh summaries and rejects a stale one
+    assert cli_main(["audit", str(results), "--lock", str(lock), "--check"]) == 0
+    (results / "SUMMARY.md").write_text(summary.replace(rec["decision"], "edited"))
+    assert cli_main(["audit", str(results), "--lock", str(lock), "--check"]) == 1
+
+
+def test_record_is_complete(workspace):
+    _, record, _ = workspace
+    rec = json.loads(record.read_text())
+    prov = rec["provenance"]
+    assert len(prov["code"]["commit"]) == 40
+    assert prov["backbone"]["block_index_base"] == 0 and prov["backbone"]["weights_digest"].startswith("sha256:")
+    assert set(prov["dataset"]["n_patients"]) == {"train", "val", "test"}
+    assert prov["command"][0] == "jobs/g1_lesion_subspace.py"
+    for name in ("mid_auroc", "final_auroc", "delta_mid_final_auroc", "intensity_baseline_auroc"):
+        m = rec["metrics"][name]
+        assert m["ci"][0] <= m["value"] <= m["ci"][1]
+        assert m["n"]["patients"] == prov["dataset"]["n_patients"]["test"]
+        assert "clustered" in m["ci_method"]
+
+
+def test_edited_threshold_in_lock_is_caught(workspace):
+    results, _, lock = workspace
+    rewrite(lock, lambda d: d["gates"]["G1"]["entries"]["embedded"]["criteria"][0].__setitem__("threshold", 0.1))
+    msgs = problems(results, lock)
+    assert msgs and "gates/G1/entries/embedded/digest" in msgs[0]
+
+
+def test_relocked_threshold_does_not_judge_old_records(workspace):
+    results, _, lock = workspace
+    doc = json.loads(lock.read_text())
+    entry = doc["gates"]["G1"]["entries"]["embedded"]
+    crit = copy.deepcopy(entry["criteria"])
+    crit[0]["threshold"] = 0.1
+    new = lock_entry(doc, gate_id="G1", claim=doc["gates"]["G1"]["claim"], name="embedded", criteria=crit,
+                     parameters=entry["parameters"], calibration=entry["calibration"], supersede=True)
+    write_lock(new, lock)
+    ThresholdLock.load(lock)  # the new lock itself is intact
+    msgs = problems(results, lock)
+    assert any("field lock/entry_digest" in m for m in msgs), msgs
+
+
+@pytest.mark.parametrize("metric", ["mid_auroc", "delta_mid_final_auroc"])
+def test_edited_metric_is_caught(workspace, metric):
+    results, record, lock = workspace
+
+    def edit(d):
+        m = d["metrics"][metric]
+        m["value"] = m["value"] - 0.5
+        m["ci"] = [m["ci"][0] - 0.5, m["ci"][1] - 0.5]
+
+    rewrite(record, edit)
+    msgs = problems(results, lock)
+    assert any("field criteria/" in m and "recomputed" in m for m in msgs), msgs
+
+
+def test_edited_decision_is_caught(workspace):
+    results, record, lock = workspace
+    rec = json.loads(record.read_text())
+    other = {"pass": "fail", "fail": "pass", "inconclusive": "pass"}[rec["decision"]]
+    rewrite(record, lambda d: d.__setitem__("decision", other))
+    msgs = problems(results, lock)
+    assert any("field decision" in m and other in m for m in msgs), msgs
+
+
+def test_flipped_artefact_byte_is_caught(workspace):
+    results, record, lock = workspace
+    art = results / json.loads(record.read_text())["artefacts"][0]["path"]
+    data = bytearray(art.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    art.write_bytes(bytes(data))
+    msgs = problems(results, lock)
+    assert any("field artefacts/0/sha256" in m and art.name in m for m in msgs), msgs
+
+
+def test_missing_and_unlisted_artefacts_are_caught(workspace):
+    results, record, lock = workspace
+    rec = json.loads(record.read_text())
+    (results / rec["artefacts"][1]["path"]).unlink()
+    (results / "artefacts" / rec["run_id"] / "extra.txt").write_text("x")
+    msgs = problems(results, lock)
+    assert any("artefacts/1/path" in m and "missing" in m for m in msgs), msgs
+    assert any("not listed" in m and "extra.txt" in m for m in msgs), msgs
+
+
+def test_malformed_record_is_caught(workspace):
+    results, record, lock = workspace
+    record.write_text(record.read_text().replace('"decision": "', '"decision": NaN, "x": "', 1))
+    msgs = problems(results, lock)
+    assert msgs and record.name in msgs[0]
+
+
+def test_schema_violation_names_field(workspace):
+    results, record, lock = workspace
+    rewrite(record, lambda d: d["provenance"]["code"].__setitem__("commit", "unknown"))
+    msgs = problems(results, lock)
+    assert any("provenance/code/commit" in m for m in msgs), msgs
+
+
+def test_empty_or_missing_inputs_fail(tmp_path, workspace):
+    _, _, lock = workspace
+    (tmp_path / "empty").mkdir()
+    assert any("no gate records" in m for m in problems(tmp_path / "empty", lock))
+    assert any("missing" in m for m in problems(tmp_path / "nope", lock))
+    results, _, _ = workspace
+    assert any("lock is missing" in m for m in problems(results, tmp_path / "nolock.json"))
+    assert cli_main(["audit", str(tmp_path / "empty"), "--lock", str(lock)]) == 1
+
+
+def test_preregistration_against_git_history(g1_run):
+    record, _ = g1_run
+    root = repo_root()
+    if root is None:
+        pytest.skip("not running from a git checkout")
+    rec = json.loads(record.read_text())
+    lock = root / "configs" / "thresholds.lock.json"
+    status, detail = preregistration(rec, lock)
+    if status == "unavailable":
+        pytest.skip(f"git history unavailable: {detail}")
+    assert status == "pre-registered", detail
+    never = copy.deepcopy(rec)
+    never["lock"]["entry_digest"] = "sha256:" + "0" * 64
+    assert preregistration(never, lock)[0] == "not-registered"
+    from covtoken.provenance import git
+
+    first = git(root, "rev-list", "--max-parents=0", "HEAD").split()[0]
+    early = copy.deepcopy(rec)
+    early["provenance"]["code"]["commit"] = first
+    status, detail = preregistration(early, lock)
+    assert status == "not-registered" and "after the code commit" in detail
