@@ -1,0 +1,149 @@
+"""Masks and labels reach only evaluation.
+
+(a) G1's label-free stage (token bank, subspace fit and scores, baseline) is bit-identical when the masks it
+    is handed are permuted across images or zeroed;
+(b) a planted leak (a stage that peeks at the masks) is caught by that same check, and a scorer that tries
+    to open a mask is stopped at run time;
+(c) nothing under subspace/, coverage/, gate/ or arch/ imports the mask loader, statically or at import time,
+    and the static check flags a planted import.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from covtoken.backbone.frozen import load_backbone
+from covtoken.data.catalog import LoadedDataset, load_dataset
+from covtoken.data.layout import EvalMasks, LabelLeakError, SealedMask, unseal
+from covtoken.data.splits import split_patients
+from g1_helpers import load_job
+
+LABEL_FREE_PACKAGES = ("subspace", "coverage", "gate", "arch")
+FORBIDDEN = ("covtoken.data", "covtoken.eval")
+
+
+@pytest.fixture(scope="module")
+def setting():
+    job = load_job("g1_lesion_subspace")
+    data = load_dataset("phantom-ct", seed=3, n_patients=12, per_patient=3)
+    splits = split_patients([it.patient_id for it in data.items], fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+                            seed=0)
+    params = {"final_norm": False, "construction_params": {"knn_k": 3, "pca_explained_variance": 0.9},
+              "max_fit_tokens": 5000}
+    cfg = replace(job.G1Config(), batch_size=16)
+    return job, data, splits, params, cfg, load_backbone("tiny-vit")
+
+
+def with_masks(data: LoadedDataset, how: str) -> LoadedDataset:
+    ids = [it.image_id for it in data.items]
+    if how == "permuted":
+        perm = np.random.default_rng(0).permutation(len(ids))
+        new = {iid: data.masks[ids[j]] for iid, j in zip(ids, perm)}
+    elif how == "zeroed":
+        new = {iid: SealedMask(np.zeros(data.masks[iid].shape, bool), source=f"zero/{iid}") for iid in ids}
+    else:
+        raise ValueError(how)
+    return LoadedDataset(data.items, EvalMasks(new, data.items), data.provenance)
+
+
+def stage_output(stage, data, setting, work: Path) -> dict[str, np.ndarray]:
+    _, _, splits, params, cfg, bb = setting
+    bank, rows, scores, bright = stage(data, bb, splits, params, cfg, work)
+    return {**{f"score:{k}": v for k, v in scores.items()}, "brightness": bright,
+            **{f"rows:{k}": v for k, v in rows.items()}, "bank:block0": bank.tokens(0)}
+
+
+def assert_label_invariant(stage, setting, tmp_path: Path) -> None:
+    """The check itself: identical bits for original, permuted and zeroed masks."""
+    _, data, *_ = setting
+    ref = stage_output(stage, data, setting, tmp_path / "orig")
+    for how in ("permuted", "zeroed"):
+        out = stage_output(stage, with_masks(data, how), setting, tmp_path / how)
+        assert out.keys() == ref.keys()
+        for k in ref:
+            assert out[k].dtype == ref[k].dtype and np.array_equal(out[k], ref[k]), f"{k} changed with {how} masks"
+
+
+def test_g1_label_free_stage_is_invariant_to_masks(setting, tmp_path):
+    job = setting[0]
+    assert_label_invariant(job.label_free_stage, setting, tmp_path)
+
+
+def test_planted_leak_is_caught_by_the_same_check(setting, tmp_path):
+    job = setting[0]
+
+    def leaky_stage(data, bb, splits, params, cfg, work):
+        bank, rows, scores, bright = job.label_free_stage(data, bb, splits, params, cfg, work)
+        from covtoken.eval.labels import token_lesion_fraction  # the peek
+
+        frac = token_lesion_fraction(data.masks, bank.image_ids, bank.grid)
+        r = np.concatenate([rows["val"], rows["test"]])
+        first = sorted(scores)[0]
+        scores = {**scores, first: scores[first] + 1e-9 * frac[r].reshape(-1)}
+        return bank, rows, scores, bright
+
+    with pytest.raises(AssertionError, match="changed with permuted masks"):
+        assert_label_invariant(leaky_stage, setting, tmp_path)
+
+
+def test_masks_cannot_be_opened_outside_eval(setting):
+    _, data, *_ = setting
+    mask = next(iter(data.masks.values()))
+    with pytest.raises(LabelLeakError):
+        np.asarray(mask)
+    with pytest.raises(LabelLeakError, match="only covtoken.eval"):
+        unseal(mask)  # called from a test module, not from covtoken.eval
+    # a scorer (code under covtoken.subspace) that tries to read a mask is stopped
+    ns = {"__name__": "covtoken.subspace.cheat", "unseal": unseal}
+    exec("def peek(m):\n    return unseal(m)\n", ns)
+    with pytest.raises(LabelLeakError, match="covtoken.subspace.cheat"):
+        ns["peek"](mask)
+
+
+def forbidden_imports(source: str, package: str) -> list[str]:
+    """Imports of covtoken.data / covtoken.eval (absolute or relative) in one module's source."""
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:  # relative: resolve against covtoken.<package>.<module>
+                parent = ["covtoken", package][: max(0, 2 - (node.level - 1))]
+                base = ".".join(parent + ([node.module] if node.module else []))
+                names = [base] + [f"{base}.{a.name}" for a in node.names]
+            else:
+                names = [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+        else:
+            continue
+        bad += [n for n in names if n == "data" or n.startswith("data.") or any(
+            n == f or n.startswith(f + ".") for f in FORBIDDEN)]
+    return bad
+
+
+def test_static_check_flags_a_planted_import():
+    assert forbidden_imports("from ..data.busi import load_busi\n", "subspace")
+    assert forbidden_imports("import covtoken.eval.labels\n", "coverage")
+    assert forbidden_imports("from covtoken.data import layout\n", "gate")
+    assert not forbidden_imports("from .density import GaussianDensity\nimport numpy as np\n", "subspace")
+
+
+@pytest.mark.parametrize("package", LABEL_FREE_PACKAGES)
+def test_label_free_packages_do_not_import_masks(package):
+    files = sorted((REPO_ROOT / package).rglob("*.py"))
+    assert files, f"{package}/ has no modules"
+    for f in files:
+        assert not forbidden_imports(f.read_text(), package), f"{f} imports {forbidden_imports(f.read_text(), package)}"
+
+
+def test_importing_label_free_packages_loads_no_mask_code():
+    code = ("import sys; import " + ", ".join(f"covtoken.{p}" for p in LABEL_FREE_PACKAGES) + "; "
+            "print([m for m in sys.modules if m.startswith(('covtoken.data', 'covtoken.eval'))])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
