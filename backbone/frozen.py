@@ -17,9 +17,26 @@ import torch.nn.functional as F
 
 from .registry import BackboneSpec, get_spec
 
-__all__ = ["FrozenBackbone", "load_backbone", "state_dict_digest"]
+__all__ = ["FrozenBackbone", "load_backbone", "state_dict_digest", "attach_source", "SOURCE_ATTR"]
 
 log = logging.getLogger(__name__)
+
+#: Attribute a builder sets on the module it returns to say where the weights came from (see attach_source).
+SOURCE_ATTR = "covtoken_source"
+
+
+def attach_source(model: torch.nn.Module, *, origin: str, resolved_revision: str | None,
+                  files: dict[str, str] | None = None) -> torch.nn.Module:
+    """Record on ``model`` where its weights came from, for the gate record.
+
+    Args:
+        model: the built module.
+        origin: ``"hub"`` (fetched through the Hub client) or ``"override:<path>"`` (a local ``weights=``).
+        resolved_revision: the commit actually served (from the snapshot path), None for local overrides.
+        files: file name -> ``"sha256:<hex>"`` of the weight files read.
+    """
+    setattr(model, SOURCE_ATTR, {"origin": origin, "resolved_revision": resolved_revision, "files": dict(files or {})})
+    return model
 
 
 def state_dict_digest(model: torch.nn.Module) -> str:
@@ -48,6 +65,7 @@ class FrozenBackbone:
         for p in self.model.parameters():
             p.requires_grad_(False)
         self.weights_digest = state_dict_digest(self.model)
+        self.source = dict(getattr(model, SOURCE_ATTR, None) or {})
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -103,22 +121,41 @@ class FrozenBackbone:
         return {b: t.float().cpu() for b, t in out.items()}
 
     def provenance(self, *, blocks: Sequence[int], final_norm: bool) -> dict:
-        """Backbone fields of a gate record."""
+        """Backbone fields of a gate record.
+
+        ``revision`` is the commit the weights were actually fetched at (``resolved_revision``, read from the Hub
+        snapshot) when the builder reports one, else the registry's pinned revision; ``pinned_revision`` keeps the
+        registry value (None for entries registered with ``revision_pinned=False``).
+        """
         prov = self.spec.provenance()
+        resolved = self.source.get("resolved_revision")
         prov.update({"weights_digest": self.weights_digest, "blocks": sorted(set(int(b) for b in blocks)),
-                     "final_norm": bool(final_norm)})
+                     "final_norm": bool(final_norm),
+                     "revision": resolved or self.spec.revision,
+                     "pinned_revision": self.spec.revision,
+                     "resolved_revision": resolved,
+                     "weights_origin": self.source.get("origin", "unknown" if self.spec.hub_id else "embedded"),
+                     "weights_files": self.source.get("files", {})})
         return prov
 
 
-def load_backbone(name: str, *, weights: str | Path | None = None, device: str = "cpu") -> FrozenBackbone:
+def load_backbone(name: str, *, weights: str | Path | None = None, revision: str | None = None,
+                  device: str = "cpu") -> FrozenBackbone:
     """Build the registered backbone ``name`` and freeze it.
 
     Args:
         name: registry name (unknown names raise with the list of choices).
         weights: local folder or file replacing the Hub download (see :class:`BackboneSpec`).
+        revision: 40-hex Hub commit sha replacing the pinned one; required for entries registered with
+            ``revision_pinned=False``. Not allowed for backbones without Hub weights.
         device: ``"cpu"`` or ``"cuda"``.
     """
     spec = get_spec(name)
-    log.info("building backbone %s (%s %s @ %s)", name, spec.library, spec.hub_id, spec.revision)
-    model = spec.builder(spec=spec, weights=weights)
+    kwargs = {}
+    if revision is not None:
+        if spec.hub_id is None:
+            raise ValueError(f"{name} has no Hub weights; revision={revision!r} does not apply")
+        kwargs["revision"] = revision
+    log.info("building backbone %s (%s %s @ %s)", name, spec.library, spec.hub_id, revision or spec.revision)
+    model = spec.builder(spec=spec, weights=weights, **kwargs)
     return FrozenBackbone(spec, model, device=device)

@@ -8,13 +8,17 @@ error; looking up an unknown name raises with the list of choices.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 
-__all__ = ["BackboneSpec", "register", "get_spec", "list_backbones", "UnknownBackboneError"]
+__all__ = ["BackboneSpec", "register", "get_spec", "list_backbones", "UnknownBackboneError", "COMMIT_SHA"]
+
+#: A full Hub commit sha; pinned revisions (and revisions passed for unpinned entries) must match it.
+COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
 
 Library = Literal["timm", "transformers", "open_clip"]
 
@@ -35,7 +39,8 @@ class BackboneSpec:
         library: which maintained library builds the architecture.
         hub_id: Hub repository of the weights (``None`` for the embedded tiny ViT); open_clip ids keep their
             ``hf-hub:`` prefix.
-        revision: pinned Hub commit sha of the weights (``None`` only for the embedded model).
+        revision: pinned Hub commit sha of the weights (``None`` for the embedded model, and for Hub entries
+            marked ``revision_pinned=False``).
         image_size: square input side in pixels; images are resized (no crop) to it.
         patch_size: patch side in pixels; the token grid is ``image_size // patch_size`` per side.
         depth: number of transformer blocks; block indices are 0-based, ``depth - 1`` is the final block.
@@ -44,11 +49,15 @@ class BackboneSpec:
         num_registers: register tokens among the prefix tokens.
         mean, std: per-channel normalisation applied after scaling pixels to [0, 1].
         builder: keyword-only callable ``builder(spec=..., weights=...) -> torch.nn.Module``; ``weights`` is a
-            local folder or file that replaces the Hub download (used by the offline tests and by jobs that
-            mount weights); ``None`` means "fetch ``hub_id`` at ``revision``".
+            local folder or file that replaces the Hub download (used by jobs that mount weights); ``None`` means
+            "fetch ``hub_id`` at ``revision``". Hub builders also take ``revision=`` (a 40-hex commit sha that
+            replaces the pinned one; required when ``revision_pinned`` is False).
         weights_sha256: optional hex prefix the weight file must match.
         modality: the images this backbone is meant for (documentation only).
         notes: free text (licence, paper).
+        revision_pinned: False for a Hub entry whose current commit sha could not be established when it was
+            registered: ``revision`` is then None and loading needs an explicit ``revision=`` (a job's
+            ``--revision``); the commit actually served is recorded either way.
     """
 
     name: str
@@ -67,12 +76,18 @@ class BackboneSpec:
     weights_sha256: str | None = None
     modality: str = "any"
     notes: str = ""
+    revision_pinned: bool = True
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
             raise ValueError(f"{self.name}: image_size {self.image_size} is not a multiple of {self.patch_size}")
-        if self.hub_id is not None and self.revision is None:
-            raise ValueError(f"{self.name}: Hub weights {self.hub_id!r} need a pinned revision")
+        if self.revision is not None and not COMMIT_SHA.fullmatch(self.revision):
+            raise ValueError(f"{self.name}: revision must be a 40-hex commit sha, got {self.revision!r}")
+        if not self.revision_pinned and (self.hub_id is None or self.revision is not None):
+            raise ValueError(f"{self.name}: revision_pinned=False is only for Hub entries registered without a revision")
+        if self.hub_id is not None and self.revision is None and self.revision_pinned:
+            raise ValueError(f"{self.name}: Hub weights {self.hub_id!r} need a pinned revision "
+                             "(or revision_pinned=False, so that loading requires an explicit revision)")
         if self.hub_id is not None and self.library == "open_clip" and not self.hub_id.startswith("hf-hub:"):
             raise ValueError(f"{self.name}: open_clip Hub ids must start with 'hf-hub:', got {self.hub_id!r}")
         if self.hub_id is not None and not self.hub_id.removeprefix("hf-hub:").strip("/"):
@@ -90,6 +105,7 @@ class BackboneSpec:
             "library": self.library,
             "hub_id": self.hub_id,
             "revision": self.revision,
+            "revision_pinned": self.revision_pinned,
             "image_size": self.image_size,
             "patch_size": self.patch_size,
             "depth": self.depth,
