@@ -208,7 +208,6 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--backend", default="local", choices=["local"], help="local subprocess (HF Jobs: covtoken submit)")
     r.add_argument("--results", default="gate_reports", help="where the record is fetched to")
     r.add_argument("--staging", default="results/local", help="the job's own results folder")
-    r.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments passed to the job script")
     r.set_defaults(fn=cmd_run)
 
     a = sub.add_parser("audit", help="recompute every decision and regenerate SUMMARY.md / NEGATIVE_RESULT.md")
@@ -239,9 +238,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    if getattr(args, "job_args", None) and args.job_args[0] == "--":
-        args.job_args = args.job_args[1:]
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after "--", and any option `covtoken run` does not know, goes to the job script.
+    passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown and args.command != "run":
+        build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.job_args = unknown + passthrough
     try:
         return int(args.fn(args) or 0)
     except (LockError, RecordError, FileExistsError, FileNotFoundError) as exc:

@@ -57,7 +57,7 @@ def load_dataset(name: str, **options: Any) -> LoadedDataset:
 
 
 def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], per_patient_key: str) -> Loader:
-    def load(*, seed: int, n_patients: int, per_patient: int, size: int = 128) -> LoadedDataset:
+    def load(*, seed: int = 0, n_patients: int = 60, per_patient: int = 4, size: int = 128) -> LoadedDataset:
         items, masks = fn(n_patients=n_patients, seed=seed, size=size, **{per_patient_key: per_patient})
         return LoadedDataset(items, masks, {"id": f"phantom-{kind}", "revision": f"generator-seed-{seed}",
                                             "source": f"covtoken.data.phantoms.{fn.__name__}",

@@ -41,6 +41,7 @@ class G1Config:
     dataset: str = field(default="phantom-ct", metadata={"help": "dataset name (see covtoken.data.catalog)"})
     backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
     weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
+    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
     work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
@@ -98,12 +99,14 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
 
 def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.registry import get_spec
     from covtoken.data.catalog import is_embedded, load_dataset
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, evaluate_g1
     from covtoken.runner import Run, default_lock_path, stage
 
+    get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
     entry = cfg.lock_entry or ("G1/embedded" if embedded else "G1/real")
     run = Run(gate_id="G1", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
@@ -120,7 +123,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     splits = split_patients([it.patient_id for it in items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, items)
     with stage("backbone", backbone=cfg.backbone):
-        bb = load_backbone(cfg.backbone, weights=cfg.weights, device=cfg.device)
+        bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
     blocks = list(range(bb.spec.depth))
     final_block = blocks[-1]
     bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
