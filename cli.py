@@ -233,7 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
         v = tsub.add_parser(name)
         v.add_argument("--lock")
         v.set_defaults(fn=fn)
+    _register_optional_commands(sub)
     return p
+
+
+def _register_optional_commands(sub: argparse._SubParsersAction) -> None:
+    """Commands that live in their own modules (HF Jobs backend, paper) register themselves here."""
+    import importlib
+
+    for module in ("covtoken.hfjobs", "covtoken.paper_cli"):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
+            continue
+        mod.register_cli(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
