@@ -1,7 +1,7 @@
 """BUSI breast ultrasound (Al-Dhabyani et al., Data in Brief 28:104863, 2020) to the common layout.
 
 Expected folder: ``index.csv`` with at least the columns ``file`` and ``mask`` (paths relative to the folder),
-optionally ``label`` (benign/malignant/normal, kept as ``meta["diagnosis"]``), ``h``/``w`` (checked) and
+optionally ``label`` (benign/malignant/normal, sealed with the mask as label ``diagnosis``), ``h``/``w`` (checked) and
 ``patient_id``. Masks are 0/255 PNGs with multi-lesion masks already merged (as in ``../shared/realdata/busi``).
 
 BUSI publishes no patient identifiers, so without a ``patient_id`` column each image is its own patient (patient
@@ -9,8 +9,8 @@ id = image file stem). BUSI is known to hold several images of the same woman, s
 still leak; say so when reporting BUSI numbers. If a ``patient_id`` column exists, an empty cell is an error.
 
 Images become grey float32 in [0, 1] (8-bit / 255; colour images with identical channels keep one channel,
-others go through luma). A mask with no lesion pixel is allowed and recorded as ``meta["mask_empty"] = True``
-(BUSI "normal" images); a mask covering the whole image is an error.
+others go through luma). A mask with no lesion pixel (BUSI "normal" images) is allowed and logged; a mask covering
+the whole image is an error.
 """
 from __future__ import annotations
 
@@ -78,13 +78,11 @@ def load_busi(root: str | Path, *, index: str = "index.csv", modality: str = "US
         if empty:
             n_empty += 1
             log.warning("%s: empty mask (no lesion pixel)", mask_path)
-        meta = {"mask_empty": empty}
-        if row.get("label"):
-            meta["diagnosis"] = row["label"]
+        labels = {"diagnosis": row["label"]} if row.get("label") else {}
         items.append(
             ImageItem(image=image, image_id=image_id, patient_id=patient_id, modality=modality, spacing_mm=None,
-                      source=str(img_path), meta=meta)
+                      source=str(img_path))
         )
-        masks[image_id] = SealedMask(mask, source=str(mask_path))
+        masks[image_id] = SealedMask(mask, source=str(mask_path), labels=labels)
     log.info("%s: %d images, %d with empty masks", root, len(items), n_empty)
     return items, EvalMasks(masks, items)

@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from covtoken.data.imageio import check_mask, pil_to_grey, pil_to_mask, pil_to_rgb
-from covtoken.data.layout import EvalMasks, ImageItem, SealedMask
+from covtoken.data.layout import EvalMasks, ImageItem, SealedMask, unseal
 
 __all__ = ["HubSource", "parse_source", "load_items", "rows_to_items", "write_imagefolder"]
 
@@ -201,9 +201,8 @@ def rows_to_items(
 
 
 def _mask_pixels(mask: SealedMask) -> np.ndarray:
-    # Export is the one data-layer operation that must read a sealed mask: the pixels go straight to a PNG and
-    # come back sealed on loading; they are never returned to the caller.
-    return mask._array
+    # Export reads a sealed mask (the data layer may): the pixels go straight to a PNG and come back sealed.
+    return unseal(mask)
 
 
 def _safe_name(i: int, image_id: str) -> str:

@@ -13,10 +13,14 @@ from typing import Any, Iterator, Mapping
 
 import numpy as np
 
-__all__ = ["ImageItem", "SealedMask", "EvalMasks", "LabelLeakError", "unseal", "EVAL_PACKAGE"]
+__all__ = ["ImageItem", "SealedMask", "EvalMasks", "LabelLeakError", "unseal", "unseal_labels", "EVAL_PACKAGE",
+           "DATA_PACKAGE"]
 
-#: Only modules inside this package may unseal a mask.
+#: Evaluation opens masks to score against them.
 EVAL_PACKAGE = "covtoken.eval"
+#: The data layer reads and writes mask files (loaders, dataset export); it hands masks out sealed.
+DATA_PACKAGE = "covtoken.data"
+_ALLOWED = (EVAL_PACKAGE, DATA_PACKAGE)
 
 
 class LabelLeakError(RuntimeError):
@@ -62,19 +66,21 @@ class ImageItem:
 
 
 class SealedMask:
-    """A binary lesion mask that refuses to be read outside ``covtoken.eval``.
+    """A binary lesion mask, with the image's labels (diagnosis...), that refuses to be read outside
+    ``covtoken.eval`` (and the data layer that wrote it).
 
-    ``np.asarray(mask)`` raises; use :func:`unseal` from evaluation code.
+    ``np.asarray(mask)`` raises; use :func:`unseal` / :func:`unseal_labels` from evaluation code.
     """
 
-    __slots__ = ("_array", "source")
+    __slots__ = ("_array", "_labels", "source")
 
-    def __init__(self, array: np.ndarray, *, source: str) -> None:
+    def __init__(self, array: np.ndarray, *, source: str, labels: Mapping[str, Any] | None = None) -> None:
         arr = np.asarray(array)
         if arr.ndim != 2:
             raise ValueError(f"{source}: mask must be 2-D, got shape {arr.shape}")
         self._array = arr.astype(bool, copy=True)
         self._array.setflags(write=False)
+        self._labels = dict(labels or {})
         self.source = source
 
     @property
@@ -88,16 +94,26 @@ class SealedMask:
         return f"SealedMask(source={self.source!r}, shape={self.shape})"
 
 
+def _check_caller(caller: str, mask: SealedMask) -> None:
+    if not any(caller == p or caller.startswith(p + ".") for p in _ALLOWED):
+        raise LabelLeakError(f"{caller or '<unknown>'} tried to open mask {mask.source!r}; only {EVAL_PACKAGE} may "
+                             f"(and {DATA_PACKAGE}, which reads and writes mask files)")
+
+
 def unseal(mask: SealedMask) -> np.ndarray:
-    """Return the boolean mask array; only callable from modules inside ``covtoken.eval``.
+    """Return the boolean mask array; only callable from ``covtoken.eval`` (and ``covtoken.data``).
 
     Raises:
-        LabelLeakError: when the caller lives outside the evaluation package.
+        LabelLeakError: when the caller lives anywhere else.
     """
-    caller = sys._getframe(1).f_globals.get("__name__", "")
-    if not (caller == EVAL_PACKAGE or caller.startswith(EVAL_PACKAGE + ".")):
-        raise LabelLeakError(f"{caller or '<unknown>'} tried to open mask {mask.source!r}; only {EVAL_PACKAGE} may")
+    _check_caller(sys._getframe(1).f_globals.get("__name__", ""), mask)
     return mask._array
+
+
+def unseal_labels(mask: SealedMask) -> Mapping[str, Any]:
+    """The image-level labels sealed with the mask (e.g. ``diagnosis``); same rule as :func:`unseal`."""
+    _check_caller(sys._getframe(1).f_globals.get("__name__", ""), mask)
+    return dict(mask._labels)
 
 
 class EvalMasks(Mapping[str, SealedMask]):

@@ -121,7 +121,7 @@ def load_lidc(
         items.append(
             ImageItem(
                 image=scaled, image_id=image_id, patient_id=patient, modality="CT", spacing_mm=None, source=src,
-                meta={"mask_empty": empty, "scale_low": lo, "scale_high": hi, "intensity": "robust_unit_scale"},
+                meta={"scale_low": lo, "scale_high": hi, "intensity": "robust_unit_scale"},
             )
         )
         sealed[image_id] = SealedMask(mask, source=f"{npz_path}[masks][{i}]")

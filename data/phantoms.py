@@ -8,7 +8,8 @@ Three modalities, each ``(list[ImageItem], EvalMasks)``:
 * :func:`us_phantoms` - B-mode-ultrasound-like images: layered tissue, multiplicative Rayleigh speckle,
   depth attenuation; hypoechoic (dark) masses with irregular borders and posterior shadowing.
 * :func:`derm_phantoms` - dermoscopy-like RGB: skin tone with texture and hair strands; pigmented lesions
-  with irregular borders and colour variegation. Items carry ``lesion_id``, ``dx`` and ``site`` metadata.
+  with irregular borders and colour variegation. Items carry ``lesion_id`` and ``site`` metadata; the
+  diagnosis ``dx`` is sealed with the mask (a label: evaluation only).
 
 Each patient has several images; patient-level appearance (body size, skin tone, gain) varies so that
 patients are genuine clusters. The same seed always gives the same arrays.
@@ -145,7 +146,7 @@ _SITES = ("back", "trunk", "lower_extremity", "upper_extremity", "face")
 
 def derm_phantoms(*, n_patients: int, lesions_per_patient: int = 2, size: int = 128, seed: int = 0
                   ) -> tuple[list[ImageItem], EvalMasks]:
-    """Dermoscopy-like RGB images, one per lesion, with ``lesion_id``, ``dx`` and ``site`` metadata."""
+    """Dermoscopy-like RGB images, one per lesion (``lesion_id``, ``site`` in meta; ``dx`` sealed with the mask)."""
     items, masks = [], {}
     yy, xx = _grid(size)
     for p, child in enumerate(np.random.SeedSequence(seed).spawn(n_patients)):
@@ -169,6 +170,6 @@ def derm_phantoms(*, n_patients: int, lesions_per_patient: int = 2, size: int = 
             iid = f"{pid}-l{k:02d}"
             items.append(ImageItem(image=img.astype(np.float32), image_id=iid, patient_id=pid, modality="dermoscopy",
                                    source=f"phantom-derm(seed={seed})/{iid}",
-                                   meta={"lesion_id": iid, "dx": dx, "site": _SITES[int(rng.integers(len(_SITES)))]}))
-            masks[iid] = SealedMask(lesion, source=f"phantom-derm(seed={seed})/{iid}/mask")
+                                   meta={"lesion_id": iid, "site": _SITES[int(rng.integers(len(_SITES)))]}))
+            masks[iid] = SealedMask(lesion, source=f"phantom-derm(seed={seed})/{iid}/mask", labels={"dx": dx})
     return items, EvalMasks(masks, items)

@@ -55,7 +55,8 @@ def test_busi_loads_grey_masks_and_stem_patients(tmp_path: Path) -> None:
     np.testing.assert_allclose(items[0].image, a[0] / 255.0, atol=1e-7)
     np.testing.assert_allclose(items[1].image, b[0] / 255.0, atol=1e-7)  # identical RGB channels -> one channel
     np.testing.assert_array_equal(_peek(masks["benign_1"]), a[1] > 0)
-    assert items[0].meta == {"mask_empty": False, "diagnosis": "benign"}
+    assert "diagnosis" not in items[0].meta and "mask_empty" not in items[0].meta  # labels stay sealed
+    assert masks["benign_1"]._labels == {"diagnosis": "benign"}
 
 
 def test_busi_colour_image_uses_luma(tmp_path: Path) -> None:
@@ -77,7 +78,6 @@ def test_busi_empty_mask_is_flagged(tmp_path: Path, caplog: pytest.LogCaptureFix
     img, mask = _pair()
     with caplog.at_level(logging.WARNING, logger="covtoken.data.busi"):
         items, masks = load_busi(_busi(tmp_path, {"normal_1": (img, np.zeros_like(mask)), "b": (img, mask)}))
-    assert [it.meta["mask_empty"] for it in items] == [True, False]
     assert "normal_1_mask.png: empty mask" in caplog.text
     assert not _peek(masks["normal_1"]).any()
 
@@ -130,7 +130,7 @@ def test_busi_real_sample(realdata: Path) -> None:
         assert it.image.shape == (int(r["h"]), int(r["w"])) and it.image.ndim == 2
         assert 0.0 <= it.image.min() and it.image.max() <= 1.0 and it.image.max() > 0.5
         assert _peek(masks[it.image_id]).mean() == pytest.approx(float(r["lesion_frac"]), abs=6e-5)
-        assert it.meta["diagnosis"] == r["label"]
+        assert masks[it.image_id]._labels["diagnosis"] == r["label"] and "diagnosis" not in it.meta
     assert len({it.patient_id for it in items}) == len(items)
 
 
@@ -203,8 +203,8 @@ def test_lidc_empty_mask_flagged_and_corrupt_archive(tmp_path: Path) -> None:
     masks[0] = False
     rows[0]["mask_pixels"] = 0
     root = _lidc(tmp_path, images, masks, rows)
-    items, _ = load_lidc(root)
-    assert [it.meta["mask_empty"] for it in items] == [True, False, False]
+    items, sealed = load_lidc(root)
+    assert [bool(_peek(sealed[it.image_id]).any()) for it in items] == [False, True, True]
     raw = (root / "lidc_nodule_slices.npz").read_bytes()
     (root / "lidc_nodule_slices.npz").write_bytes(raw[: len(raw) // 2])
     with pytest.raises(ValueError, match=r"lidc_nodule_slices\.npz: cannot read archive"):
