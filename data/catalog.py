@@ -1,13 +1,20 @@
 """Dataset names the jobs accept, each mapped to a loader that returns the common layout.
 
-``phantom-ct``, ``phantom-us`` and ``phantom-derm`` are generated from a seed (the embedded default).
-Real sources are added by their adapters (BUSI, LIDC-IDRI, KiTS23, MSD, Hub datasets). Unknown names raise
-with the list of choices.
+* ``phantom-ct``, ``phantom-us``, ``phantom-derm``: generated from a seed (the embedded default).
+* ``busi`` and ``lidc`` (option ``root``): the BUSI and LIDC-IDRI folder layouts, e.g. the samples in
+  ``../shared/realdata``; their revision is a digest of every file read.
+* any other source with a ``/`` - a local image folder, ``org/name`` or ``hf://datasets/org/name[@rev]/sub`` -
+  goes through Hugging Face ``datasets`` (:mod:`covtoken.data.hub`) with the same code for all three.
+
+Unknown names raise with the list of choices.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import hashlib
+from pathlib import Path
 
 from .layout import EvalMasks, ImageItem
 from .phantoms import ct_phantoms, derm_phantoms, us_phantoms
@@ -49,11 +56,70 @@ def is_embedded(name: str) -> bool:
 
 def load_dataset(name: str, **options: Any) -> LoadedDataset:
     """Load dataset ``name`` with loader-specific ``options`` (seed, sizes, paths...)."""
+    if name not in _DATASETS and "/" in name:
+        return _hub_dataset(name, **options)
     try:
         loader = _DATASETS[name]
     except KeyError:
-        raise KeyError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}") from None
+        raise KeyError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}, "
+                       "or a local folder / org/name / hf://datasets/... source") from None
     return loader(**options)
+
+
+def folder_digest(root: Path, files: list[Path]) -> str:
+    """sha256 over the relative paths and bytes of ``files`` under ``root``: the revision of a local dataset."""
+    h = hashlib.sha256()
+    for f in sorted(files):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0")
+        h.update(hashlib.sha256(f.read_bytes()).digest())
+    return "sha256:" + h.hexdigest()
+
+
+def _require_root(name: str, root: str | Path | None) -> Path:
+    if root is None:
+        raise ValueError(f"dataset {name!r} needs a root folder (--data-root)")
+    path = Path(root)
+    if not path.is_dir():
+        raise FileNotFoundError(f"dataset {name!r}: root {path} is not a folder")
+    return path
+
+
+def _busi(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
+    from .busi import load_busi
+
+    path = _require_root("busi", root)
+    items, masks = load_busi(path)
+    files = [path / "index.csv"] + [Path(it.source) for it in items] + [Path(masks[it.image_id].source) for it in items]
+    return LoadedDataset(items, masks, {"id": "busi", "revision": folder_digest(path, files), "source": str(path),
+                                        "licence": "CC0 1.0 (Kaggle re-upload of BUSI)",
+                                        "citation": "Al-Dhabyani et al., Data in Brief 28:104863, 2020",
+                                        "note": "BUSI has no patient ids: each image is its own patient"})
+
+
+def _lidc(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
+    from .lidc import load_lidc
+
+    path = _require_root("lidc", root)
+    items, masks = load_lidc(path)
+    files = [p for p in path.iterdir() if p.is_file()]
+    return LoadedDataset(items, masks, {"id": "lidc-idri", "revision": folder_digest(path, files), "source": str(path),
+                                        "licence": "CC BY 3.0 (TCIA)", "citation": "Armato et al., Med Phys 2011"})
+
+
+def _hub_dataset(source: str, *, revision: str | None = None, split: str = "train", **_: Any) -> LoadedDataset:
+    from .hub import load_items, parse_source
+
+    src = parse_source(source, revision=revision)
+    items, masks = load_items(source, split=split, revision=revision)
+    if src.is_local:
+        root = Path(src.path)
+        rev = folder_digest(root, [p for p in root.rglob("*") if p.is_file()])
+    else:
+        rev = src.revision
+        if rev is None or len(rev) != 40:
+            raise ValueError(f"{source}: pin the dataset to a commit sha (…@<sha> or --revision) for a judged run")
+    return LoadedDataset(items, masks, {"id": src.path if not src.is_local else f"local:{Path(src.path).name}",
+                                        "revision": rev, "source": source, "split": split})
 
 
 def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], per_patient_key: str) -> Loader:
@@ -69,3 +135,5 @@ def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], pe
 register_dataset("phantom-ct", _phantom("ct", ct_phantoms, "slices_per_patient"))
 register_dataset("phantom-us", _phantom("us", us_phantoms, "images_per_patient"))
 register_dataset("phantom-derm", _phantom("derm", derm_phantoms, "lesions_per_patient"))
+register_dataset("busi", _busi)
+register_dataset("lidc", _lidc)

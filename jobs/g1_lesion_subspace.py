@@ -38,7 +38,8 @@ import numpy as np
 
 @dataclass(frozen=True)
 class G1Config:
-    dataset: str = field(default="phantom-ct", metadata={"help": "dataset name (see covtoken.data.catalog)"})
+    dataset: str = field(default="phantom-ct", metadata={"help": "dataset name or source (see covtoken.data.catalog)"})
+    data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (busi, lidc)"})
     backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
     weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
     revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
@@ -52,6 +53,7 @@ class G1Config:
     constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
     batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
     calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
+    sample_run: bool = field(default=False, metadata={"help": "a run on a small real-data sample (lock entry G1/sample)"})
     smoke: bool = field(default=False, metadata={"help": "embedded default: CT phantoms + tiny ViT on CPU"})
 
 
@@ -108,7 +110,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    entry = cfg.lock_entry or ("G1/embedded" if embedded else "G1/real")
+    entry = cfg.lock_entry or ("G1/sample" if cfg.sample_run else "G1/embedded" if embedded else "G1/real")
     run = Run(gate_id="G1", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
               config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
     P = run.parameters
@@ -118,6 +120,8 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
         if is_embedded(cfg.dataset):
             # calibration patients come from another generator seed: disjoint from every judged run
             opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
+        if cfg.data_root:
+            opts["root"] = cfg.data_root
         data = load_dataset(cfg.dataset, **opts)
         items = data.items
     splits = split_patients([it.patient_id for it in items], fractions=P["split_fractions"], seed=cfg.seed)
@@ -164,7 +168,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     run.artefacts.json("selection.json", res.selection, description="what was selected on validation, and how")
     run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
     run.notes.append(f"selected {res.selection['mid_arm']} on validation (AUROC {res.selection['val_auroc']:.4f})")
-    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov, sample_run=cfg.sample_run)
     logging.getLogger("covtoken.g1").info("record: %s", path)
     return 0
 
