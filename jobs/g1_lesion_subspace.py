@@ -36,6 +36,9 @@ from pathlib import Path
 import numpy as np
 
 
+MIN_PATIENTS_FOR_CI = 10
+
+
 @dataclass(frozen=True)
 class G1Config:
     dataset: str = field(default="phantom-ct", metadata={"help": "dataset name or source (see covtoken.data.catalog)"})
@@ -168,6 +171,10 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     run.artefacts.json("selection.json", res.selection, description="what was selected on validation, and how")
     run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
     run.notes.append(f"selected {res.selection['mid_arm']} on validation (AUROC {res.selection['val_auroc']:.4f})")
+    n_test = res.metrics["mid_auroc"]["n"]["patients"]
+    if n_test < MIN_PATIENTS_FOR_CI:
+        run.notes.append(f"only {n_test} test patients: a patient-clustered bootstrap over so few clusters "
+                         "understates the uncertainty; read the CIs as descriptive")
     path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov, sample_run=cfg.sample_run)
     logging.getLogger("covtoken.g1").info("record: %s", path)
     return 0
