@@ -186,3 +186,10 @@ def test_preregistration_against_git_history(g1_run):
     early["provenance"]["code"]["commit"] = first
     status, detail = preregistration(early, lock)
     assert status == "not-registered" and "after the code commit" in detail
+
+
+def test_committed_gate_reports_pass_the_audit(repo_root):
+    """The records in the repository audit clean and their summaries are current (what CI checks)."""
+    folder = repo_root / "gate_reports"
+    rc = cli_main(["audit", str(folder), "--lock", str(repo_root / "configs" / "thresholds.lock.json"), "--check"])
+    assert rc == 0

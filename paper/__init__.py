@@ -1,0 +1,1 @@
+"""The paper, rebuilt from gate records alone: templated draft, figures, and a fail-closed verifier."""

@@ -1,0 +1,120 @@
+"""Paper figures, drawn from gate records and their artefacts only.
+
+Each figure is a function ``draw(inputs) -> (Figure, caption)`` registered under a name; ``inputs`` is a
+list of :class:`RecordInput` (the record and the folder it lives in, for its artefacts). Captions name the
+records a figure was drawn from. Figures are sized for one column (3.4 in wide) with labelled axes and units.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from ..record import loads_strict, sha256_file  # noqa: E402
+
+__all__ = ["RecordInput", "FIGURES", "register_figure", "artefact"]
+
+COLUMN_IN = 3.4
+plt.rcParams.update({"font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "legend.fontsize": 7,
+                     "xtick.labelsize": 7, "ytick.labelsize": 7, "figure.dpi": 100, "savefig.dpi": 300})
+
+
+@dataclass(frozen=True)
+class RecordInput:
+    key: str
+    path: Path  # the record file
+    record: dict
+
+    @property
+    def run_id(self) -> str:
+        return self.record["run_id"]
+
+
+def artefact(inp: RecordInput, name: str) -> tuple[object, Path]:
+    """Load artefact ``name`` of a record (checked against its recorded sha256)."""
+    for art in inp.record["artefacts"]:
+        if art["path"].rsplit("/", 1)[-1] == name:
+            path = inp.path.parent / art["path"]
+            if sha256_file(path) != art["sha256"]:
+                raise ValueError(f"{path}: artefact does not match the hash in {inp.path}")
+            return loads_strict(path.read_text(), source=str(path)), path
+    raise ValueError(f"{inp.path}: record has no artefact {name!r}")
+
+
+Drawer = Callable[[list[RecordInput]], tuple[Figure, str, list[Path]]]
+FIGURES: dict[str, Drawer] = {}
+
+
+def register_figure(name: str) -> Callable[[Drawer], Drawer]:
+    def deco(fn: Drawer) -> Drawer:
+        if name in FIGURES:
+            raise ValueError(f"figure {name!r} registered twice")
+        FIGURES[name] = fn
+        return fn
+    return deco
+
+
+def _runs(inputs: list[RecordInput]) -> str:
+    return ", ".join(f"`{i.run_id}`" for i in inputs)
+
+
+@register_figure("g1_auroc_per_block")
+def g1_auroc_per_block(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
+    """Test token AUROC per block for constructions A (density) and B (residual), with 95% CIs."""
+    (inp,) = inputs
+    table, art_path = artefact(inp, "auroc_per_block.json")
+    fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.4), layout="constrained")
+    styles = {"A_gauss": ("A: Gaussian", "o", "C0"), "A_knn": ("A: kNN", "s", "C1"), "B_pca": ("B: PCA residual", "^", "C2")}
+    blocks_all = []
+    for k, (cons, (label, marker, color)) in enumerate(styles.items()):
+        rows = sorted((r for r in table if r["construction"] == cons), key=lambda r: r["block"])
+        if not rows:
+            continue
+        b = [r["block"] for r in rows]
+        blocks_all += b
+        xs = [x + (k - 1) * 0.12 for x in b]  # dodge overlapping error bars
+        y = [r["test_auroc"] for r in rows]
+        lo = [r["test_auroc"] - r["test_ci"][0] for r in rows]
+        hi = [r["test_ci"][1] - r["test_auroc"] for r in rows]
+        ax.errorbar(xs, y, yerr=[lo, hi], marker=marker, ms=3, lw=1, capsize=2, color=color, label=label)
+    base = [r for r in table if r["construction"] == "intensity"]
+    if base:
+        ax.axhline(base[0]["test_auroc"], color="0.4", ls="--", lw=0.8, label=f"intensity baseline ({base[0]['arm'].split(':')[1]})")
+    ax.axhline(0.5, color="0.7", ls=":", lw=0.8)
+    ax.set_xlabel("block (0-based index)")
+    ax.set_ylabel("token lesion AUROC (test patients)")
+    ax.set_xticks(sorted(set(blocks_all)))
+    ax.legend(loc="lower right", frameon=False, ncol=2)
+    sel = inp.record["metrics"]["selected_block"]["value"]
+    ax.axvline(sel, color="0.85", lw=4, zorder=0)
+    bb = inp.record["provenance"]["backbone"]["name"]
+    ds = inp.record["provenance"]["dataset"]["id"]
+    caption = (f"Token-level lesion AUROC on test patients per block ({bb}, {ds}); bars are patient-clustered 95% "
+               f"bootstrap CIs; the grey band marks the block selected on validation. Drawn from record {_runs(inputs)}.")
+    return fig, caption, [art_path]
+
+
+def save(fig: Figure, out_dir: Path, name: str) -> dict[str, str]:
+    """Write PNG and PDF (no timestamps, so identical inputs give identical files); return their sha256."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, pdf = out_dir / f"{name}.png", out_dir / f"{name}.pdf"
+    fig.savefig(png, metadata={"Software": None})
+    fig.savefig(pdf, metadata={"CreationDate": None, "ModDate": None, "Producer": None, "Creator": None})
+    plt.close(fig)
+    return {"png": sha256_file(png), "pdf": sha256_file(pdf)}
+
+
+def input_hashes(root: Path, paths: list[Path]) -> dict[str, str]:
+    """sha256 of each input, keyed by its path relative to ``root`` (the repository root)."""
+    return {Path(p).resolve().relative_to(root).as_posix(): sha256_file(p) for p in paths}
+
+
+def dumps_manifest(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"

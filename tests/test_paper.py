@@ -1,0 +1,128 @@
+"""paper/: built from records alone; verify fails closed on every kind of drift."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO_ROOT
+from covtoken.paper.build import PaperError, build_paper, verify_paper
+from covtoken.record import dumps_strict
+from g1_helpers import copy_lock, run_g1_smoke
+
+
+@pytest.fixture(scope="module")
+def g1_record(tmp_path_factory) -> tuple[Path, Path]:
+    base = tmp_path_factory.mktemp("paper-g1")
+    lock = copy_lock(base / "configs")
+    record = run_g1_smoke(base / "gate_reports", base / "work", lock)
+    return record, lock
+
+
+@pytest.fixture
+def paper(g1_record, tmp_path) -> tuple[Path, Path, Path, Path]:
+    """A root with the G1 record and the project's draft pointing at it; returns (root, draft, out, lock)."""
+    record, lock = g1_record
+    root = tmp_path / "repo"
+    shutil.copytree(record.parent, root / "gate_reports")
+    text = (REPO_ROOT / "paper" / "working_draft.md").read_text()
+    lines = [ln if not ln.strip().startswith("g1:") else f"  g1: gate_reports/{record.name}" for ln in text.splitlines()]
+    draft = root / "paper" / "working_draft.md"
+    draft.parent.mkdir(parents=True)
+    draft.write_text("\n".join(lines) + "\n")
+    out = root / "paper" / "build"
+    build_paper(draft, root=root, out_dir=out, lock_path=lock)
+    return root, draft, out, lock
+
+
+def verify(paper) -> list[str]:
+    root, draft, out, lock = paper
+    return verify_paper(draft, root=root, out_dir=out, lock_path=lock)
+
+
+def test_build_renders_numbers_and_figures_from_the_record(paper, g1_record):
+    root, draft, out, _ = paper
+    rec = json.loads(g1_record[0].read_text())
+    built = (out / "working_draft.md").read_text()
+    assert f"{rec['metrics']['mid_auroc']['value']:.3f}" in built and f"**{rec['decision']}**" in built
+    assert "{{" not in built
+    for ext in ("png", "pdf"):
+        assert (out / "figures" / f"g1_auroc_per_block.{ext}").stat().st_size > 1000
+    assert rec["run_id"] in built  # captions name their records
+    assert verify(paper) == []
+
+
+def test_hand_edited_number_fails(paper, g1_record):
+    _, _, out, _ = paper
+    rec = json.loads(g1_record[0].read_text())
+    built = out / "working_draft.md"
+    v = f"{rec['metrics']['mid_auroc']['value']:.3f}"
+    built.write_text(built.read_text().replace(v, "0.999", 1))
+    probs = verify(paper)
+    assert probs and "differs from a fresh render" in probs[0] and "0.999" in probs[0]
+
+
+def test_changed_record_fails(paper):
+    root, *_ = paper
+    (record,) = list((root / "gate_reports").glob("g1-*.json"))
+    doc = json.loads(record.read_text())
+    doc["metrics"]["final_auroc"]["value"] -= 0.01
+    record.write_text(dumps_strict(doc))
+    # the audit still accepts it (final_auroc is judged by no criterion)... so the figure/text drift is caught
+    probs = verify(paper)
+    assert any("differs from a fresh render" in p or "changed since the figure was drawn" in p for p in probs), probs
+
+
+def test_record_rejected_by_audit_fails(paper):
+    root, *_ = paper
+    (record,) = list((root / "gate_reports").glob("g1-*.json"))
+    doc = json.loads(record.read_text())
+    doc["decision"] = "fail" if doc["decision"] != "fail" else "pass"
+    record.write_text(dumps_strict(doc))
+    with pytest.raises(PaperError, match="rejected by the audit"):
+        verify(paper)
+
+
+def test_changed_figure_input_or_file_fails(paper):
+    root, _, out, _ = paper
+    png = out / "figures" / "g1_auroc_per_block.png"
+    png.write_bytes(png.read_bytes() + b"\0")
+    assert any("figure file differs" in p for p in verify(paper))
+
+
+def test_missing_record_and_bad_reference_fail(paper):
+    root, draft, out, lock = paper
+    text = draft.read_text()
+    draft.write_text(text.replace("metrics.mid_auroc.value|.3f", "metrics.mid_auroc.nope|.3f", 1))
+    with pytest.raises(PaperError, match="does not resolve"):
+        verify(paper)
+    draft.write_text(text.replace("{{g1:claim}}", "{{g9:claim}}"))
+    with pytest.raises(PaperError, match="unknown record key 'g9'"):
+        verify(paper)
+    for f in (root / "gate_reports").glob("g1-*.json"):
+        f.unlink()
+    draft.write_text(text)
+    with pytest.raises(PaperError, match="record file is missing"):
+        verify(paper)
+
+
+def test_draft_without_references_is_refused(paper):
+    root, draft, out, lock = paper
+    head, _, _ = draft.read_text().partition("---\n#")
+    draft.write_text(draft.read_text().split("\n---\n", 1)[0] + "\n---\nNo numbers here.\n")
+    with pytest.raises(PaperError, match="no references"):
+        verify(paper)
+
+
+def test_committed_paper_is_current(repo_root):
+    """The paper built in the repository verifies against the committed records (as CI does)."""
+    from covtoken.paper.render import parse_draft
+
+    draft = parse_draft(repo_root / "paper" / "working_draft.md")
+    missing = [str(p) for p in draft.records.values() if not (repo_root / p).is_file()]
+    assert not missing, f"the draft names records that are not committed: {missing}"
+    probs = verify_paper(repo_root / "paper" / "working_draft.md", root=repo_root, out_dir=repo_root / "paper" / "build",
+                         lock_path=repo_root / "configs" / "thresholds.lock.json")
+    assert probs == []
