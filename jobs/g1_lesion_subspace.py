@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_g1(cfg, command=["jobs/g1_lesion_subspace.py", *argv])
 
 
-def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types live in the packages)
+def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa: ANN001 (types live in the packages)
     """Everything G1 computes before masks are opened: token bank, subspace fit and scores, intensity baseline.
 
     It receives the loaded dataset as the job has it (masks included) and must not depend on the masks;
@@ -82,7 +82,8 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
 
     Returns:
         ``(bank, rows, scores, brightness)``: the token bank, image rows per split, ``{arm: (n,)}`` scores of
-        validation then test tokens, and ``(n_images, N)`` token brightness.
+        validation then test tokens, and ``(n_images, N)`` token brightness. ``on_shard`` is called with each
+        finished bank shard (the HF Jobs backend uploads it).
     """
     from covtoken.backbone.tokenbank import TokenBank
     from covtoken.eval.baselines import token_intensity
@@ -91,7 +92,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
     items = data.items
     blocks = list(range(bb.spec.depth))
     bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]),
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, on_shard=on_shard)
     rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
             for name, members in splits.items()}
     scores = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions),
@@ -100,6 +101,22 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
                           max_fit_tokens=int(P["max_fit_tokens"]))
     bright = token_intensity([it.image for it in items], bank.grid)
     return bank, rows, scores, bright
+
+
+def save_eval_only(bank_dir: Path, image_ids: list[str], frac: np.ndarray) -> Path:
+    """Store the per-token lesion fraction beside the token bank, apart from it: evaluation-only data."""
+    import hashlib
+
+    from covtoken.record import write_json_atomic
+
+    out = bank_dir.with_name(bank_dir.name + ".eval-only")
+    out.mkdir(parents=True, exist_ok=True)
+    np.save(out / "lesion_fraction.npy", frac)
+    write_json_atomic(out / "manifest.json", {
+        "what": "per-token lesion fraction (evaluation only; never read by label-free code)",
+        "shape": list(frac.shape), "image_ids_sha256": hashlib.sha256("\n".join(image_ids).encode()).hexdigest()},
+        overwrite=True)
+    return out
 
 
 def run_g1(cfg: G1Config, *, command: list[str]) -> int:
@@ -134,12 +151,14 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     blocks = list(range(bb.spec.depth))
     final_block = blocks[-1]
     bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
+    on_shard = run.sync_token_bank(bank_dir)  # HF Jobs: restore uploaded shards, upload new ones; None locally
     with stage("label_free_scores", images=len(items), blocks=len(blocks)):
-        bank, rows, scores, bright = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+        bank, rows, scores, bright = label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=on_shard)
     n_tok = bank.grid[0] * bank.grid[1]
 
     # Masks are opened only here, inside covtoken.eval, after every score exists.
     frac = token_lesion_fraction(data.masks, bank.image_ids, bank.grid)
+    save_eval_only(bank_dir, bank.image_ids, frac)
     labels = token_labels(frac, positive_min=P["positive_min"], negative_max=P["negative_max"])
     n_val = len(rows["val"]) * n_tok
 

@@ -183,3 +183,32 @@ def test_g1_sample_runs_on_real_files_are_audited(realdata, tmp_path, dataset, f
     rep = audit_folder(tmp_path / "r", lock_path=lock)
     assert rep.ok, rep.all_problems()
     assert "Sample runs" in render_summary(rep)
+
+
+def test_job_refuses_a_tampered_lock(tmp_path):
+    from covtoken.lock import LockError
+
+    lock = copy_lock(tmp_path / "cfg")
+    doc = json.loads(lock.read_text())
+    doc["gates"]["G1"]["entries"]["embedded"]["criteria"][0]["threshold"] = 0.0
+    lock.write_text(json.dumps(doc))
+    job = load_job("g1_lesion_subspace")
+    with pytest.raises(LockError, match="G1/entries/embedded/digest"):
+        job.main(["--smoke", "--results", str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--lock", str(lock)])
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()  # refused before any work
+
+
+def test_wheel_installs_only_the_covtoken_package(tmp_path):
+    """No top-level `data`, `eval`, `gate`... in site-packages: the wheel holds one package, `covtoken`."""
+    import zipfile
+
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                        str(tmp_path), str(REPO_ROOT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (whl,) = list(tmp_path.glob("covtoken-*.whl"))
+    names = zipfile.ZipFile(whl).namelist()
+    tops = {n.split("/", 1)[0] for n in names}
+    assert {t for t in tops if not t.endswith(".dist-info")} == {"covtoken"}, tops
+    for sub in ("subspace", "coverage", "gate", "arch", "backbone", "data", "eval", "paper"):
+        assert f"covtoken/{sub}/__init__.py" in names
+    assert "covtoken/configs/thresholds.lock.json" in names and "covtoken/configs/gate_record.schema.json" in names
