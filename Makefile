@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench lock clean-venv
+.PHONY: install demo test bench paper samples lock clean-venv
 
 install: $(STAMP)
 
@@ -23,6 +23,17 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+paper: install
+	$(BIN)/covtoken paper build
+	$(BIN)/covtoken paper verify
+
+# G1 on the small real-data samples beside the repository (../shared/realdata), as sample runs
+REALDATA ?= ../shared/realdata
+samples: install
+	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --results gate_reports/samples -- --dataset busi --data-root $(REALDATA)/busi --sample-run
+	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --results gate_reports/samples -- --dataset lidc --data-root $(REALDATA)/lidc_idri --sample-run
+	$(BIN)/covtoken audit gate_reports
 
 bench: install
 	$(BIN)/python tests/bench_stats.py
