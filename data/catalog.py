@@ -106,20 +106,40 @@ def _lidc(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
                                         "licence": "CC BY 3.0 (TCIA)", "citation": "Armato et al., Med Phys 2011"})
 
 
-def _hub_dataset(source: str, *, revision: str | None = None, split: str = "train", **_: Any) -> LoadedDataset:
+def _lung_pet_ct_dx(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
+    from .lung_pet_ct_dx import load_lung_pet_ct_dx
+
+    path = _require_root("lung-pet-ct-dx", root)
+    items, masks = load_lung_pet_ct_dx(path)
+    files = [path / "index.csv"] + [Path(it.source) for it in items] + [Path(masks[it.image_id].source) for it in items]
+    return LoadedDataset(items, masks, {"id": "lung-pet-ct-dx", "revision": folder_digest(path, files), "source": str(path),
+                                        "licence": "CC BY 4.0 (TCIA)",
+                                        "citation": "Li et al., Lung-PET-CT-Dx, TCIA, doi:10.7937/TCIA.2020.NNC20461",
+                                        "note": "masks are filled bounding boxes"})
+
+
+def _hub_dataset(source: str, *, revision: str | None = None, layout: str = "covtoken", **_: Any) -> LoadedDataset:
+    """A materialized dataset (configs ``images`` + ``masks``) or, with ``layout="imagefolder"``, one imagefolder
+    whose rows carry ``mask_file_name`` - from a local folder, ``org/name`` or ``hf://datasets/...``."""
     from .hub import load_items, parse_source
+    from .materialize import load_hub_layout
 
     src = parse_source(source, revision=revision)
-    items, masks = load_items(source, split=split, revision=revision)
+    if layout == "covtoken":
+        items, masks = load_hub_layout(source, revision=revision)
+    elif layout == "imagefolder":
+        items, masks = load_items(source, revision=revision)
+    else:
+        raise ValueError(f"{source}: unknown layout {layout!r}; use 'covtoken' or 'imagefolder'")
     if src.is_local:
         root = Path(src.path)
         rev = folder_digest(root, [p for p in root.rglob("*") if p.is_file()])
     else:
         rev = src.revision
         if rev is None or len(rev) != 40:
-            raise ValueError(f"{source}: pin the dataset to a commit sha (…@<sha> or --revision) for a judged run")
+            raise ValueError(f"{source}: pin the dataset to a commit sha (...@<sha> or --revision) for a judged run")
     return LoadedDataset(items, masks, {"id": src.path if not src.is_local else f"local:{Path(src.path).name}",
-                                        "revision": rev, "source": source, "split": split})
+                                        "revision": rev, "source": source})
 
 
 def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], per_patient_key: str) -> Loader:
@@ -137,3 +157,4 @@ register_dataset("phantom-us", _phantom("us", us_phantoms, "images_per_patient")
 register_dataset("phantom-derm", _phantom("derm", derm_phantoms, "lesions_per_patient"))
 register_dataset("busi", _busi)
 register_dataset("lidc", _lidc)
+register_dataset("lung-pet-ct-dx", _lung_pet_ct_dx)

@@ -1,0 +1,169 @@
+"""Common layout -> a Hugging Face dataset: images and masks in separate configs, with a dataset card.
+
+Repository layout written by :func:`write_hub_layout`::
+
+    README.md                 dataset card (YAML: licence, configs "images" and "masks", source, citation)
+    images/metadata.jsonl     file_name, image_id, patient_id, modality, spacing_mm, meta   (config "images")
+    images/<name>.png
+    masks/metadata.jsonl      file_name, image_id                                          (config "masks")
+    masks/<name>.png          0/255, evaluation only
+
+:func:`load_hub_layout` reads both configs back through ``datasets`` (a local folder or a Hub repo, same code)
+and joins them on ``image_id`` into items and sealed masks. :func:`check_publishable` refuses any DICOM-derived
+item that did not go through the de-identifier: nothing private leaves the machine.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+from PIL import Image
+
+from .hub import _encode_image, _safe_name, parse_source
+from .layout import EvalMasks, ImageItem, SealedMask, unseal
+
+__all__ = ["check_publishable", "write_hub_layout", "dataset_card", "load_hub_layout", "push_dataset",
+           "NotDeidentifiedError"]
+
+log = logging.getLogger(__name__)
+
+
+class NotDeidentifiedError(ValueError):
+    """A DICOM-derived item has not been through covtoken's de-identifier."""
+
+
+def check_publishable(items: list[ImageItem]) -> None:
+    """Refuse DICOM-derived items that were not de-identified (``meta["dicom"]`` without ``meta["deidentified"]``)."""
+    for it in items:
+        if it.meta.get("dicom") and it.meta.get("deidentified") is not True:
+            raise NotDeidentifiedError(f"{it.source or it.image_id}: DICOM-derived item has not been de-identified "
+                                       "(run the materialize job with --deidentify); nothing was written")
+
+
+def dataset_card(*, name: str, provenance: Mapping[str, Any], n_images: int, n_patients: int, licence: str,
+                 citation: str, kit_commit: str) -> str:
+    """README.md with YAML metadata declaring the two configs."""
+    yaml = "\n".join([
+        "---",
+        f"license: {licence}",
+        f"pretty_name: {json.dumps(name)}",
+        "tags: [medical-imaging, covtoken]",
+        "configs:",
+        "- config_name: images",
+        "  default: true",
+        "  data_files:",
+        "  - split: train",
+        "    path: images/**",
+        "- config_name: masks",
+        "  data_files:",
+        "  - split: train",
+        "    path: masks/**",
+        "---",
+    ])
+    prov = json.dumps(dict(provenance), indent=2, sort_keys=True, allow_nan=False)
+    return f"""{yaml}
+# {name} (covtoken common layout)
+
+{n_images} images of {n_patients} patients in covtoken's common layout: grey or RGB images in [0, 1] with a
+patient id per image, and one lesion mask per image.
+
+- **`images`** (default config): what label-free code may read — pixels, image id, patient id, modality, spacing.
+- **`masks`**: lesion masks, **evaluation only**. Never fit anything on them; split by `patient_id`, never by image.
+
+## Source and licence
+
+Licence: {licence}. Cite: {citation}.
+
+Source provenance (revision = digest of the files read, or the source's commit):
+
+```json
+{prov}
+```
+
+Materialized by covtoken at commit `{kit_commit}`. DICOM-derived images were de-identified with covtoken's
+DICOM PS3.15 Basic Profile implementation before export; images may still carry burned-in text.
+"""
+
+
+def write_hub_layout(items: list[ImageItem], masks: EvalMasks, out_dir: str | Path, *, card: str) -> Path:
+    """Write the two configs and the card into the new folder ``out_dir`` (nothing partial on failure)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        raise ValueError(f"{out_dir}: exists; write to a new folder")
+    check_publishable(items)
+    EvalMasks(masks, items)
+    if len({it.image_id for it in items}) != len(items):
+        raise ValueError(f"{out_dir}: duplicate image ids")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    try:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        with open(tmp / "images" / "metadata.jsonl", "w") as fi, open(tmp / "masks" / "metadata.jsonl", "w") as fm:
+            for i, it in enumerate(items):
+                name = _safe_name(i, it.image_id)
+                _encode_image(it).save(tmp / "images" / f"{name}.png")
+                Image.fromarray(unseal(masks[it.image_id]).astype(np.uint8) * 255).save(tmp / "masks" / f"{name}.png")
+                fi.write(json.dumps({"file_name": f"{name}.png", "image_id": it.image_id, "patient_id": it.patient_id,
+                                     "modality": it.modality,
+                                     "spacing_mm": None if it.spacing_mm is None else [float(v) for v in it.spacing_mm],
+                                     "meta": json.dumps(dict(it.meta), allow_nan=False, sort_keys=True)},
+                                    allow_nan=False) + "\n")
+                fm.write(json.dumps({"file_name": f"{name}.png", "image_id": it.image_id}) + "\n")
+        (tmp / "README.md").write_text(card, encoding="utf-8")
+        tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %d items to %s", len(items), out_dir)
+    return out_dir
+
+
+def load_hub_layout(source: str, *, revision: str | None = None, cache_dir: str | Path | None = None
+                    ) -> tuple[list[ImageItem], EvalMasks]:
+    """Read the ``images`` and ``masks`` configs of a local folder or Hub dataset and join them on ``image_id``."""
+    import datasets
+
+    src = parse_source(source, revision=revision)
+    kw: dict[str, Any] = {"split": "train"}
+    if cache_dir is not None:
+        kw["cache_dir"] = str(cache_dir)
+    if src.revision:
+        kw["revision"] = src.revision
+    imgs = datasets.load_dataset(src.path, "images", **kw)
+    msks = datasets.load_dataset(src.path, "masks", **kw)
+    by_id = {row["image_id"]: row["image"] for row in msks}
+    items, sealed = [], {}
+    for row in imgs:
+        iid = row["image_id"]
+        where = f"{source}[images]/{iid}"
+        arr = np.asarray(row["image"], dtype=np.float32)
+        arr = arr / (65535.0 if arr.max() > 255 else 255.0)
+        if iid not in by_id:
+            raise ValueError(f"{where}: no row in the masks config")
+        mask = np.asarray(by_id.pop(iid)) > 0
+        if mask.ndim == 3:
+            mask = mask[..., 0]
+        spacing = row.get("spacing_mm")
+        items.append(ImageItem(image=arr, image_id=iid, patient_id=row["patient_id"], modality=row["modality"],
+                               spacing_mm=None if spacing is None else tuple(spacing), source=where,
+                               meta=json.loads(row["meta"]) if row.get("meta") else {}))
+        sealed[iid] = SealedMask(mask, source=f"{source}[masks]/{iid}")
+    if by_id:
+        raise ValueError(f"{source}[masks]: rows without an image: {sorted(by_id)[:3]}")
+    return items, EvalMasks(sealed, items)
+
+
+def push_dataset(folder: str | Path, repo_id: str, *, private: bool = True, message: str) -> str:
+    """Create (or reuse) the dataset repo and upload ``folder``; returns the commit sha."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)
+    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="dataset", commit_message=message)
+    return info.oid

@@ -1,0 +1,90 @@
+"""Raw data -> common layout -> a Hub dataset with separate image and mask configs; nothing private leaves."""
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covtoken.data.catalog import load_dataset
+from covtoken.data.materialize import (NotDeidentifiedError, check_publishable, dataset_card, load_hub_layout,
+                                       push_dataset, write_hub_layout)
+from g1_helpers import load_job
+
+hub_emulator = pytest.importorskip("hub_emulator", reason="tests/hub_emulator.py (the local Hub emulator) is absent")
+hub = hub_emulator.hub
+
+
+def _card() -> str:
+    return dataset_card(name="phantom", provenance={"id": "phantom-us", "revision": "generator-seed-4"}, n_images=6,
+                        n_patients=3, licence="cc0-1.0", citation="none", kit_commit="0" * 40)
+
+
+def _same(a, b) -> None:
+    assert [i.image_id for i in a.items] == [i.image_id for i in b.items]
+    for x, y in zip(a.items, b.items):
+        assert x.patient_id == y.patient_id and x.modality == y.modality
+        np.testing.assert_allclose(x.image, y.image, atol=0.5 / 255 + 1e-6)
+        np.testing.assert_array_equal(a.masks[x.image_id]._array, b.masks[y.image_id]._array)
+
+
+def test_round_trip_through_a_hub_repo_at_a_pinned_revision(hub, tmp_path):
+    d = load_dataset("phantom-us", seed=4, n_patients=3, per_patient=2)
+    write_hub_layout(d.items, d.masks, tmp_path / "ds", card=_card())
+    assert (tmp_path / "ds" / "images" / "metadata.jsonl").is_file()
+    assert "config_name: masks" in (tmp_path / "ds" / "README.md").read_text()
+    local = load_dataset(str(tmp_path / "ds"))
+    _same(local, d)
+    repo = f"{hub.namespace}/covtoken-mat-{uuid.uuid4().hex[:8]}"
+    sha = push_dataset(tmp_path / "ds", repo, message="v1")
+    items, masks = load_hub_layout(f"hf://datasets/{repo}@{sha}", cache_dir=tmp_path / "cache")
+    assert [i.image_id for i in items] == [i.image_id for i in d.items]
+    remote = load_dataset(f"hf://datasets/{repo}@{sha}")
+    assert remote.provenance["revision"] == sha and remote.provenance["id"] == repo
+    with pytest.raises(ValueError, match="pin the dataset"):
+        load_dataset(f"hf://datasets/{repo}")
+
+
+def test_existing_output_is_refused_and_nothing_partial_is_left(tmp_path):
+    d = load_dataset("phantom-us", seed=4, n_patients=2, per_patient=1)
+    (tmp_path / "ds").mkdir()
+    with pytest.raises(ValueError, match="exists"):
+        write_hub_layout(d.items, d.masks, tmp_path / "ds", card=_card())
+    bad = [d.items[0]]
+    from covtoken.data.layout import ImageItem
+
+    dicom_item = ImageItem(image=bad[0].image, image_id="x", patient_id="p", modality="CT", meta={"dicom": True})
+    with pytest.raises(NotDeidentifiedError, match="has not been de-identified"):
+        check_publishable([dicom_item])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+@pytest.mark.realdata
+def test_materialize_job_refuses_raw_dicom_then_deidentifies(realdata, tmp_path, monkeypatch):
+    job = load_job("materialize_dataset")
+    src = realdata / "lung_pet_ct_dx"
+    with pytest.raises(NotDeidentifiedError):
+        job.main(["--dataset", "lung-pet-ct-dx", "--data-root", str(src), "--out", str(tmp_path / "raw")])
+    assert not (tmp_path / "raw").exists()
+    monkeypatch.setenv("COVTOKEN_DEID_KEY", "a-test-key-that-is-long-enough")
+    assert job.main(["--dataset", "lung-pet-ct-dx", "--data-root", str(src), "--out", str(tmp_path / "ok"),
+                     "--deidentify", "--date-shift-days", "-100"]) == 0
+    import csv
+
+    rows = list(csv.DictReader(open(src / "index.csv")))
+    secrets = {r["sop_instance_uid"] for r in rows} | {r["patient"] for r in rows} | {"Lung_Dx-A0001", "20070404"}
+    blob = b"".join(p.read_bytes() for p in (tmp_path / "ok").rglob("*") if p.is_file())
+    leaked = [s for s in secrets if s.encode() in blob]
+    assert not leaked, leaked
+    back = load_dataset(str(tmp_path / "ok"))
+    assert len(back.items) == len(rows) and all(it.meta["deidentified"] for it in back.items)
+
+
+@pytest.mark.realdata
+def test_materialize_busi_sample_round_trip(realdata, tmp_path):
+    job = load_job("materialize_dataset")
+    assert job.main(["--dataset", "busi", "--data-root", str(realdata / "busi"), "--out", str(tmp_path / "b")]) == 0
+    card = (tmp_path / "b" / "README.md").read_text()
+    assert "license: cc0-1.0" in card and "Al-Dhabyani" in card
+    _same(load_dataset(str(tmp_path / "b")), load_dataset("busi", root=realdata / "busi"))
