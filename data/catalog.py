@@ -118,6 +118,18 @@ def _lung_pet_ct_dx(*, root: str | Path | None = None, **_: Any) -> LoadedDatase
                                         "note": "masks are filled bounding boxes"})
 
 
+def _ham10000(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
+    from .ham10000 import load_ham10000
+
+    path = _require_root("ham10000", root)
+    items, masks = load_ham10000(path)
+    files = [p for p in path.rglob("*") if p.is_file()]
+    return LoadedDataset(items, masks, {"id": "ham10000", "revision": folder_digest(path, files), "source": str(path),
+                                        "licence": "CC BY-NC 4.0 (HAM10000); ISIC 2018 task 1 masks CC BY-NC 4.0",
+                                        "citation": "Tschandl et al., Sci Data 5:180161, 2018; Codella et al., "
+                                                    "arXiv:1902.03368", "note": "sampling unit = lesion_id"})
+
+
 def _hub_dataset(source: str, *, revision: str | None = None, layout: str = "covtoken", **_: Any) -> LoadedDataset:
     """A materialized dataset (configs ``images`` + ``masks``) or, with ``layout="imagefolder"``, one imagefolder
     whose rows carry ``mask_file_name`` - from a local folder, ``org/name`` or ``hf://datasets/...``."""
@@ -158,3 +170,4 @@ register_dataset("phantom-derm", _phantom("derm", derm_phantoms, "lesions_per_pa
 register_dataset("busi", _busi)
 register_dataset("lidc", _lidc)
 register_dataset("lung-pet-ct-dx", _lung_pet_ct_dx)
+register_dataset("ham10000", _ham10000)
