@@ -84,50 +84,43 @@ def _require_root(name: str, root: str | Path | None) -> Path:
     return path
 
 
-def _busi(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
-    from .busi import load_busi
-
-    path = _require_root("busi", root)
-    items, masks = load_busi(path)
-    files = [path / "index.csv"] + [Path(it.source) for it in items] + [Path(masks[it.image_id].source) for it in items]
-    return LoadedDataset(items, masks, {"id": "busi", "revision": folder_digest(path, files), "source": str(path),
-                                        "licence": "CC0 1.0 (Kaggle re-upload of BUSI)",
-                                        "citation": "Al-Dhabyani et al., Data in Brief 28:104863, 2020",
-                                        "note": "BUSI has no patient ids: each image is its own patient"})
+def _files_read(root: Path, items: list[ImageItem], masks: EvalMasks) -> list[Path]:
+    """Top-level files of ``root`` (index tables, archives) and every image and mask file the items came from."""
+    files = {p for p in root.iterdir() if p.is_file()}
+    for src in [it.source for it in items] + [m.source for m in masks.values()]:
+        p = Path(src)
+        if p.is_file():
+            files.add(p)
+    return sorted(files)
 
 
-def _lidc(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
-    from .lidc import load_lidc
+def _folder_dataset(name: str, module: str, function: str, info: dict[str, str]) -> Loader:
+    """A loader for a dataset kept as files under one root folder; its revision is the digest of the files read."""
+    def load(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
+        import importlib
 
-    path = _require_root("lidc", root)
-    items, masks = load_lidc(path)
-    files = [p for p in path.iterdir() if p.is_file()]
-    return LoadedDataset(items, masks, {"id": "lidc-idri", "revision": folder_digest(path, files), "source": str(path),
-                                        "licence": "CC BY 3.0 (TCIA)", "citation": "Armato et al., Med Phys 2011"})
-
-
-def _lung_pet_ct_dx(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
-    from .lung_pet_ct_dx import load_lung_pet_ct_dx
-
-    path = _require_root("lung-pet-ct-dx", root)
-    items, masks = load_lung_pet_ct_dx(path)
-    files = [path / "index.csv"] + [Path(it.source) for it in items] + [Path(masks[it.image_id].source) for it in items]
-    return LoadedDataset(items, masks, {"id": "lung-pet-ct-dx", "revision": folder_digest(path, files), "source": str(path),
-                                        "licence": "CC BY 4.0 (TCIA)",
-                                        "citation": "Li et al., Lung-PET-CT-Dx, TCIA, doi:10.7937/TCIA.2020.NNC20461",
-                                        "note": "masks are filled bounding boxes"})
+        path = _require_root(name, root)
+        items, masks = getattr(importlib.import_module(module, __package__), function)(path)
+        revision = folder_digest(path, _files_read(path, items, masks))
+        return LoadedDataset(items, masks, {"id": info.get("id", name), "revision": revision, "source": str(path),
+                                            **{k: v for k, v in info.items() if k != "id"}})
+    return load
 
 
-def _ham10000(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
-    from .ham10000 import load_ham10000
-
-    path = _require_root("ham10000", root)
-    items, masks = load_ham10000(path)
-    files = [p for p in path.rglob("*") if p.is_file()]
-    return LoadedDataset(items, masks, {"id": "ham10000", "revision": folder_digest(path, files), "source": str(path),
-                                        "licence": "CC BY-NC 4.0 (HAM10000); ISIC 2018 task 1 masks CC BY-NC 4.0",
-                                        "citation": "Tschandl et al., Sci Data 5:180161, 2018; Codella et al., "
-                                                    "arXiv:1902.03368", "note": "sampling unit = lesion_id"})
+_FOLDER_DATASETS = {
+    "busi": (".busi", "load_busi", {"licence": "CC0 1.0 (Kaggle re-upload of BUSI)",
+                                    "citation": "Al-Dhabyani et al., Data in Brief 28:104863, 2020",
+                                    "note": "BUSI has no patient ids: each image is its own patient"}),
+    "lidc": (".lidc", "load_lidc", {"id": "lidc-idri", "licence": "CC BY 3.0 (TCIA)",
+                                    "citation": "Armato et al., Med Phys 38(2):915, 2011"}),
+    "lung-pet-ct-dx": (".lung_pet_ct_dx", "load_lung_pet_ct_dx", {
+        "licence": "CC BY 4.0 (TCIA)", "citation": "Li et al., Lung-PET-CT-Dx, TCIA, doi:10.7937/TCIA.2020.NNC20461",
+        "note": "masks are filled bounding boxes"}),
+    "ham10000": (".ham10000", "load_ham10000", {
+        "licence": "CC BY-NC 4.0 (HAM10000); ISIC 2018 task 1 masks CC BY-NC 4.0",
+        "citation": "Tschandl et al., Sci Data 5:180161, 2018; Codella et al., arXiv:1902.03368",
+        "note": "sampling unit = lesion_id"}),
+}
 
 
 def _hub_dataset(source: str, *, revision: str | None = None, layout: str = "covtoken", **_: Any) -> LoadedDataset:
@@ -167,7 +160,5 @@ def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], pe
 register_dataset("phantom-ct", _phantom("ct", ct_phantoms, "slices_per_patient"))
 register_dataset("phantom-us", _phantom("us", us_phantoms, "images_per_patient"))
 register_dataset("phantom-derm", _phantom("derm", derm_phantoms, "lesions_per_patient"))
-register_dataset("busi", _busi)
-register_dataset("lidc", _lidc)
-register_dataset("lung-pet-ct-dx", _lung_pet_ct_dx)
-register_dataset("ham10000", _ham10000)
+for _name, (_module, _function, _info) in _FOLDER_DATASETS.items():
+    register_dataset(_name, _folder_dataset(_name, _module, _function, _info))
