@@ -63,6 +63,16 @@ class TokenBank:
         self.manifest = loads_strict(path.read_text(), source=str(path))
 
     # ------------------------------------------------------------------ build
+    @staticmethod
+    def folder_for(work_dir: str | Path, *, dataset: str, revision: str, backbone: FrozenBackbone,
+                   items: Sequence[ImageItem], blocks: Sequence[int], final_norm: bool) -> Path:
+        """A bank folder name unique to its inputs (dataset, revision, backbone weights, images, blocks, norm)."""
+        key = hashlib.sha256(json.dumps({"ids": _ids_digest([it.image_id for it in items]),
+                                         "blocks": sorted(set(int(b) for b in blocks)), "final_norm": bool(final_norm),
+                                         "weights": backbone.weights_digest}, sort_keys=True).encode()).hexdigest()[:12]
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}-{revision}")[:80]
+        return Path(work_dir) / "banks" / f"{safe}-{backbone.spec.name}-{key}"
+
     @classmethod
     def build(cls, root: str | Path, backbone: FrozenBackbone, items: Sequence[ImageItem], *, blocks: Sequence[int],
               final_norm: bool = False, shard_size: int = 64, batch_size: int = 16, dtype: str = "float32",

@@ -1,6 +1,6 @@
 """Dataset names the jobs accept, each mapped to a loader that returns the common layout.
 
-* ``phantom-ct``, ``phantom-us``, ``phantom-derm``: generated from a seed (the embedded default).
+* ``phantom-ct``, ``phantom-kidney``, ``phantom-us``, ``phantom-derm``: generated from a seed (the embedded default).
 * ``busi`` and ``lidc`` (option ``root``): the BUSI and LIDC-IDRI folder layouts, e.g. the samples in
   ``../shared/realdata``; their revision is a digest of every file read.
 * any other source with a ``/`` - a local image folder, ``org/name`` or ``hf://datasets/org/name[@rev]/sub`` -
@@ -17,7 +17,7 @@ import hashlib
 from pathlib import Path
 
 from .layout import EvalMasks, ImageItem
-from .phantoms import ct_phantoms, derm_phantoms, us_phantoms
+from .phantoms import ct_phantoms, derm_phantoms, kidney_phantoms, us_phantoms
 
 __all__ = ["LoadedDataset", "load_dataset", "list_datasets", "register_dataset", "is_embedded"]
 
@@ -158,6 +158,7 @@ def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], pe
 
 
 register_dataset("phantom-ct", _phantom("ct", ct_phantoms, "slices_per_patient"))
+register_dataset("phantom-kidney", _phantom("kidney", kidney_phantoms, "slices_per_patient"))
 register_dataset("phantom-us", _phantom("us", us_phantoms, "images_per_patient"))
 register_dataset("phantom-derm", _phantom("derm", derm_phantoms, "lesions_per_patient"))
 for _name, (_module, _function, _info) in _FOLDER_DATASETS.items():

@@ -5,6 +5,8 @@ Three modalities, each ``(list[ImageItem], EvalMasks)``:
 * :func:`ct_phantoms` - axial chest-CT-like slices in HU, windowed with the lung window: body ellipse,
   two lungs with vessels, Gaussian noise; solid nodules of several sizes, from sub-token (diameter < one
   16-pixel patch) to several tokens, in some slices; others are lesion-free.
+* :func:`kidney_phantoms` - axial abdominal-CT-like slices (abdominal window): fat, muscle wall, liver,
+  spine, two kidneys with cortex and medulla; renal tumours (solid, slightly hypodense, 4-16 px radius).
 * :func:`us_phantoms` - B-mode-ultrasound-like images: layered tissue, multiplicative Rayleigh speckle,
   depth attenuation; hypoechoic (dark) masses with irregular borders and posterior shadowing.
 * :func:`derm_phantoms` - dermoscopy-like RGB: skin tone with texture and hair strands; pigmented lesions
@@ -20,7 +22,7 @@ import numpy as np
 
 from .layout import EvalMasks, ImageItem, SealedMask
 
-__all__ = ["ct_phantoms", "us_phantoms", "derm_phantoms", "PHANTOM_NODULE_RADII_PX"]
+__all__ = ["ct_phantoms", "kidney_phantoms", "us_phantoms", "derm_phantoms", "PHANTOM_NODULE_RADII_PX"]
 
 #: Nodule radii (pixels at 128 px); radius 3-5 is at most one 16x16 token.
 PHANTOM_NODULE_RADII_PX = (3.0, 4.5, 6.0, 9.0, 13.0)
@@ -106,6 +108,49 @@ def ct_phantoms(*, n_patients: int, slices_per_patient: int = 4, size: int = 128
                                    spacing_mm=(0.7, 0.7), source=f"phantom-ct(seed={seed})/{iid}",
                                    meta={"window": "lung (-600, 1500)"}))
             masks[iid] = SealedMask(mask, source=f"phantom-ct(seed={seed})/{iid}/mask")
+    return items, EvalMasks(masks, items)
+
+
+def kidney_phantoms(*, n_patients: int, slices_per_patient: int = 4, size: int = 128, seed: int = 0,
+                    lesion_fraction: float = 0.8) -> tuple[list[ImageItem], EvalMasks]:
+    """Abdominal-CT-like slices through the kidneys (abdominal window 40/400 applied, values in [0, 1])."""
+    items, masks = [], {}
+    yy, xx = _grid(size)
+    c = size / 2
+    for p, child in enumerate(np.random.SeedSequence(seed).spawn(n_patients)):
+        rng = np.random.default_rng(child)
+        pid = f"kid-p{p:03d}"
+        body_a, body_b = rng.uniform(0.42, 0.47) * size, rng.uniform(0.33, 0.38) * size
+        for s in range(slices_per_patient):
+            hu = np.full((size, size), -1000.0, dtype=np.float32)
+            body = ((yy - c) / body_b) ** 2 + ((xx - c) / body_a) ** 2 <= 1.0
+            inner = ((yy - c) / (body_b - 6)) ** 2 + ((xx - c) / (body_a - 6)) ** 2 <= 1.0
+            hu[body] = -100.0  # subcutaneous fat
+            hu[inner] = 45.0 + 10.0 * _smooth_noise(rng, size, 16)[inner]  # muscle and bowel
+            liver = ((yy - c + 10) / (body_b * 0.6)) ** 2 + ((xx - c + body_a * 0.35) / (body_a * 0.45)) ** 2 <= 1.0
+            hu[liver & inner] = 60.0
+            spine = np.hypot(yy - (c + body_b * 0.55), xx - c) <= size * 0.06
+            hu[spine] = 700.0
+            mask = np.zeros((size, size), dtype=bool)
+            for side in (-1, 1):
+                ky, kx = c + body_b * 0.35 + rng.uniform(-3, 3), c + side * body_a * rng.uniform(0.38, 0.46)
+                ka, kb = size * rng.uniform(0.07, 0.09), size * rng.uniform(0.10, 0.12)
+                kidney = ((yy - ky) / kb) ** 2 + ((xx - kx) / ka) ** 2 <= 1.0
+                medulla = ((yy - ky) / (kb * 0.55)) ** 2 + ((xx - kx) / (ka * 0.55)) ** 2 <= 1.0
+                hu[kidney] = 160.0  # enhancing cortex
+                hu[medulla] = 100.0
+                if rng.random() < lesion_fraction / 2 + 0.1:
+                    inside = np.argwhere(kidney)
+                    cy, cx = inside[rng.integers(len(inside))]
+                    tum = _blob(yy, xx, float(cy), float(cx), rng.uniform(4.0, 16.0), rng, irregular=0.15) & inner
+                    mask |= tum
+                    hu[tum] = 70.0 + 15.0 * rng.standard_normal(int(tum.sum()))
+            hu += rng.normal(0.0, 12.0, size=hu.shape).astype(np.float32)
+            img = np.clip((hu - 40.0) / 400.0 + 0.5, 0.0, 1.0).astype(np.float32)
+            iid = f"{pid}-s{s:02d}"
+            items.append(ImageItem(image=img, image_id=iid, patient_id=pid, modality="CT", spacing_mm=(0.8, 0.8),
+                                   source=f"phantom-kidney(seed={seed})/{iid}", meta={"window": "abdomen (40, 400)"}))
+            masks[iid] = SealedMask(mask, source=f"phantom-kidney(seed={seed})/{iid}/mask")
     return items, EvalMasks(masks, items)
 
 

@@ -19,7 +19,7 @@ from sklearn.metrics import roc_auc_score
 
 from .bootstrap import clustered_bootstrap_auroc
 
-__all__ = ["SplitScores", "G1Result", "evaluate_g1", "arm_name", "percentile_ci"]
+__all__ = ["SplitScores", "G1Result", "evaluate_g1", "arm_name", "percentile_ci", "paired_auroc_metrics"]
 
 
 def arm_name(construction: str, block: int) -> str:
@@ -133,3 +133,38 @@ def evaluate_g1(*, val: SplitScores, test: SplitScores, constructions: Sequence[
                  "baseline": base_name, "baseline_val_auroc": base_val, "candidates": [arm_name(*cb) for cb in candidates],
                  "rule": "max validation AUROC over mid-layer arms; ties -> lower block, then name"}
     return G1Result(metrics=metrics, table=table, selection=selection)
+
+
+def paired_auroc_metrics(test: SplitScores, *, arms: Mapping[str, str], diffs: Mapping[str, tuple[str, str]],
+                         n_boot: int, ci_level: float, seed: int) -> dict[str, dict]:
+    """AUROC of several arms and paired differences, from one patient-clustered bootstrap on ``test``.
+
+    Args:
+        test: scores of the arms (keys of ``test.scores``) with labels and patients.
+        arms: metric name -> arm name, e.g. ``{"auroc_density_lung": "A_gauss@3"}``.
+        diffs: metric name -> (arm metric, arm metric), e.g. ``{"delta": ("auroc_density", "auroc_saliency")}``.
+        n_boot, ci_level, seed: bootstrap settings.
+
+    Returns:
+        metric name -> record metric (value, ci, ci_level, ci_method, n, unit, description).
+    """
+    mask = test.valid()
+    y = test.labels[mask].astype(int)
+    if y.min() == y.max():
+        raise ValueError("test split has only one token class; cannot compute AUROC")
+    names = list(arms)
+    boot = clustered_bootstrap_auroc(y, np.stack([test.scores[arms[n]][mask] for n in names]),
+                                     test.patients[mask], n_boot=n_boot, ci_level=ci_level, seed=seed)
+    n = {"patients": int(len(np.unique(test.patients[mask]))), "images": int(len(np.unique(test.images[mask]))),
+         "tokens": int(mask.sum()), "positive_tokens": int(y.sum()), "resamples": int(n_boot)}
+    out = {}
+    for i, name in enumerate(names):
+        out[name] = {"value": boot.auroc[i], "ci": list(boot.ci[i]), "ci_level": ci_level, "ci_method": boot.method,
+                     "n": n, "unit": "AUROC", "description": f"test token AUROC of {arms[name]}"}
+    for name, (a, b) in diffs.items():
+        i, j = names.index(a), names.index(b)
+        out[name] = {"value": boot.auroc[i] - boot.auroc[j],
+                     "ci": list(percentile_ci(boot.samples[:, i] - boot.samples[:, j], ci_level)), "ci_level": ci_level,
+                     "ci_method": boot.method + " (paired difference)", "n": n, "unit": "AUROC difference",
+                     "description": f"{arms[a]} minus {arms[b]}, paired over patients"}
+    return out

@@ -122,6 +122,7 @@ def save_eval_only(bank_dir: Path, image_ids: list[str], frac: np.ndarray) -> Pa
 def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
+    from covtoken.backbone.tokenbank import TokenBank
     from covtoken.data.catalog import is_embedded, load_dataset
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
@@ -150,7 +151,8 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
     blocks = list(range(bb.spec.depth))
     final_block = blocks[-1]
-    bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
+    bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
+                                    backbone=bb, items=items, blocks=blocks, final_norm=bool(P["final_norm"]))
     on_shard = run.sync_token_bank(bank_dir)  # HF Jobs: restore uploaded shards, upload new ones; None locally
     with stage("label_free_scores", images=len(items), blocks=len(blocks)):
         bank, rows, scores, bright = label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=on_shard)
