@@ -1,0 +1,176 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+# ]
+# ///
+"""G4 - a conformal retention certificate keeps the lesion tokens at exactly the promised rate.
+
+A label-free membership score (the Mahalanobis density of training patients' tokens at the locked block) is
+thresholded per token. Two certificates are calibrated on calibration patients (the patient is the exchangeable
+unit) and reported on test patients: conformal risk control of the fraction of each patient's lesion tokens
+dropped (level alpha, bound B = 1, the exact threshold over the calibration scores), and the split-conformal
+"all lesion tokens kept" threshold. Their validity is checked over many random calibration/test splits of the
+pooled patients: mean test coverage inside the exact band passes, below it is a violation, far above it a loose
+certificate. The kept-token fraction is the price. The decision is judged under the locked thresholds.
+
+Run locally (embedded default: CT phantoms + the tiny ViT, 2 CPU cores, about 20 s):
+    covtoken run jobs/g4_conformal_retention.py --smoke
+    python jobs/g4_conformal_retention.py --smoke --results results/local      # the same, without the launcher
+
+On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
+    covtoken submit jobs/g4_conformal_retention.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
+        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+    hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
+
+Calibration (proposes thresholds; never judged):
+    python jobs/g4_conformal_retention.py --smoke --calibration --results results/calibration-G4
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("covtoken.g4")
+
+
+@dataclass(frozen=True)
+class G4Config:
+    dataset: str = field(default="phantom-ct", metadata={"help": "dataset name (see covtoken.data.catalog)"})
+    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
+    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
+    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
+    work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
+    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
+    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G4/embedded or G4/real"})
+    run_id: str | None = field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
+    seed: int = field(default=0, metadata={"help": "seed of the data generator, splits, subsamples and resamples"})
+    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
+    calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
+    smoke: bool = field(default=False, metadata={"help": "embedded default: CT phantoms + tiny ViT on CPU"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from covtoken.runner import add_config_arguments, load_config
+
+    add_config_arguments(parser, G4Config)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(G4Config, args)
+    if cfg.smoke:
+        cfg = replace(cfg, dataset="phantom-ct", backbone="tiny-vit", device="cpu")
+    return run_g4(cfg, command=["jobs/g4_conformal_retention.py", *argv])
+
+
+def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types live in the packages)
+    """Everything G4 computes before masks are opened: token bank, membership score fit and scores.
+
+    It receives the loaded dataset as the job has it (masks included) and must not depend on the masks;
+    ``tests/test_label_leak.py`` runs it with permuted and zeroed masks and requires bit-identical output.
+
+    Returns:
+        ``(bank, rows, scores)``: the token bank, image rows per split, and ``(n_pool_images, N)`` scores of the
+        calibration then test images (rows ``rows["calib"]`` then ``rows["test"]``).
+    """
+    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.subspace import build_scorer, fit_subsample
+
+    block = int(P["score_block"])
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]),
+                           batch_size=cfg.batch_size)
+    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members], dtype=np.int64)
+            for name, members in splits.items()}
+    fit = bank.tokens(block, rows["train"]).reshape(-1, bb.spec.width)
+    fit = fit[fit_subsample(fit.shape[0], int(P["max_fit_tokens"]), cfg.seed + block)]
+    scorer = build_scorer(P["score_construction"], dict(P["construction_params"])).fit(fit)
+    pool = np.concatenate([rows["calib"], rows["test"]])
+    query = bank.tokens(block, pool)
+    scores = scorer.score(query.reshape(-1, query.shape[-1])).reshape(query.shape[0], query.shape[1])
+    return bank, rows, scores
+
+
+def run_g4(cfg: G4Config, *, command: list[str]) -> int:
+    from covtoken.arch.conformal import RetentionData, evaluate_certificate
+    from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.registry import get_spec
+    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.splits import SplitManifest, split_patients, validate_splits
+    from covtoken.eval.bootstrap import draw_cluster_counts
+    from covtoken.eval.labels import token_lesion_fraction
+    from covtoken.runner import Run, default_lock_path, stage
+
+    spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
+    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
+    entry = cfg.lock_entry or ("G4/embedded" if embedded else "G4/real")
+    run = Run(gate_id="G4", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
+              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    P = run.parameters
+    if not 0 <= int(P["score_block"]) < spec.depth:
+        raise ValueError(f"locked score_block {P['score_block']} outside the {spec.depth} blocks of {cfg.backbone}")
+    if P["calibrate_on"] != "unit":
+        log.warning("calibrate_on=%r: the certificate is NOT calibrated on the exchangeable unit", P["calibrate_on"])
+
+    with stage("load_data", dataset=cfg.dataset):
+        opts = dict(P.get("dataset_options", {}))
+        if is_embedded(cfg.dataset):
+            # threshold-calibration patients come from another generator seed: disjoint from every judged run
+            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
+        data = load_dataset(cfg.dataset, **opts)
+    splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
+    validate_splits(splits, data.items)
+    with stage("backbone", backbone=cfg.backbone):
+        bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
+    bank_dir = (Path(cfg.work_dir) / "banks" /
+                f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}-n{len(data.items)}")
+    with stage("label_free_scores", images=len(data.items), block=int(P["score_block"])):
+        bank, rows, scores = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+
+    # Masks are opened only here, inside covtoken.eval, after every score exists.
+    pool = np.concatenate([rows["calib"], rows["test"]])
+    frac = token_lesion_fraction(data.masks, [bank.image_ids[i] for i in pool], bank.grid)
+    patients = np.array(bank.patient_ids)[pool]
+    units = RetentionData.from_tokens(scores, frac > float(P["lesion_token_min_fraction"]), patients)
+    cal_units = np.flatnonzero(np.isin(units.unit_ids, list(splits["calib"])))
+    test_units = np.flatnonzero(np.isin(units.unit_ids, list(splits["test"])))
+    n_free = len(set(patients)) - units.n_units
+    counts = draw_cluster_counts([np.arange(test_units.size)], test_units.size, int(P["n_boot"]), cfg.seed)
+    with stage("certificates", calibration_patients=int(cal_units.size), test_patients=int(test_units.size)):
+        res = evaluate_certificate(units, cal_units=cal_units, test_units=test_units, counts=counts,
+                                   alpha=float(P["alpha"]), bound=float(P["loss_bound"]), n_splits=int(P["n_splits"]),
+                                   seed=cfg.seed, ci_level=float(P["ci_level"]), calibrate_on=P["calibrate_on"])
+
+    backbone_prov = bb.provenance(blocks=[int(P["score_block"])], final_norm=bool(P["final_norm"]))
+    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
+    dataset_prov = {**data.provenance,
+                    "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"], "fit": "train",
+                               "calibrate": "calib", "judge": "test", "fractions": dict(P["split_fractions"]),
+                               "role": "calibration" if cfg.calibration else "evaluation"},
+                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed,
+                    "patients_without_lesion_tokens": int(n_free)}
+    if cfg.calibration:
+        path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+        log.info("calibration metrics written to %s", path)
+        return 0
+    run.artefacts.json("certificate.json", res.details,
+                       description="thresholds, bands, Beta law, flags and the per-split test coverages and kept fractions")
+    run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
+    for key, name in (("crc", "conformal risk control"), ("allkept", "all-kept split conformal")):
+        run.notes.append(f"{name}: {res.details['flags'][key]} (band {res.details['bands'][key]})")
+    if n_free:
+        run.notes.append(f"{n_free} pooled patient(s) without lesion tokens are outside the certificate")
+    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+    log.info("record: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,196 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+# ]
+# ///
+"""G5 - lesion-routed depth: fewer MACs without losing small lesions.
+
+Every token runs blocks 0..k; a label-free router (the Mahalanobis density of training patients' block-k tokens)
+keeps the top fraction f of patch tokens per image, which go with the CLS token and any registers through blocks
+k+1..L-1, while the rest exit with their block-k representation. MACs are counted analytically (12 N d^2 + 2 N^2 d
+per block, patch embedding and router included) and checked against the matmuls the routed forward actually runs;
+wall-clock is measured against the full forward in the same run. On held-out patients: the fraction of small
+lesions with at least one token routed through all blocks (patient-clustered CI), against routing the same
+number of tokens at random, and a MACs-vs-sensitivity curve over (k, f). Judged under the locked thresholds at the
+locked operating point.
+
+Run locally (embedded default: CT phantoms + the tiny ViT, 2 CPU cores, about 20 s):
+    covtoken run jobs/g5_routed_depth.py --smoke
+    python jobs/g5_routed_depth.py --smoke --results results/local      # the same, without the launcher
+
+On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
+    covtoken submit jobs/g5_routed_depth.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
+        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+    hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
+
+Calibration (proposes thresholds; never judged):
+    python jobs/g5_routed_depth.py --smoke --calibration --results results/calibration-G5
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("covtoken.g5")
+
+
+@dataclass(frozen=True)
+class G5Config:
+    dataset: str = field(default="phantom-ct", metadata={"help": "dataset name (see covtoken.data.catalog)"})
+    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name (timm ViT or Eva)"})
+    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
+    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
+    work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
+    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
+    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G5/embedded or G5/real"})
+    run_id: str | None = field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
+    seed: int = field(default=0, metadata={"help": "seed of the data generator, splits, subsamples and resamples"})
+    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
+    calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
+    smoke: bool = field(default=False, metadata={"help": "embedded default: CT phantoms + tiny ViT on CPU"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from covtoken.runner import add_config_arguments, load_config
+
+    add_config_arguments(parser, G5Config)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(G5Config, args)
+    if cfg.smoke:
+        cfg = replace(cfg, dataset="phantom-ct", backbone="tiny-vit", device="cpu")
+    return run_g5(cfg, command=["jobs/g5_routed_depth.py", *argv])
+
+
+def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types live in the packages)
+    """Everything G5 computes before masks are opened: bank, routers, keep sets, the routed forward, MAC counts.
+
+    It receives the loaded dataset as the job has it (masks included) and must not depend on the masks;
+    ``tests/test_label_leak.py`` runs it with permuted and zeroed masks and requires bit-identical output.
+
+    Returns:
+        ``(bank, rows, scores, routed)``: the token bank; image rows per split; ``{k: (n_test_images, N)}`` router
+        scores of test tokens at every candidate exit block k; and for the locked operating point the
+        :class:`~covtoken.arch.routed_depth.RoutedDepth` (``"model"``), its keep sets ``"kept"``
+        ``(n_test_images, K)`` from the routed forward, and ``"macs"``: analytic and directly counted MACs.
+    """
+    from covtoken.arch.flops import MacCounter
+    from covtoken.arch.routed_depth import RoutedDepth, make_router
+    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.subspace import build_scorer, fit_subsample
+
+    depth = bb.spec.depth
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(depth)), final_norm=False, batch_size=cfg.batch_size)
+    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members], dtype=np.int64)
+            for name, members in splits.items()}
+    scores, scorers = {}, {}
+    for k in range(depth - 1):
+        fit = bank.tokens(k, rows["train"]).reshape(-1, bb.spec.width)
+        fit = fit[fit_subsample(fit.shape[0], int(P["max_fit_tokens"]), cfg.seed + k)]
+        scorers[k] = build_scorer(P["router_construction"], dict(P["construction_params"])).fit(fit)
+        query = bank.tokens(k, rows["test"])
+        scores[k] = scorers[k].score(query.reshape(-1, query.shape[-1])).reshape(query.shape[:2])
+    k_op = int(P["exit_after"])
+    rd = RoutedDepth(bb.model, exit_after=k_op, keep=float(P["keep_fraction"]), router=make_router(scorers[k_op]).to(bb.device))
+    test_items = [data.items[i] for i in rows["test"]]
+    kept = []
+    for start in range(0, len(test_items), cfg.batch_size):
+        pixels = bb.preprocess([it.image for it in test_items[start:start + cfg.batch_size]])
+        kept.append(rd.routed(pixels).kept.cpu().numpy())
+    probe = bb.preprocess([it.image for it in test_items[:int(P["timing_batch"])]])
+    with MacCounter() as full_count:
+        rd.full(probe)
+    with MacCounter() as routed_count:
+        rd.routed(probe)
+    b = int(probe.shape[0])
+    macs = {"batch": b, "full_analytic": rd.full_macs(b), "routed_analytic": rd.routed_macs(b),
+            "full_counted": full_count.macs, "routed_counted": routed_count.macs,
+            "routed_counted_by_op": routed_count.by_op}
+    return bank, rows, scores, {"model": rd, "kept": np.concatenate(kept), "macs": macs, "probe": probe}
+
+
+def run_g5(cfg: G5Config, *, command: list[str]) -> int:
+    from covtoken.arch.routed_depth import time_forwards, top_keep
+    from covtoken.arch.routing_eval import routing_metrics
+    from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.registry import get_spec
+    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.splits import SplitManifest, split_patients, validate_splits
+    from covtoken.eval.bootstrap import draw_cluster_counts
+    from covtoken.eval.labels import lesion_components
+    from covtoken.runner import Run, default_lock_path, stage
+
+    spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
+    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
+    entry = cfg.lock_entry or ("G5/embedded" if embedded else "G5/real")
+    run = Run(gate_id="G5", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
+              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    P = run.parameters
+    if not 0 <= int(P["exit_after"]) < spec.depth - 1:
+        raise ValueError(f"locked exit_after {P['exit_after']} must lie in [0, {spec.depth - 1}) for {cfg.backbone}")
+
+    with stage("load_data", dataset=cfg.dataset):
+        opts = dict(P.get("dataset_options", {}))
+        if is_embedded(cfg.dataset):
+            # threshold-calibration patients come from another generator seed: disjoint from every judged run
+            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
+        data = load_dataset(cfg.dataset, **opts)
+    splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
+    validate_splits(splits, data.items)
+    with stage("backbone", backbone=cfg.backbone):
+        bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
+    bank_dir = (Path(cfg.work_dir) / "banks" /
+                f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}-n{len(data.items)}")
+    with stage("label_free_routing", images=len(data.items), exit_after=int(P["exit_after"])):
+        bank, rows, scores, routed = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+    with stage("wallclock", batch=int(routed["probe"].shape[0]), repeats=int(P["timing_repeats"])):
+        timing = time_forwards(routed["model"], routed["probe"], repeats=int(P["timing_repeats"]))
+    rd = routed["model"]
+    bank_kept = top_keep(scores[rd.exit_after], rd.n_keep)
+
+    # Masks are opened only here, inside covtoken.eval, after every keep set exists.
+    test_ids = [bank.image_ids[i] for i in rows["test"]]
+    components = lesion_components(data.masks, test_ids, bank.grid)
+    lesions = [[c["tokens"] for c in comps] for comps in components]
+    areas = [[c["area_tokens"] for c in comps] for comps in components]
+    patients = np.array(bank.patient_ids)[rows["test"]]
+    counts = draw_cluster_counts([np.arange(len(splits["test"]))], len(splits["test"]), int(P["n_boot"]), cfg.seed)
+    with stage("evaluate"):
+        res = routing_metrics(rd=rd, kept=routed["kept"], bank_kept=bank_kept, scores=scores, lesions=lesions,
+                              areas=areas, patients=patients, patient_order=sorted(splits["test"]), counts=counts,
+                              macs=routed["macs"], timing=timing, P=P, device=str(bb.device))
+
+    backbone_prov = bb.provenance(blocks=sorted(scores), final_norm=False)
+    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
+    dataset_prov = {**data.provenance,
+                    "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"], "fit": "train",
+                               "judge": "test", "fractions": dict(P["split_fractions"]),
+                               "role": "calibration" if cfg.calibration else "evaluation"},
+                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed}
+    if cfg.calibration:
+        path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+        log.info("calibration metrics written to %s", path)
+        return 0
+    run.artefacts.json("curve.json", res.curve, description="MACs ratio vs small-lesion sensitivity over (exit block, "
+                       "keep fraction), with patient-clustered CIs and the random-routing baseline")
+    run.artefacts.json("macs.json", {**routed["macs"], "timing": timing},
+                       description="analytic vs directly counted MACs of one batch, and wall-clock of both forwards")
+    run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
+    run.notes.extend(res.notes)
+    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+    log.info("record: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
