@@ -22,6 +22,7 @@ demo: install
 	$(BIN)/covtoken audit gate_reports
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 paper: install

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .lock import LockError, ThresholdLock, entry_digest, judge
 from .provenance import git, repo_root

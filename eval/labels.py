@@ -8,7 +8,7 @@ grid). A token is positive when its fraction is at least ``positive_min``, negat
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
