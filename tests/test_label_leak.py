@@ -147,3 +147,69 @@ def test_importing_label_free_packages_loads_no_mask_code():
             "print([m for m in sys.modules if m.startswith(('covtoken.data', 'covtoken.eval'))])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+# ------------------------------------------------------------------------------------------------
+# G4 (conformal retention) and G5 (routed depth): their label-free stages get the same check.
+@pytest.fixture(scope="module")
+def arch_setting():
+    data = load_dataset("phantom-ct", seed=4, n_patients=8, per_patient=2)
+    return data, load_backbone("tiny-vit")
+
+
+def assert_stage_invariant(stage_arrays, data: LoadedDataset, tmp_path: Path) -> None:
+    """``stage_arrays(data, work) -> {name: array}`` must give identical bits for original, permuted, zeroed masks."""
+    ref = stage_arrays(data, tmp_path / "orig")
+    for how in ("permuted", "zeroed"):
+        out = stage_arrays(with_masks(data, how), tmp_path / how)
+        assert out.keys() == ref.keys()
+        for k in ref:
+            assert out[k].dtype == ref[k].dtype and np.array_equal(out[k], ref[k]), f"{k} changed with {how} masks"
+
+
+def _g4_stage(data: LoadedDataset, bb, leak: bool = False):
+    job = load_job("g4_conformal_retention")
+    splits = split_patients([it.patient_id for it in data.items], fractions={"train": 0.4, "calib": 0.3, "test": 0.3},
+                            seed=0)
+    params = {"score_block": 1, "final_norm": False, "max_fit_tokens": 5000, "score_construction": "A_gauss",
+              "construction_params": {}}
+    cfg = replace(job.G4Config(), batch_size=16)
+
+    def arrays(d: LoadedDataset, work: Path) -> dict[str, np.ndarray]:
+        bank, rows, scores = job.label_free_stage(d, bb, splits, params, cfg, work)
+        if leak:
+            from covtoken.eval.labels import token_lesion_fraction  # the peek
+
+            pool = np.concatenate([rows["calib"], rows["test"]])
+            scores = scores + 1e-9 * token_lesion_fraction(d.masks, [bank.image_ids[i] for i in pool], bank.grid)
+        return {"scores": scores, **{f"rows:{k}": v for k, v in rows.items()}, "bank:block1": bank.tokens(1)}
+    return arrays
+
+
+def test_g4_label_free_stage_is_invariant_to_masks(arch_setting, tmp_path):
+    data, bb = arch_setting
+    assert_stage_invariant(_g4_stage(data, bb), data, tmp_path)
+
+
+def test_g4_planted_leak_is_caught(arch_setting, tmp_path):
+    data, bb = arch_setting
+    with pytest.raises(AssertionError, match="scores changed with permuted masks"):
+        assert_stage_invariant(_g4_stage(data, bb, leak=True), data, tmp_path)
+
+
+def test_g5_label_free_stage_is_invariant_to_masks(arch_setting, tmp_path):
+    data, bb = arch_setting
+    job = load_job("g5_routed_depth")
+    splits = split_patients([it.patient_id for it in data.items], fractions={"train": 0.5, "test": 0.5}, seed=0)
+    params = {"max_fit_tokens": 5000, "router_construction": "A_gauss", "construction_params": {}, "exit_after": 1,
+              "keep_fraction": 0.3, "timing_batch": 4}
+    cfg = replace(job.G5Config(), batch_size=16)
+
+    def arrays(d: LoadedDataset, work: Path) -> dict[str, np.ndarray]:
+        bank, rows, scores, routed = job.label_free_stage(d, bb, splits, params, cfg, work)
+        macs = routed["macs"]
+        return {**{f"scores@{k}": v for k, v in scores.items()}, **{f"rows:{k}": v for k, v in rows.items()},
+                "kept": routed["kept"], "probe": routed["probe"].numpy(),
+                "macs": np.array([macs["full_counted"], macs["routed_counted"], macs["routed_analytic"]])}
+
+    assert_stage_invariant(arrays, data, tmp_path)
