@@ -12,11 +12,12 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping, TypeVar
+from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from .lock import DEFAULT_LOCK_PATH, ThresholdLock, gate_template_entry, judge
 from .provenance import code_state, package_versions, runtime
@@ -151,10 +152,17 @@ class Run:
             self._parameters = self.entry.parameters
         self.config = config
         self.seed = seed
+        # HF Jobs backend (set by `covtoken submit`): the run id is the submitted one, results are uploaded as made
+        self.hub: Any = None
+        if backend is None and os.environ.get("COVTOKEN_BACKEND") == "hf-jobs":
+            from .hubsync import HubSync
+
+            self.hub = HubSync.from_environment()
+            run_id = self.hub.claim_run_id(run_id)
         self.run_id = run_id or new_run_id(gate_id)
         if (self.results_dir / f"{self.run_id}.json").exists():
             raise FileExistsError(f"run {self.run_id} already has a record in {self.results_dir}; use a new run id")
-        self.backend = dict(backend or {"name": "local", "job_id": None})
+        self.backend = dict(backend or (self.hub.backend() if self.hub else {"name": "local", "job_id": None}))
         self.device = device
         self.command = list(command) if command else [Path(sys.argv[0]).name, *sys.argv[1:]]
         self.code = code_state()
@@ -164,6 +172,20 @@ class Run:
         self.notes: list[str] = []
         log.info(json.dumps({"event": "run_start", "run_id": self.run_id, "gate": gate_id, "entry": lock_entry,
                              "commit": self.code["commit"], "dirty": self.code["dirty"]}))
+
+    def sync_token_bank(self, bank_dir: str | Path) -> Callable[[Path], None] | None:
+        """The ``on_shard`` callback for a token bank in ``bank_dir``; None on the local backend.
+
+        Under HF Jobs the shards an earlier attempt of this run uploaded are downloaded into ``bank_dir`` first
+        (the bank verifies them by hash and extracts only what is missing), and every new shard is uploaded.
+        """
+        if self.hub is None:
+            return None
+        restored = self.hub.restore_bank(bank_dir)
+        if restored:
+            self.notes.append(f"resumed: {restored} token-bank shard(s) of {Path(bank_dir).name} restored from "
+                              f"{self.hub.prefix}/bank/ (attempt {self.hub.env.attempt})")
+        return self.hub.bank_uploader(bank_dir)
 
     @property
     def parameters(self) -> Mapping[str, Any]:
@@ -208,6 +230,8 @@ class Run:
         }
         path = write_record(record, self.results_dir)
         log.info(json.dumps({"event": "record_written", "path": str(path), "decision": decision}))
+        if self.hub is not None:
+            self.hub.publish_record(path)  # artefacts and record in one commit, after everything else
         return path
 
     def write_calibration(self, *, metrics: dict, backbone: dict, dataset: dict) -> Path:
@@ -216,7 +240,10 @@ class Run:
                "run_id": self.run_id, "metrics": metrics, "backbone": backbone, "dataset": dataset,
                "code": self.code, "started_at": self.started_at, "finished_at": utc_now(),
                "config": json.loads(dumps_strict(dataclasses.asdict(self.config)))}
-        return write_json_atomic(self.results_dir / "calibration" / f"{self.run_id}.json", doc)
+        path = write_json_atomic(self.results_dir / "calibration" / f"{self.run_id}.json", doc)
+        if self.hub is not None:
+            self.hub.publish_file(path, f"calibration/{self.run_id}.json")
+        return path
 
 
 def _display_path(p: Path) -> str:

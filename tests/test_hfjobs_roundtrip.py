@@ -1,0 +1,215 @@
+"""HF Jobs backend end to end on the Hub emulator, with the real G1 job on the embedded default.
+
+submit (bundle at a fresh commit, run_job, volume pinned) -> logs -> wait -> fetch -> audit; a job killed
+after two token-bank shards resumes from the Hub to the same decision and the same numbers; cancel; a job
+that ends in ERROR gives a clear message and no record; and the fake token appears nowhere.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from huggingface_hub import HfApi
+
+from hfjobs_support import (FAKE_TOKEN, G1, NS, covtoken, fake_token, grep_tree, head, jobs_of, new_repo,  # noqa: F401
+                            snapshot, wait_until)
+from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+LOG_EVERY = "2"
+
+
+@pytest.fixture(scope="module")
+def repo(fake_token: str) -> str:
+    return new_repo()
+
+
+@pytest.fixture(scope="module")
+def roundtrip(hub: HubEmulator, fake_token: str, snapshot: Path, repo: str, tmp_path_factory) -> dict[str, Any]:
+    """submit --detach -> logs -f -> wait -> fetch (+ audit): the CI round trip, done once for the module."""
+    reports = tmp_path_factory.mktemp("rt") / "gate_reports"
+    sub = covtoken("submit", G1, "--results-repo", repo, "--flavor", "cpu-basic", "--timeout", "10m", "--yes",
+                   "--detach", "--log-every", LOG_EVERY, "--", "--smoke", cwd=snapshot)
+    assert sub.rc == 0, sub.text
+    run_id = sub.out.strip().splitlines()[-1]
+    logs = covtoken("logs", run_id, "-f", cwd=snapshot)
+    wait = covtoken("wait", run_id, cwd=snapshot)
+    fetch = covtoken("fetch", run_id, "--results", str(reports), cwd=snapshot)
+    return {"run_id": run_id, "submit": sub, "logs": logs, "wait": wait, "fetch": fetch, "reports": reports}
+
+
+def test_round_trip_submit_logs_wait_fetch_audit(hub: HubEmulator, roundtrip, snapshot: Path, repo: str) -> None:
+    rid, reports = roundtrip["run_id"], roundtrip["reports"]
+    assert "worst case" in roundtrip["submit"].err and "$0.01/hour" in roundtrip["submit"].err
+    assert roundtrip["logs"].rc == 0 and roundtrip["wait"].rc == 0, roundtrip["wait"].text
+    assert "ended COMPLETED" in roundtrip["wait"].err
+    assert roundtrip["fetch"].rc == 0, roundtrip["fetch"].text
+    assert "all decisions recomputed" in roundtrip["fetch"].out  # the audit table
+    rec = json.loads((reports / f"{rid}.json").read_text())
+    assert rid in (reports / "SUMMARY.md").read_text()
+
+    # the code: the bundle's commit (a commit that exists only in the snapshot), clean, from the bundle
+    assert rec["provenance"]["code"] == {"commit": head(snapshot), "dirty": False, "diff_sha256": None,
+                                         "source": "bundle"}
+    # the backend: the job found by its labels, flavor, image, results repo, hardware, pinned bundle
+    (job,) = jobs_of(hub, rid)
+    be = rec["provenance"]["backend"]
+    assert be["name"] == "hf-jobs" and be["job_id"] == job.id and be["flavor"] == "cpu-basic"
+    assert be["image"] == job.spec["dockerImage"] and be["results_repo"] == repo and be["attempt"] == 0
+    assert be["hardware"]["name"] == "cpu-basic" and be["hardware"]["usd_per_hour"] == pytest.approx(0.01, abs=1e-4)
+    vol = job.spec["volumes"][0]
+    assert vol["mountPath"] == "/code" and vol.get("readOnly") is True and vol["path"] == f"runs/{rid}/code"
+    assert be["bundle"] == {"repo": repo, "path": f"runs/{rid}/code", "revision": vol["revision"]}
+    assert rec["provenance"]["torch"] and rec["provenance"]["device"]["type"] == "cpu"
+    assert job.spec["command"][:3] == ["uv", "run", "/code/launch.py"] and job.spec["command"][3:] == ["--smoke"]
+
+    # the job ran the bundle: the mounted code at the pinned revision is the snapshot's, and the log says so
+    api = HfApi()
+    info = json.loads(Path(api.hf_hub_download(repo, f"runs/{rid}/code/build-info.json", repo_type="dataset",
+                                               revision=vol["revision"])).read_text())
+    job_sha = info["files"][G1]
+    assert info["commit"] == head(snapshot) and info["dirty"] is False
+    import hashlib
+    assert job_sha == hashlib.sha256((snapshot / G1).read_bytes()).hexdigest()
+    log = roundtrip["logs"].out
+    assert f"commit {head(snapshot)}" in log and f"(sha256 {job_sha})" in log
+    assert "already has every dependency at its pinned version" in log
+    kit = hub.job_dir(job.id) / "work" / "covtoken-run" / "kit" / "covtoken"
+    assert (kit / "runner.py").read_bytes() == (snapshot / "runner.py").read_bytes()
+
+    # results landed as made: 4 shards (one commit each), logs, the record last, with its artefacts
+    files = set(api.list_repo_files(repo, repo_type="dataset"))
+    shards = sorted({f.split("/")[-2] for f in files if f.startswith(f"runs/{rid}/bank/") and "/shard-" in f})
+    assert shards == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
+    assert f"runs/{rid}/logs/attempt-0.log" in files and f"runs/{rid}/attempts/0.json" in files
+    assert {f"runs/{rid}/{a['path']}" for a in rec["artefacts"]} <= files
+    titles = [c.title for c in api.list_repo_commits(repo, repo_type="dataset")]  # newest first
+    rec_i = titles.index(next(t for t in titles if t.startswith(f"{rid}: record")))
+    assert all(not t.startswith(f"{rid}: token-bank") for t in titles[:rec_i])  # no shard after the record
+    assert sum(t.startswith(f"{rid}: token-bank") for t in titles) == 4
+    uploaded_log = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.log", repo_type="dataset")).read_text()
+    assert "record_uploaded" in uploaded_log and "exited with code 0" in uploaded_log
+
+    # the dataset card: YAML metadata and the SUMMARY table regenerated from the repo's records
+    card = Path(api.hf_hub_download(repo, "README.md", repo_type="dataset")).read_text()
+    meta = card.split("---")[1]
+    assert "covtoken" in meta and f"- {rid}" in meta and "viewer: false" in meta
+    assert "## Gate summary" in card and f"`{rid}`" in card and f"**{rec['decision']}**" in card
+
+
+def test_nothing_secret_anywhere(hub: HubEmulator, roundtrip, snapshot: Path, repo: str) -> None:
+    rid = roundtrip["run_id"]
+    (job,) = jobs_of(hub, rid)
+    assert hub.job_secrets(job.id) == {"HF_TOKEN": FAKE_TOKEN}  # the token did reach the job, as a secret only
+    assert FAKE_TOKEN not in json.dumps(job.spec.get("environment")) + json.dumps(job.spec.get("labels"))
+    assert FAKE_TOKEN not in " ".join(job.spec["command"])
+    needle = FAKE_TOKEN.encode()
+    leaks = (grep_tree(hub.store.root / "dataset" / repo, needle)  # every blob of the results repo
+             + grep_tree(hub.job_dir(job.id), needle)  # spec, log, the job's work folder (bundle copy, results)
+             + grep_tree(roundtrip["reports"], needle) + grep_tree(snapshot / "results" / "bundles", needle))
+    assert leaks == []
+    for step in ("submit", "logs", "wait", "fetch"):
+        assert FAKE_TOKEN not in roundtrip[step].text, step
+    info = HfApi().inspect_job(job_id=job.id, namespace=NS)
+    assert FAKE_TOKEN not in json.dumps({"env": info.environment, "secrets": info.secrets, "labels": info.labels})
+
+
+def test_killed_job_resumes_to_the_same_decision(hub: HubEmulator, roundtrip, snapshot: Path, repo: str,
+                                                 monkeypatch, tmp_path: Path) -> None:
+    """SIGKILL the job right after its second token-bank shard is committed; resume; same record numbers."""
+    killed: dict[str, str] = {}
+    original = hub.store.commit
+
+    def commit_then_kill(rtype, repo_id, branch, title, message, ops, parent, create_branch=False):  # noqa: ANN001
+        sha = original(rtype, repo_id, branch, title, message, ops, parent, create_branch)
+        paths = [p for _, p, _ in ops]
+        hit = [p for p in paths if "/bank/" in p and "/shard-00001/" in p]
+        if hit and not killed:
+            rid = hit[0].split("/")[1]
+            (job,) = jobs_of(hub, rid)
+            killed[rid] = job.id
+            hub.kill_job(job.id, "Job was preempted (emulated)")  # the job is waiting for this very response
+        return sha
+
+    monkeypatch.setattr(hub.store, "commit", commit_then_kill)
+    sub = covtoken("submit", G1, "--results-repo", repo, "--timeout", "10m", "--yes", "--detach", "--log-every",
+                   LOG_EVERY, "--", "--smoke", cwd=snapshot)
+    assert sub.rc == 0, sub.text
+    rid = sub.out.strip().splitlines()[-1]
+    wait = covtoken("wait", rid, cwd=snapshot)
+    monkeypatch.setattr(hub.store, "commit", original)
+    assert killed and rid in killed
+    assert wait.rc == 1 and "ended ERROR: Job was preempted (emulated)" in wait.err
+    assert f"No record was written for run {rid}" in wait.err and f"--resume {rid}" in wait.err
+    api = HfApi()
+    files = api.list_repo_files(repo, repo_type="dataset")
+    assert not any(f == f"runs/{rid}/{rid}.json" for f in files)
+    assert sorted({f.split("/")[-2] for f in files if f.startswith(f"runs/{rid}/bank/") and "/shard-" in f}) == \
+        ["shard-00000", "shard-00001"]
+    status = covtoken("status", rid, cwd=snapshot)
+    assert "ERROR" in status.out and "2 token-bank shard(s) uploaded; record not written" in status.err
+
+    # the job args of a resume are the first attempt's; changing them is refused
+    bad = covtoken("submit", G1, "--resume", rid, "--results-repo", repo, "--yes", "--", "--seed", "1", cwd=snapshot)
+    assert bad.rc == 1 and "arguments are those of the first attempt" in bad.err
+    res = covtoken("submit", G1, "--resume", rid, "--results-repo", repo, "--yes", "--detach", cwd=snapshot)
+    assert res.rc == 0, res.text
+    assert covtoken("wait", rid, cwd=snapshot).rc == 0
+    first, second = jobs_of(hub, rid)
+    assert second.spec["volumes"] == first.spec["volumes"]  # the same bundle commit
+    assert second.spec["command"] == first.spec["command"] and second.spec["environment"]["COVTOKEN_ATTEMPT"] == "1"
+    log2 = "\n".join(hub.job_logs(second.id))
+    restored = [json.loads(ln[ln.index("{"):]) for ln in log2.splitlines() if '"event": "bank_restored"' in ln]
+    assert len(restored) == 1 and restored[0]["shards"] == 2 and restored[0]["bank"].startswith("phantom-ct"), log2
+    done = [ln for ln in log2.splitlines() if '"event": "shard_done"' in ln]
+    assert [json.loads(ln[ln.index("{"):])["shard"] for ln in done] == ["00002", "00003"]  # only the missing ones
+
+    reports = tmp_path / "gate_reports"
+    fetch = covtoken("fetch", rid, "--results", str(reports), cwd=snapshot)
+    assert fetch.rc == 0, fetch.text
+    resumed = json.loads((reports / f"{rid}.json").read_text())
+    whole = json.loads((roundtrip["reports"] / f"{roundtrip['run_id']}.json").read_text())
+    assert resumed["decision"] == whole["decision"]
+    assert resumed["metrics"] == whole["metrics"] and resumed["criteria"] == whole["criteria"]
+    assert resumed["provenance"]["backend"]["job_id"] == second.id and resumed["provenance"]["backend"]["attempt"] == 1
+    assert any("2 token-bank shard(s)" in n and "restored" in n for n in resumed["notes"])
+    again = covtoken("submit", G1, "--resume", rid, "--results-repo", repo, "--yes", cwd=snapshot)
+    assert again.rc == 1 and "finished; nothing to resume" in again.err
+
+
+def test_cancel(hub: HubEmulator, fake_token: str, snapshot: Path, repo: str) -> None:
+    sub = covtoken("submit", G1, "--results-repo", repo, "--timeout", "10m", "--yes", "--detach", "--log-every",
+                   LOG_EVERY, "--", "--smoke", cwd=snapshot)
+    assert sub.rc == 0, sub.text
+    rid = sub.out.strip().splitlines()[-1]
+    (job,) = jobs_of(hub, rid)
+    wait_until(lambda: any("[covtoken-launch] running" in ln for ln in hub.job_logs(job.id)), 60, "job start")
+    res = covtoken("cancel", rid, cwd=snapshot)
+    assert res.rc == 0 and f"canceled job {job.id}" in res.err
+    wait = covtoken("wait", rid, cwd=snapshot)
+    assert wait.rc == 1 and "ended CANCELED" in wait.err and f"No record was written for run {rid}" in wait.err
+    assert covtoken("cancel", rid, cwd=snapshot).err.count("no live job") == 1
+    assert not HfApi().file_exists(repo, f"runs/{rid}/{rid}.json", repo_type="dataset")
+
+
+def test_job_error_gives_a_clear_message_and_no_record(hub: HubEmulator, fake_token: str, snapshot: Path,
+                                                        repo: str, tmp_path: Path) -> None:
+    sub = covtoken("submit", G1, "--results-repo", repo, "--timeout", "10m", "--yes", "--detach", "--log-every",
+                   LOG_EVERY, "--", "--backbone", "no-such-backbone", cwd=snapshot)
+    assert sub.rc == 0, sub.text
+    rid = sub.out.strip().splitlines()[-1]
+    wait = covtoken("wait", rid, cwd=snapshot)
+    assert wait.rc == 1
+    assert "ended ERROR: Job failed with exit code: 1" in wait.err and "UnknownBackboneError" in wait.err
+    assert f"No record was written for run {rid}" in wait.err
+    reports = tmp_path / "gate_reports"
+    fetch = covtoken("fetch", rid, "--results", str(reports), "--no-card", cwd=snapshot)
+    assert fetch.rc == 1 and f"run {rid}: no record in {repo}" in fetch.err and "is ERROR" in fetch.err
+    assert not (reports / f"{rid}.json").exists()
+    api = HfApi()
+    files = api.list_repo_files(repo, repo_type="dataset")
+    assert f"runs/{rid}/{rid}.json" not in files
+    log = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.log", repo_type="dataset")).read_text()
+    assert "UnknownBackboneError" in log and "exited with code 1" in log  # the log still left the container
