@@ -120,6 +120,12 @@ _FOLDER_DATASETS = {
         "licence": "CC BY-NC 4.0 (HAM10000); ISIC 2018 task 1 masks CC BY-NC 4.0",
         "citation": "Tschandl et al., Sci Data 5:180161, 2018; Codella et al., arXiv:1902.03368",
         "note": "sampling unit = lesion_id"}),
+    "kits23": (".volumes", "load_kits23", {"licence": "CC BY-NC-SA 4.0 (KiTS23)",
+                                            "citation": "Heller et al., KiTS23 challenge, arXiv:2307.01984"}),
+    "msd-liver": (".volumes", "load_msd_liver", {"licence": "CC BY-SA 4.0 (MSD)",
+                                                  "citation": "Antonelli et al., Nat Commun 13:4128, 2022"}),
+    "msd-pancreas": (".volumes", "load_msd_pancreas", {"licence": "CC BY-SA 4.0 (MSD)",
+                                                        "citation": "Antonelli et al., Nat Commun 13:4128, 2022"}),
 }
 
 
