@@ -1,0 +1,277 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+# ]
+# ///
+"""G3 - at equal keep rates, membership pruning misses fewer small lesions than CLS-attention (saliency) pruning.
+
+Every image keeps ceil(rho * N) of its N patch tokens, for each keep rate rho of the locked grid. Membership
+keeps the tokens with the highest label-free subspace score (G1's constructions, fitted on training patients'
+tokens of every block); saliency keeps the tokens the CLS query attends to most (head-averaged CLS attention of
+one block, recomputed from the block's own q/k; EViT-style). A lesion is missed when none of the tokens it
+touches is kept; "small" means an area of at most the locked number of tokens. Each arm's block (and
+construction) is chosen on validation patients; on test patients both arms, and the random-keep expectation,
+are compared with one paired patient-clustered bootstrap at every keep rate. The gate is judged at the locked
+primary keep rate on the difference saliency minus membership.
+
+Run locally (embedded default: CT phantoms + the tiny ViT, 2 CPU cores, under a minute):
+    covtoken run jobs/g3_membership_vs_saliency.py --smoke
+    python jobs/g3_membership_vs_saliency.py --smoke --results results/local
+
+On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
+    covtoken submit jobs/g3_membership_vs_saliency.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
+        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+    hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
+Use a registers-aware backbone for a fair saliency arm (meddinov3-vitb16-ct, dinov2-base-reg).
+
+Calibration (proposes thresholds; never judged):
+    python jobs/g3_membership_vs_saliency.py --smoke --calibration --results results/calibration-G3
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("covtoken.g3")
+
+
+@dataclass(frozen=True)
+class G3Config:
+    dataset: str = field(default="phantom-ct", metadata={"help": "dataset name (see covtoken.data.catalog)"})
+    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
+    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
+    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
+    work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
+    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
+    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G3/embedded or G3/real"})
+    run_id: str | None = field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
+    seed: int = field(default=0, metadata={"help": "seed of the data generator, splits, subsamples and bootstrap"})
+    constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
+    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
+    calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
+    smoke: bool = field(default=False, metadata={"help": "embedded default: CT phantoms + tiny ViT on CPU"})
+
+
+@dataclass(frozen=True)
+class LabelFree:
+    """What G3 computes before masks are opened (rows of ``membership``/``saliency`` = val then test images).
+
+    Attributes:
+        bank: the token bank of every block.
+        rows: split name -> image rows of the bank.
+        membership: ``"<construction>@<block>"`` -> ``(n_val + n_test, N)`` subspace scores.
+        saliency: block -> ``(n_val + n_test, N)`` head-averaged CLS attention.
+        high_norm: block -> ``(n_val + n_test, N)`` artefact-like high-norm token flags.
+    """
+
+    bank: object
+    rows: dict
+    membership: dict
+    saliency: dict
+    high_norm: dict
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from covtoken.runner import add_config_arguments, load_config
+
+    add_config_arguments(parser, G3Config)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(G3Config, args)
+    if cfg.smoke:
+        cfg = replace(cfg, dataset="phantom-ct", backbone="tiny-vit", device="cpu")
+    return run_g3(cfg, command=["jobs/g3_membership_vs_saliency.py", *argv])
+
+
+def label_free_stage(data, bb, splits, P, cfg, bank_dir) -> LabelFree:  # noqa: ANN001 (types live in the packages)
+    """Everything G3 computes before masks are opened: token bank, subspace scores, CLS attention, norm flags.
+
+    It receives the loaded dataset as the job has it (masks included) and must not depend on the masks;
+    ``tests/test_label_leak.py`` runs it with permuted and zeroed masks and requires bit-identical output.
+    """
+    from covtoken.backbone.attention import cls_attention_maps, high_norm_tokens
+    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.subspace import score_blocks
+
+    blocks = list(range(bb.spec.depth))
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
+                           batch_size=cfg.batch_size)
+    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
+            for name, members in splits.items()}
+    scored = np.concatenate([rows["val"], rows["test"]])
+    n_tok = bank.grid[0] * bank.grid[1]
+    flat = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions), fit_rows=rows["train"],
+                        score_rows=scored, params=dict(P["construction_params"]), seed=cfg.seed,
+                        max_fit_tokens=int(P["max_fit_tokens"]))
+    membership = {arm: s.reshape(len(scored), n_tok) for arm, s in flat.items()}
+    saliency = cls_attention_maps(bb, [data.items[r].image for r in scored], blocks, batch_size=cfg.batch_size)
+    high_norm = {b: high_norm_tokens(bank.tokens(b, scored), factor=float(P["high_norm_factor"])) for b in blocks}
+    return LabelFree(bank, rows, membership, saliency, high_norm)
+
+
+def evaluate_g3(lf: LabelFree, lesions: dict, P, n_tok: int, seed: int) -> tuple[dict, dict, list]:  # noqa: ANN001
+    """Select each arm on validation, compare on test. ``lesions``: split -> LesionSet (rows index the split).
+
+    Returns:
+        ``(metrics, selection, curve)``: record metrics, what was selected and how, the per-keep-rate table.
+    """
+    from covtoken.eval.lesion_miss import (best_rank, clustered_rate_bootstrap, diff_metric,
+                                           random_miss_probability, rate_metric, select_lowest_miss)
+    from covtoken.gate.keep import keep_count, token_ranks
+
+    small_max = float(P["small_max_area_tokens"])
+    n_val = len(lf.rows["val"])
+    rates = [float(r) for r in P["keep_rates"]]
+    primary = float(P["primary_keep_rate"])
+    if primary not in rates:
+        raise ValueError(f"primary keep rate {primary} is not on the keep-rate grid {rates}")
+    ks = {r: keep_count(n_tok, r) for r in rates}
+    arms = {**{a: s for a, s in lf.membership.items()}, **{f"cls@{b}": s for b, s in lf.saliency.items()}}
+    split_rows = {"val": slice(0, n_val), "test": slice(n_val, None)}
+    small = {sp: les.select(les.area <= small_max) for sp, les in lesions.items()}
+    for sp, les in small.items():
+        if len(les) == 0:
+            raise ValueError(f"no small lesion (area <= {small_max} tokens) among the {sp} patients")
+    best = {sp: {a: best_rank(token_ranks(s[split_rows[sp]]), small[sp]) for a, s in arms.items()} for sp in small}
+    mem, val_miss = select_lowest_miss({a: r for a, r in best["val"].items() if not a.startswith("cls@")}, ks[primary])
+    sal, val_sal = select_lowest_miss({a: r for a, r in best["val"].items() if a.startswith("cls@")}, ks[primary])
+    val_miss.update(val_sal)
+
+    test = small["test"]
+    touched = test.n_touched
+    events = []
+    for r in rates:
+        events += [best["test"][mem] >= ks[r], best["test"][sal] >= ks[r], random_miss_probability(n_tok, touched, ks[r])]
+    rb = clustered_rate_bootstrap(np.array(events, dtype=np.float64), test, n_boot=int(P["n_boot"]),
+                                  ci_level=float(P["ci_level"]), seed=seed)
+    all_test = lesions["test"]
+    all_best = [best_rank(token_ranks(arms[a][split_rows["test"]]), all_test) >= ks[primary] for a in (mem, sal)]
+    rb_all = clustered_rate_bootstrap(np.array(all_best, dtype=np.float64), all_test, n_boot=int(P["n_boot"]),
+                                      ci_level=float(P["ci_level"]), seed=seed)
+
+    def tag(r: float) -> str:
+        return f"keep{int(round(100 * r)):02d}"
+
+    unit, dunit = "small-lesion miss rate", "small-lesion miss rate difference"
+    metrics, curve = {}, []
+    for i, r in enumerate(rates):
+        m, s, z = 3 * i, 3 * i + 1, 3 * i + 2
+        what = f"at keep rate {r} ({ks[r]} of {n_tok} tokens)"
+        metrics[f"small_miss_membership_{tag(r)}"] = rate_metric(rb, m, unit=unit, description=f"membership ({mem}) {what}")
+        metrics[f"small_miss_saliency_{tag(r)}"] = rate_metric(rb, s, unit=unit, description=f"CLS attention ({sal}) {what}")
+        metrics[f"delta_small_miss_{tag(r)}"] = diff_metric(rb, s, m, unit=dunit,
+                                                            description=f"saliency minus membership {what}")
+        curve.append({"keep_rate": r, "keep_count": ks[r], "membership": rb.value[m], "membership_ci": rb.ci(m),
+                      "saliency": rb.value[s], "saliency_ci": rb.ci(s), "random": rb.value[z], "random_ci": rb.ci(z),
+                      "delta": rb.diff(s, m)[0], "delta_ci": rb.diff(s, m)[1]})
+    i = rates.index(primary)
+    metrics["delta_small_miss"] = {**metrics[f"delta_small_miss_{tag(primary)}"],
+                                   "description": f"primary: saliency ({sal}) minus membership ({mem}) small-lesion "
+                                                  f"miss rate at keep rate {primary}, paired over patients"}
+    metrics["small_miss_membership"] = metrics[f"small_miss_membership_{tag(primary)}"]
+    metrics["small_miss_saliency"] = metrics[f"small_miss_saliency_{tag(primary)}"]
+    metrics["small_miss_random"] = rate_metric(rb, 3 * i + 2, unit=unit, description=(
+        f"expected miss rate of keeping {ks[primary]} tokens uniformly at random (C(N-t,k)/C(N,k) per lesion)"))
+    metrics["all_miss_membership"] = rate_metric(rb_all, 0, unit="lesion miss rate", description=(
+        f"all lesions (any size), membership ({mem}) at keep rate {primary}"))
+    metrics["delta_all_miss"] = diff_metric(rb_all, 1, 0, unit="lesion miss rate difference", description=(
+        f"all lesions (any size): saliency minus membership at keep rate {primary}"))
+    n_val_pat = {"patients": int(len(np.unique(small["val"].patient)))}
+    for name, arm in (("membership_block", mem), ("saliency_block", sal)):
+        metrics[name] = {"value": float(arm.rpartition("@")[2]), "ci": None, "ci_method": None, "n": n_val_pat,
+                         "unit": "0-based block index", "description": f"{arm} chosen on validation"}
+    selection = {"membership_arm": mem, "saliency_arm": sal, "val_small_miss_at_primary": val_miss,
+                 "rule": "lowest validation small-lesion miss rate at the primary keep rate; ties -> lower block, then name",
+                 "primary_keep_rate": primary, "small_max_area_tokens": small_max}
+    return metrics, selection, curve
+
+
+def run_g3(cfg: G3Config, *, command: list[str]) -> int:
+    from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.registry import get_spec
+    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.splits import SplitManifest, split_patients, validate_splits
+    from covtoken.eval.labels import lesion_components
+    from covtoken.eval.lesion_miss import LesionSet
+    from covtoken.gate.keep import keep_count, topk_keep
+    from covtoken.runner import Run, default_lock_path, stage
+
+    spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
+    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
+    entry = cfg.lock_entry or ("G3/embedded" if embedded else "G3/real")
+    run = Run(gate_id="G3", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
+              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    P = run.parameters
+    if not embedded and spec.num_registers == 0:
+        log.warning("%s has no register tokens: its CLS attention may be dominated by high-norm artefact tokens "
+                    "(Darcet et al. 2024); use a registers-aware backbone for a fair saliency arm", cfg.backbone)
+
+    with stage("load_data", dataset=cfg.dataset):
+        opts = dict(P.get("dataset_options", {}))
+        if is_embedded(cfg.dataset):
+            # calibration patients come from another generator seed: disjoint from every judged run
+            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
+        data = load_dataset(cfg.dataset, **opts)
+    splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
+    validate_splits(splits, data.items)
+    with stage("backbone", backbone=cfg.backbone):
+        bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
+    bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
+    with stage("label_free", images=len(data.items), blocks=bb.spec.depth):
+        lf = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+    n_tok = lf.bank.grid[0] * lf.bank.grid[1]
+
+    # Masks are opened only here, inside covtoken.eval, after every score and attention map exists.
+    with stage("evaluate"):
+        lesions = {}
+        for sp in ("val", "test"):
+            r = lf.rows[sp]
+            comps = lesion_components(data.masks, [lf.bank.image_ids[i] for i in r], lf.bank.grid)
+            lesions[sp] = LesionSet.from_components(comps, [lf.bank.patient_ids[i] for i in r])
+        metrics, selection, curve = evaluate_g3(lf, lesions, P, n_tok, cfg.seed)
+
+    sal_block = int(selection["saliency_arm"].rpartition("@")[2])
+    n_val = len(lf.rows["val"])
+    kept = topk_keep(lf.saliency[sal_block][n_val:], keep_count(n_tok, float(P["primary_keep_rate"])))
+    flags = lf.high_norm[sal_block][n_val:]
+    diagnostics = {"block": sal_block, "high_norm_factor": float(P["high_norm_factor"]),
+                   "high_norm_share_all_tokens": float(flags.mean()),
+                   "high_norm_share_of_saliency_kept": float(flags[kept].mean()),
+                   "num_registers": spec.num_registers,
+                   "note": "share of test tokens whose norm exceeds factor x the image median; a saliency arm that "
+                           "keeps mostly such tokens is looking at artefacts, not anatomy"}
+    backbone_prov = bb.provenance(blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]))
+    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
+    dataset_prov = {**data.provenance, "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"],
+                                                  "fit": "train", "select": "val", "judge": "test",
+                                                  "fractions": dict(P["split_fractions"]),
+                                                  "role": "calibration" if cfg.calibration else "evaluation"},
+                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed}
+    if cfg.calibration:
+        path = run.write_calibration(metrics=metrics, backbone=backbone_prov, dataset=dataset_prov)
+        log.info("calibration metrics written to %s", path)
+        return 0
+    run.artefacts.json("miss_curves.json", curve, description="test small-lesion miss rate per keep rate and arm, with CIs")
+    run.artefacts.json("selection.json", selection, description="arms chosen on validation, and how")
+    run.artefacts.json("saliency_diagnostics.json", diagnostics, description="high-norm token share of the saliency arm")
+    run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
+    run.notes.append(f"membership {selection['membership_arm']} vs saliency {selection['saliency_arm']} "
+                     f"(chosen on validation); high-norm share of saliency-kept tokens "
+                     f"{diagnostics['high_norm_share_of_saliency_kept']:.3f}")
+    path = run.finish(metrics=metrics, backbone=backbone_prov, dataset=dataset_prov)
+    log.info("record: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+# ]
+# ///
+"""G6 - the negative result: a coverage-constrained token pruner does not protect small lesions.
+
+The hypothesis under test is that a coverage constraint protects small lesions. A pruner with one
+hard-concrete gate per token (Louizos et al. 2018) minimises its expected kept fraction subject to
+F(kept) >= c F(all), F the coding rate of the L2-normalised tokens, with projected dual ascent on the
+Lagrange multiplier; it is trained per test image, on the tokens of the block that membership pruning uses,
+with no label in sight. Membership pruning (G1's label-free subspace score, arm chosen on validation) then
+keeps exactly as many tokens in each image as the pruner kept. (C1) compares small-lesion recall at these
+equal keep counts with a paired patient-clustered bootstrap against a non-inferiority margin; (C2) tests the
+mechanism: removing every lesion token of an image must lower F by at least the slack 1 - c for the
+constraint to hold on to lesions. RankMe, coding rate and energy are all reported for lesion and random
+token removal. The gate is expected to come out `fail`; NEGATIVE_RESULT.md then records it.
+
+Run locally (embedded default: CT phantoms + the tiny ViT, 2 CPU cores, under a minute):
+    covtoken run jobs/g6_coverage_pruner.py --smoke
+    python jobs/g6_coverage_pruner.py --smoke --results results/local
+
+On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
+    covtoken submit jobs/g6_coverage_pruner.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
+        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+    hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
+
+Calibration (every G6 criterion is prespecified; a calibration run only checks the flow on other patients):
+    python jobs/g6_coverage_pruner.py --smoke --calibration --results results/calibration-G6
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("covtoken.g6")
+FUNCTIONAL_PARAMS = {"rankme": {}, "coding_rate": {"eps": 0.5}, "energy": {}}
+
+
+@dataclass(frozen=True)
+class G6Config:
+    dataset: str = field(default="phantom-ct", metadata={"help": "dataset name (see covtoken.data.catalog)"})
+    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
+    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
+    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda (token extraction and the pruner)"})
+    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
+    work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
+    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
+    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G6/embedded or G6/real"})
+    run_id: str | None = field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
+    seed: int = field(default=0, metadata={"help": "seed of the data generator, splits, gate noise and bootstrap"})
+    constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
+    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
+    calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
+    smoke: bool = field(default=False, metadata={"help": "embedded default: CT phantoms + tiny ViT on CPU"})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from covtoken.runner import add_config_arguments, load_config
+
+    add_config_arguments(parser, G6Config)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(G6Config, args)
+    if cfg.smoke:
+        cfg = replace(cfg, dataset="phantom-ct", backbone="tiny-vit", device="cpu")
+    return run_g6(cfg, command=["jobs/g6_coverage_pruner.py", *argv])
+
+
+def label_free_stage(data, bb, splits, P, cfg, bank_dir) -> tuple:  # noqa: ANN001 (types live in the packages)
+    """Everything G6 computes before masks are opened: token bank and subspace scores of val + test images.
+
+    It must not depend on the masks (``tests/test_label_leak.py`` checks it with permuted and zeroed masks).
+
+    Returns:
+        ``(bank, rows, membership)``; ``membership[arm]`` is ``(n_val + n_test, N)``.
+    """
+    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.subspace import score_blocks
+
+    blocks = list(range(bb.spec.depth))
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
+                           batch_size=cfg.batch_size)
+    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
+            for name, members in splits.items()}
+    scored = np.concatenate([rows["val"], rows["test"]])
+    n_tok = bank.grid[0] * bank.grid[1]
+    flat = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions), fit_rows=rows["train"],
+                        score_rows=scored, params=dict(P["construction_params"]), seed=cfg.seed,
+                        max_fit_tokens=int(P["max_fit_tokens"]))
+    return bank, rows, {arm: s.reshape(len(scored), n_tok) for arm, s in flat.items()}
+
+
+def prune_stage(tokens: np.ndarray, P, seed: int, device: str = "cpu"):  # noqa: ANN001, ANN201
+    """The coverage-constrained pruner on ``(B, N, d)`` tokens: label-free by construction (tokens in, keep sets out)."""
+    from covtoken.gate.pruner import PrunerConfig, fit_pruner
+
+    return fit_pruner(tokens, PrunerConfig(**dict(P["pruner"]), seed=seed), device=device)
+
+
+def _median_metric(values: np.ndarray, patients: np.ndarray, P, seed: int, *, unit: str, description: str) -> dict:  # noqa: ANN001
+    from covtoken.eval.lesion_miss import clustered_median_bootstrap
+
+    med, ci, n = clustered_median_bootstrap(values, patients, n_boot=int(P["n_boot"]), ci_level=float(P["ci_level"]),
+                                            seed=seed)
+    return {"value": med, "ci": list(ci), "ci_level": float(P["ci_level"]),
+            "ci_method": "patient-clustered percentile bootstrap of the median over images", "n": n, "unit": unit,
+            "description": description}
+
+
+def evaluate_g6(*, tokens: np.ndarray, membership: np.ndarray, pruned, lesions, small_max: float, P,  # noqa: ANN001
+                seed: int) -> tuple[dict, list[dict]]:
+    """Recall at equal keep counts (C1) and the mechanism (C2) on test images.
+
+    Args:
+        tokens: ``(B, N, d)`` test tokens of the pruner's block.
+        membership: ``(B, N)`` membership scores of the selected arm on the same images.
+        pruned: the pruner's result on ``tokens``.
+        lesions: LesionSet of the test images (rows index ``tokens``).
+        small_max: small-lesion area cut-off in tokens.
+        P: locked parameters.
+        seed: bootstrap / random-removal seed.
+
+    Returns:
+        ``(metrics, per_image)``.
+    """
+    from covtoken.coverage import evaluate, relative_change
+    from covtoken.eval.lesion_miss import (best_rank, clustered_rate_bootstrap, diff_metric, random_miss_probability,
+                                           rate_metric, retained_by)
+    from covtoken.gate.keep import token_ranks
+
+    n_img, n_tok = membership.shape
+    k = pruned.kept.sum(axis=1)
+    small = lesions.select(lesions.area <= small_max)
+    if len(small) == 0:
+        raise ValueError(f"no small lesion (area <= {small_max} tokens) among the test patients")
+    kk = k[small.image]
+    events = [retained_by(pruned.kept, small), best_rank(token_ranks(membership), small) < kk,
+              1.0 - random_miss_probability(n_tok, small.n_touched, kk)]
+    rb = clustered_rate_bootstrap(np.array(events, dtype=np.float64), small, n_boot=int(P["n_boot"]),
+                                  ci_level=float(P["ci_level"]), seed=seed)
+    unit = "small-lesion recall"
+    metrics = {
+        "small_recall_pruner": rate_metric(rb, 0, unit=unit, description="coverage-constrained pruner, deterministic gates"),
+        "small_recall_membership": rate_metric(rb, 1, unit=unit, description=(
+            "membership pruning keeping as many tokens as the pruner in each image")),
+        "small_recall_random": rate_metric(rb, 2, unit=unit, description=(
+            "expected recall of as many tokens kept uniformly at random, 1 - C(N-t,k)/C(N,k)")),
+        "delta_small_recall": diff_metric(rb, 0, 1, unit="small-lesion recall difference", description=(
+            "pruner minus membership at equal per-image keep counts, paired over patients")),
+        "delta_small_recall_vs_random": diff_metric(rb, 0, 2, unit="small-lesion recall difference",
+                                                    description="pruner minus random keep at equal keep counts"),
+    }
+
+    les_img = np.unique(lesions.image)
+    mask = np.zeros((n_img, n_tok), dtype=bool)
+    for img, toks in zip(lesions.image, lesions.tokens):
+        mask[img, toks] = True
+    mask = mask[les_img]
+    x = tokens[les_img]
+    rng = np.random.default_rng(seed)
+    rand = np.zeros_like(mask)
+    for i in range(len(les_img)):
+        free = np.flatnonzero(~mask[i])
+        rand[i, rng.choice(free, size=min(int(mask[i].sum()), free.size), replace=False)] = True
+    patient_of = dict(zip(lesions.image.tolist(), lesions.patient.tolist()))
+    patients = np.array([patient_of[int(img)] for img in les_img], dtype=object)
+    per_image = [{"test_row": int(r), "lesion_tokens": int(m.sum()), "kept": int(k[r])} for r, m in zip(les_img, mask)]
+    pc = dict(P["pruner"])
+    slack = 1.0 - float(pc["target"])
+    for name, params in FUNCTIONAL_PARAMS.items():
+        drop = -relative_change(name, x, mask, **params)
+        drop_random = -relative_change(name, x, rand, **params)
+        for rec, a, b in zip(per_image, drop, drop_random):
+            rec[f"drop_{name}"], rec[f"random_drop_{name}"] = float(a), float(b)
+        metrics[f"lesion_drop_{name}"] = _median_metric(drop, patients, P, seed, unit="relative drop", description=(
+            f"(F(all) - F(all minus every lesion token)) / F(all) for {name}, median over lesion images"))
+        metrics[f"random_drop_{name}"] = _median_metric(drop_random, patients, P, seed, unit="relative drop",
+                                                        description=f"the same for as many random non-lesion tokens ({name})")
+    cf, cp = pc["functional"], ({} if pc.get("eps") is None else {"eps": float(pc["eps"])})
+    drop_cf = -relative_change(cf, x, mask, **cp)
+    metrics["lesion_drop_over_slack"] = _median_metric(drop_cf / slack, patients, P, seed, unit="ratio", description=(
+        f"relative drop of the constraint functional ({cf}) when every lesion token is removed, over the slack "
+        f"1 - c = {slack:.3g}; below 1 the constraint holds with every lesion token dropped"))
+    full = evaluate(cf, x, None, **cp)
+    kept = pruned.kept[les_img]
+    gain = (evaluate(cf, x, kept | mask, **cp) - evaluate(cf, x, kept, **cp)) / full
+    for rec, g in zip(per_image, gain):
+        rec["restore_gain"] = float(g)
+    metrics["restore_gain_over_slack"] = _median_metric(gain / slack, patients, P, seed, unit="ratio", description=(
+        "(F(pruner keep set + lesion tokens) - F(pruner keep set)) / F(all), over the slack: what restoring the "
+        "lesion tokens would buy the optimiser"))
+    metrics["pruner_keep_fraction"] = {
+        "value": float(pruned.keep_fraction.mean()), "ci": None, "ci_method": None,
+        "n": {"images": int(n_img), "tokens": int(n_img * n_tok)}, "unit": "fraction of tokens",
+        "description": "mean fraction of tokens the pruner keeps per test image (membership keeps the same counts)"}
+    metrics["constraint_met_fraction"] = {
+        "value": float(np.mean(pruned.ratio >= float(pc["target"]) - 1e-9)), "ci": None, "ci_method": None,
+        "n": {"images": int(n_img)}, "unit": "fraction of images",
+        "description": f"test images whose returned keep set satisfies F(kept) >= {pc['target']} F(all) "
+                       f"({int((pruned.repaired > 0).sum())} needed tokens added back)"}
+    return metrics, per_image
+
+
+def run_g6(cfg: G6Config, *, command: list[str]) -> int:
+    from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.registry import get_spec
+    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.splits import SplitManifest, split_patients, validate_splits
+    from covtoken.eval.labels import lesion_components
+    from covtoken.eval.lesion_miss import LesionSet, best_rank, select_lowest_miss
+    from covtoken.gate.keep import keep_count, token_ranks
+    from covtoken.runner import Run, default_lock_path, stage
+
+    get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
+    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
+    entry = cfg.lock_entry or ("G6/embedded" if embedded else "G6/real")
+    run = Run(gate_id="G6", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
+              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    P = run.parameters
+
+    with stage("load_data", dataset=cfg.dataset):
+        opts = dict(P.get("dataset_options", {}))
+        if is_embedded(cfg.dataset):
+            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
+        data = load_dataset(cfg.dataset, **opts)
+    splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
+    validate_splits(splits, data.items)
+    with stage("backbone", backbone=cfg.backbone):
+        bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
+    bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
+    with stage("label_free", images=len(data.items), blocks=bb.spec.depth):
+        bank, rows, membership = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+    n_tok = bank.grid[0] * bank.grid[1]
+    n_val = len(rows["val"])
+    small_max = float(P["small_max_area_tokens"])
+
+    # Masks are opened only here, inside covtoken.eval, after every score exists.
+    lesions = {}
+    for sp in ("val", "test"):
+        comps = lesion_components(data.masks, [bank.image_ids[i] for i in rows[sp]], bank.grid)
+        lesions[sp] = LesionSet.from_components(comps, [bank.patient_ids[i] for i in rows[sp]])
+    val_small = lesions["val"].select(lesions["val"].area <= small_max)
+    arm, val_miss = select_lowest_miss({a: best_rank(token_ranks(s[:n_val]), val_small) for a, s in membership.items()},
+                                       keep_count(n_tok, float(P["reference_keep_rate"])))
+    block = int(arm.rpartition("@")[2])
+    test_tokens = bank.tokens(block, rows["test"])
+    with stage("prune", images=len(rows["test"]), block=block):
+        pruned = prune_stage(test_tokens, P, cfg.seed, cfg.device)
+    with stage("evaluate"):
+        metrics, per_image = evaluate_g6(tokens=test_tokens, membership=membership[arm][n_val:], pruned=pruned,
+                                         lesions=lesions["test"], small_max=small_max, P=P, seed=cfg.seed)
+    metrics["membership_block"] = {"value": float(block), "ci": None, "ci_method": None,
+                                   "n": {"patients": int(len(np.unique(val_small.patient)))},
+                                   "unit": "0-based block index", "description": f"{arm} chosen on validation"}
+
+    backbone_prov = bb.provenance(blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]))
+    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
+    dataset_prov = {**data.provenance, "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"],
+                                                  "fit": "train", "select": "val", "judge": "test",
+                                                  "fractions": dict(P["split_fractions"]),
+                                                  "role": "calibration" if cfg.calibration else "evaluation"},
+                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed}
+    if cfg.calibration:
+        path = run.write_calibration(metrics=metrics, backbone=backbone_prov, dataset=dataset_prov)
+        log.info("calibration metrics written to %s", path)
+        return 0
+    run.artefacts.json("pruner.json", {"history": pruned.history, "keep_fraction": pruned.keep_fraction.tolist(),
+                                       "ratio": pruned.ratio.tolist(), "lambda": pruned.lam.tolist(),
+                                       "repaired": pruned.repaired.tolist(), "block": block},
+                       description="dual ascent log (lambda, slack, expected keep, gate entropy) and per-image results")
+    run.artefacts.json("mechanism.json", per_image, description="per lesion image: functional drops and restore gain")
+    run.artefacts.json("selection.json", {"membership_arm": arm, "val_small_miss_at_reference": val_miss,
+                                          "reference_keep_rate": float(P["reference_keep_rate"]),
+                                          "rule": "lowest validation small-lesion miss rate; ties -> lower block, then name"},
+                       description="membership arm chosen on validation (the pruner uses its block)")
+    run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
+    run.notes.append(f"pruner on block {block} ({arm} chosen on validation); mean keep fraction "
+                     f"{metrics['pruner_keep_fraction']['value']:.3f}; small-lesion recall pruner "
+                     f"{metrics['small_recall_pruner']['value']:.3f} vs membership "
+                     f"{metrics['small_recall_membership']['value']:.3f}")
+    path = run.finish(metrics=metrics, backbone=backbone_prov, dataset=dataset_prov)
+    log.info("record: %s", path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
