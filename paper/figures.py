@@ -129,6 +129,59 @@ def g2_cross_modality(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path
     return fig, caption, []
 
 
+@register_figure("g4_coverage")
+def g4_coverage(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
+    """Test coverage over random calibration/test splits against the nominal level and the exact validity band."""
+    (inp,) = inputs
+    cert, art_path = artefact(inp, "certificate.json")
+    alpha = cert["alpha"]
+    fig, axes = plt.subplots(1, 2, figsize=(COLUMN_IN, 1.9), layout="constrained", sharey=True)
+    panels = (("crc", "risk control:\nlesion-token coverage"), ("allkept", "split conformal:\nall lesion tokens kept"))
+    for ax, (key, title) in zip(axes, panels):
+        cov = cert["splits"][f"{key}_coverage"]
+        lo, hi = cert["bands"][key]
+        ax.hist(cov, bins=20, color="C0", alpha=0.8)
+        ax.axvspan(lo, hi, color="C2", alpha=0.25, label="validity band")
+        ax.axvline(1 - alpha, color="k", lw=0.8, ls="--", label=f"nominal 1-α = {1 - alpha:.2f}")
+        ax.axvline(sum(cov) / len(cov), color="C3", lw=1.2, label="mean over splits")
+        ax.set_title(title)
+        ax.set_xlabel("test coverage per split")
+    axes[0].set_ylabel("number of splits")
+    axes[1].legend(loc="upper left", frameon=False, fontsize=5.5)
+    caption = (f"Conformal retention at α = {alpha}: test coverage over {len(cert['splits']['crc_coverage'])} random "
+               f"patient-level calibration/test splits (n = {cert['n_cal']} calibration patients), the nominal level "
+               f"and the exact band of each certificate. Drawn from record {_runs(inputs)}.")
+    return fig, caption, [art_path]
+
+
+@register_figure("g5_flops_sensitivity")
+def g5_flops_sensitivity(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
+    """FLOPs saved against small-lesion sensitivity over (exit block, keep fraction), operating point marked."""
+    (inp,) = inputs
+    curve, art_path = artefact(inp, "curve.json")
+    fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.4), layout="constrained")
+    exits = sorted({p["exit_after"] for p in curve["points"]})
+    for k, e in enumerate(exits):
+        pts = sorted((p for p in curve["points"] if p["exit_after"] == e), key=lambda p: p["flops_ratio"])
+        x = [p["flops_ratio"] for p in pts]
+        y = [p["small_lesion_sensitivity"] for p in pts]
+        err = [[p["small_lesion_sensitivity"] - p["small_lesion_sensitivity_ci"][0] for p in pts],
+               [p["small_lesion_sensitivity_ci"][1] - p["small_lesion_sensitivity"] for p in pts]]
+        ax.errorbar(x, y, yerr=err, marker="o", ms=2.5, lw=0.8, capsize=1.5, color=f"C{k}", label=f"exit after block {e}")
+    op = curve["operating_point"]
+    m = inp.record["metrics"]
+    ax.plot([m["flops_ratio"]["value"]], [m["small_lesion_sensitivity"]["value"]], marker="*", ms=9, color="k",
+            ls="none", label=f"locked point (block {op['exit_after']}, keep {op['keep_fraction']:.0%})")
+    ax.set_xlabel("FLOPs reduction (full / routed MACs, ×)")
+    ax.set_ylabel("small-lesion sensitivity")
+    ax.set_ylim(0, 1.02)
+    ax.legend(loc="lower left", frameon=False, fontsize=5.5)
+    caption = (f"Routed depth: small-lesion sensitivity (lesions of at most {curve['small_lesion_max_area_tokens']} "
+               f"token; patient-clustered 95% CIs) against the analytic FLOPs reduction, over exit block and kept "
+               f"fraction. Drawn from record {_runs(inputs)}.")
+    return fig, caption, [art_path]
+
+
 def save(fig: Figure, out_dir: Path, name: str) -> dict[str, str]:
     """Write PNG and PDF (no timestamps, so identical inputs give identical files); return their sha256."""
     out_dir.mkdir(parents=True, exist_ok=True)
