@@ -213,3 +213,62 @@ def test_g5_label_free_stage_is_invariant_to_masks(arch_setting, tmp_path):
                 "macs": np.array([macs["full_counted"], macs["routed_counted"], macs["routed_analytic"]])}
 
     assert_stage_invariant(arrays, data, tmp_path)
+
+
+# --------------------------------------------------------------------------- G7: probe training never sees labels
+@pytest.fixture(scope="module")
+def g7_setting():
+    job = load_job("g7_dermajepa_probe")
+    data = load_dataset("phantom-derm", seed=5, n_patients=16, per_patient=2, size=64)
+    splits = split_patients([it.patient_id for it in data.items], fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+                            seed=0)
+    params = {"held_out_family": "colour", "train_views_per_image": 2, "train_seeds": [0, 1],
+              "heads": [{"kind": "linear", "optimizer": "adam", "lr": 0.01, "epochs": 3, "batch_size": 16},
+                        {"kind": "mlp", "optimizer": "sgd", "lr": 0.1, "epochs": 3, "batch_size": 16}]}
+    return job, data, splits, params, replace(job.G7Config(), batch_size=32), load_backbone("tiny-vit")
+
+
+def _g7_arrays(stage, g7) -> "Callable[[LoadedDataset, Path], dict[str, np.ndarray]]":
+    _, _, splits, params, cfg, bb = g7
+
+    def arrays(d: LoadedDataset, work: Path) -> dict[str, np.ndarray]:
+        lf = stage(d, bb, splits, params, cfg)
+        out = {"embeddings": lf.embeddings, "keys": np.array(lf.keys),
+               "views": np.array([[p for _, p in v.params.values] for v in lf.train_views if v.index == 0])}
+        for head, probes in lf.trained.items():
+            for t in probes:
+                out[f"{head}/seed{t.seed}:losses"] = t.losses
+                out.update({f"{head}/seed{t.seed}:{k}": v for k, v in t.params.items()})
+        return out
+
+    return arrays
+
+
+def test_g7_probe_training_is_invariant_to_masks_and_diagnoses(g7_setting, tmp_path):
+    job, data = g7_setting[0], g7_setting[1]
+    assert_stage_invariant(_g7_arrays(job.label_free_stage, g7_setting), data, tmp_path)
+
+
+def test_g7_planted_leak_training_on_changing_pairs_is_caught(g7_setting, tmp_path):
+    job, data = g7_setting[0], g7_setting[1]
+
+    def leaky_stage(d, bb, splits, params, cfg):
+        from covtoken.arch.probe import HeadConfig, train_probe
+        from covtoken.data.pairs import representatives
+        from covtoken.eval.change import EvalLesions, build_pairs  # the leak: changing pairs need the diagnosis
+
+        lf = job.label_free_stage(d, bb, splits, params, cfg)
+        reps = representatives(lf.table, splits["train"])
+        first_view = {v.image_id: v.key for v in lf.train_views if v.index == 0}
+        lesions = EvalLesions(reps=reps, sites={l: lf.table.site_of[i] for l, i in reps.items()},
+                              patients={l: lf.table.patient_of[i] for l, i in reps.items()}, view_of=first_view)
+        pairs = build_pairs(lesions, d.masks, seed=0)
+        row = {k: i for i, k in enumerate(lf.keys)}
+        zc = lf.embeddings[[row[k] for k in pairs.context]]
+        zt = lf.embeddings[[row[k] for k in pairs.target]]
+        head = HeadConfig.from_dict(params["heads"][0])
+        lf.trained[head.name] = [train_probe(zc, zt, head, seed=s) for s in params["train_seeds"]]
+        return lf
+
+    with pytest.raises(AssertionError, match="changed with permuted masks"):
+        assert_stage_invariant(_g7_arrays(leaky_stage, g7_setting), data, tmp_path)

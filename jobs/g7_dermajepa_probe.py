@@ -1,0 +1,256 @@
+# /// script
+# requires-python = ">=3.11"
+# dependencies = [
+#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+# ]
+# ///
+"""G7 - a DermaJEPA-style probe head generalises to a held-out nuisance family.
+
+Each training image gets nuisance views from two families (lighting, geometry; :mod:`covtoken.data.nuisance`),
+and predictors over L2-normalised frozen image embeddings (linear warm-started at the identity, and an
+identity-residual MLP; SGD and Adam; several training seeds) learn to map an image's embedding to its views'
+embeddings - stable pairs only. Evaluation lesions get one view under the held-out family (colour). Only then
+are the diagnoses opened, in covtoken.eval, to couple lesions of the same diagnosis and site into changing
+pairs. The head and the strongest baseline (pixel L2, SSIM distance, raw cosine) are chosen on validation
+lesions; on test lesions the probe (mean over seeds) is judged against that baseline with a lesion-clustered
+paired bootstrap, under the locked thresholds, and written as a gate record with the probe checkpoints and a
+model card.
+
+Run locally (embedded default: dermoscopy-like phantoms + the tiny ViT, 2 CPU cores, under a minute):
+    covtoken run jobs/g7_dermajepa_probe.py --smoke
+    python jobs/g7_dermajepa_probe.py --smoke --results results/local        # the same, without the launcher
+
+On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
+    covtoken submit jobs/g7_dermajepa_probe.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
+        -- --dataset ham10000 --data-root /data/ham10000 --backbone dermlip-vitb16 --revision <40-hex sha> --device cuda
+    hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
+
+Calibration (proposes thresholds; never judged):
+    python jobs/g7_dermajepa_probe.py --smoke --calibration --results results/calibration-G7
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass, field, replace
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MIN_LESIONS_FOR_CI = 20
+
+
+@dataclass(frozen=True)
+class G7Config:
+    dataset: str = field(default="phantom-derm", metadata={"help": "dataset name or source (see covtoken.data.catalog)"})
+    data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (ham10000)"})
+    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
+    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
+    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
+    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
+    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G7/embedded or G7/real"})
+    run_id: str | None = field(default=None, metadata={"help": "fixed run id; new one otherwise"})
+    seed: int = field(default=0, metadata={"help": "data seed: generator, splits, nuisance views, pair coupling, bootstrap "
+                                                   "(training seeds are locked separately)"})
+    batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads for this run (0: leave the default)"})
+    calibration: bool = field(default=False, metadata={"help": "calibration run on separate lesions; not judged"})
+    smoke: bool = field(default=False, metadata={"help": "embedded default: dermoscopy phantoms + tiny ViT on CPU"})
+
+
+@dataclass(frozen=True)
+class LabelFree:
+    """What G7 computes before any label is opened (see :func:`label_free_stage`)."""
+
+    table: Any                      # covtoken.data.pairs.LesionTable
+    reps: dict[str, dict[str, str]]  # split -> lesion -> representative image id
+    view_of: dict[str, str]          # representative image id -> held-out view key
+    keys: list[str]                  # image ids and view keys, row order of `embeddings`
+    embeddings: np.ndarray           # (m, d) L2-normalised
+    eval_pixels: dict[str, np.ndarray]  # evaluation representatives and their views
+    train_views: list                # covtoken.data.pairs.View of the training images
+    trained: dict[str, list]         # head name -> [TrainedProbe per training seed]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from covtoken.runner import add_config_arguments, load_config
+
+    add_config_arguments(parser, G7Config)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(G7Config, args)
+    if cfg.smoke:
+        cfg = replace(cfg, dataset="phantom-derm", backbone="tiny-vit", device="cpu")
+    import torch
+
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # on busy cores one thread is often faster for the tiny default
+    try:
+        return run_g7(cfg, command=["jobs/g7_dermajepa_probe.py", *argv])
+    finally:
+        torch.set_num_threads(before)
+
+
+def label_free_stage(data, bb, splits, P, cfg) -> LabelFree:  # noqa: ANN001 (types live in the packages)
+    """Everything G7 computes before labels are opened: nuisance views, embeddings, trained probe heads.
+
+    It receives the loaded dataset as the job has it (sealed masks and diagnoses included) and must not depend
+    on them; ``tests/test_label_leak.py`` runs it with permuted and zeroed masks/labels and requires
+    bit-identical output. Training sees stable pairs of training images only.
+    """
+    from covtoken.arch.probe import HeadConfig, l2_normalise, train_probe
+    from covtoken.backbone.embed import embed_images
+    from covtoken.data.pairs import (lesion_table, plan_views, render_views, representatives, stable_pairs,
+                                     train_families)
+
+    images = {it.image_id: it.image for it in data.items}
+    table = lesion_table(data.items)
+    held = P["held_out_family"]
+    train_ids = sorted(i for i in images if table.patient_of[i] in splits["train"])
+    train_views = plan_views(table, train_ids, train_families(held), n_views=int(P["train_views_per_image"]),
+                             seed=cfg.seed)
+    reps = {name: representatives(table, splits[name]) for name in ("val", "test")}
+    eval_views = plan_views(table, [r for split in reps.values() for r in split.values()], [held], n_views=1,
+                            seed=cfg.seed)
+    keys: list[str] = []
+    chunks: list[np.ndarray] = []
+
+    def embed(pixels: dict[str, np.ndarray]) -> None:
+        names = sorted(pixels)
+        keys.extend(names)
+        chunks.append(embed_images(bb, [pixels[k] for k in names], batch_size=cfg.batch_size))
+
+    embed(images)
+    for start in range(0, len(train_views), 512):  # views rendered and embedded in chunks, pixels dropped
+        embed(render_views(images, train_views[start:start + 512], seed=cfg.seed))
+    rendered = render_views(images, eval_views, seed=cfg.seed)
+    embed(rendered)
+    eval_pixels = {**{v.image_id: images[v.image_id] for v in eval_views}, **rendered}
+    z = l2_normalise(np.concatenate(chunks))
+    row = {k: i for i, k in enumerate(keys)}
+    pairs = stable_pairs(train_views)
+    zc, zt = z[[row[p.context] for p in pairs]], z[[row[p.target] for p in pairs]]
+    trained: dict[str, list] = {}
+    for spec in P["heads"]:
+        head = HeadConfig.from_dict(spec)
+        if head.name in trained:
+            raise ValueError(f"two heads named {head.name!r} in the locked parameters")
+        trained[head.name] = [train_probe(zc, zt, head, seed=int(s)) for s in P["train_seeds"]]
+    return LabelFree(table, reps, {v.image_id: v.key for v in eval_views}, keys, z, eval_pixels, train_views, trained)
+
+
+def run_g7(cfg: G7Config, *, command: list[str]) -> int:
+    from covtoken.arch.probe import predict
+    from covtoken.arch.probe_io import ProbeCheckpoint, probe_bytes, render_model_card
+    from covtoken.backbone.embed import embedding_model_id
+    from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.registry import get_spec
+    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.pairs import lesion_table
+    from covtoken.data.splits import SplitManifest, split_patients, validate_splits
+    from covtoken.eval.change import EvalLesions, build_pairs, evaluate_g7, score_pairs
+    from covtoken.runner import Run, default_lock_path, stage
+
+    log = logging.getLogger("covtoken.g7")
+    get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
+    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
+    entry = cfg.lock_entry or ("G7/embedded" if embedded else "G7/real")
+    run = Run(gate_id="G7", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
+              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration,
+              command=command)
+    P = run.parameters
+
+    with stage("load_data", dataset=cfg.dataset):
+        opts = dict(P.get("dataset_options", {}))
+        if is_embedded(cfg.dataset):
+            # calibration lesions come from another generator seed: disjoint from every judged run
+            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
+        if cfg.data_root:
+            opts["root"] = cfg.data_root
+        data = load_dataset(cfg.dataset, **opts)
+    table = lesion_table(data.items)
+    splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
+    validate_splits(splits, data.items, lesion_ids=dict(table.lesion_of))
+    with stage("backbone", backbone=cfg.backbone):
+        bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
+    with stage("label_free", images=len(data.items), heads=len(P["heads"]), seeds=len(P["train_seeds"])):
+        lf = label_free_stage(data, bb, splits, P, cfg)
+
+    # Diagnoses are opened only here, inside covtoken.eval, after every predictor is trained.
+    row = {k: i for i, k in enumerate(lf.keys)}
+    lesions = {name: EvalLesions(reps=r, sites={l: table.site_of[i] for l, i in r.items()},
+                                 patients={l: table.patient_of[i] for l, i in r.items()}, view_of=lf.view_of)
+               for name, r in lf.reps.items()}
+    with stage("evaluate"):
+        pairs = {name: build_pairs(les, data.masks, seed=cfg.seed) for name, les in lesions.items()}
+        predictors = {f"{h}/seed{t.seed}": partial(predict, t.kind, t.params) for h, ts in lf.trained.items()
+                      for t in ts}
+        scores = {name: score_pairs(p, embeddings=lf.embeddings, row_of=row, predictors=predictors,
+                                    images=lf.eval_pixels, pixel_size=int(P["pixel_size"]))
+                  for name, p in pairs.items()}
+        heads = {h: [f"{h}/seed{t.seed}" for t in ts] for h, ts in lf.trained.items()}
+        res = evaluate_g7(val=pairs["val"], test=pairs["test"], val_scores=scores["val"], test_scores=scores["test"],
+                          heads=heads, n_boot=int(P["n_boot"]), ci_level=float(P["ci_level"]), seed=cfg.seed)
+
+    backbone_prov = {**bb.provenance(blocks=[bb.spec.depth - 1], final_norm=True),
+                     "embedding": "pooled image embedding (covtoken.backbone.embed), L2-normalised",
+                     "input_embedding_model_id": embedding_model_id(bb.spec)}
+    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
+    dataset_prov = {**data.provenance,
+                    "splits": {"unit": "patient", "lesion_disjoint": True, "membership_sha256": manifest["membership_sha256"],
+                               "fit": "train", "select": "val", "judge": "test", "fractions": dict(P["split_fractions"]),
+                               "role": "calibration" if cfg.calibration else "evaluation"},
+                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed,
+                    "nuisance": {"train_families": sorted({v.params.family for v in lf.train_views}),
+                                 "held_out_family": P["held_out_family"], "seed": cfg.seed}}
+    if cfg.calibration:
+        path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+        log.info("calibration metrics written to %s", path)
+        return 0
+
+    head = res.selection["probe_head"]["chosen"]
+    run.artefacts.json("selection.json", res.selection, description="baseline and probe head chosen on validation")
+    run.artefacts.json("auroc_table.json", res.table, description="val/test AUROC of every arm (directional)")
+    run.artefacts.json("training.json", {h: [{"seed": t.seed, "n_stable_pairs": t.n_pairs, "n_changing_pairs": 0,
+                                              "loss_curve": t.losses.tolist()} for t in ts]
+                                         for h, ts in lf.trained.items()},
+                       description="stable-pair loss per epoch of every head and training seed")
+    run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
+    run.artefacts.json("views.json", [{"key": v.key, "lesion_id": v.lesion_id, "params": v.params.as_dict()}
+                                      for v in lf.train_views],
+                       description="nuisance parameters of every training view (eval views: held-out family)")
+    ckpts = []
+    for t in lf.trained[head]:
+        ck = ProbeCheckpoint(t.kind, t.feature_dim, embedding_model_id(bb.spec), t.params, model_id=f"covtoken-g7-{head}",
+                             metadata={"run_id": run.run_id, "head": head, "train_seed": str(t.seed),
+                                       "backbone_revision": str(backbone_prov.get("revision"))})
+        name = f"probe-{head}-seed{t.seed}.safetensors"
+        run.artefacts.bytes(name, probe_bytes(ck), description=f"selected probe head {head}, training seed {t.seed}")
+        ckpts.append(f"artefacts/{run.run_id}/{name}")
+    run.notes.append(f"probe head {head} and baseline {res.selection['baseline']['chosen']} chosen on validation")
+    for arm, inv in res.selection["inverted_on_test"].items():
+        if inv:
+            run.notes.append(f"{arm}: test AUROC below 0.5 - an inverted score, reported as is (never flipped)")
+    if pairs["test"].n_lesions < MIN_LESIONS_FOR_CI:
+        run.notes.append(f"only {pairs['test'].n_lesions} test lesions: read the lesion-clustered CIs as descriptive")
+    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+    from covtoken.record import read_record
+
+    card = render_model_card(read_record(path), checkpoint=ckpts[0], selection=res.selection)
+    card_path = Path(cfg.results) / "model_cards" / f"{run.run_id}.md"
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    card_path.write_text(card, encoding="utf-8")
+    log.info("record: %s; model card: %s", path, card_path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
