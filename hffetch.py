@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .audit import AuditReport, audit_folder, render_summary
-from .hfjobs import (HFJobsError, cli_command, console, hub_api, jobs_of_run, last_attempt, namespace_of, repo_files,
-                     results_repo_of)
+from .hfjobs import cli_command, hub_api, jobs_of_run, last_attempt, namespace_of, repo_files, results_repo_of
+from .hfspec import HFJobsError, console
 from .hubsync import record_path, run_prefix
 from .record import read_record
 from .runner import default_lock_path

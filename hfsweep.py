@@ -25,12 +25,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .hffetch import download_run, fetch_and_audit
-from .hfjobs import (DEFAULT_FLAVOR, DEFAULT_IMAGE, DEFAULT_TIMEOUT, HFJobsError, add_submit_options, cli_command,
-                     committed_job, confirm, console, hub_api, jobs_of_run, job_gate, label_value, make_request,
-                     namespace_of, out, parse_timeout, price, read_json, results_repo_of, show_price, start_job,
-                     upload_bundle, local_token)
 from .bundle import build_bundle
+from .hffetch import download_run, fetch_and_audit
+from .hfjobs import (add_submit_options, cli_command, committed_job, hub_api, jobs_of_run, local_token, namespace_of,
+                     out, read_json, results_repo_of, start_job, upload_bundle)
+from .hfspec import (DEFAULT_FLAVOR, DEFAULT_IMAGE, DEFAULT_TIMEOUT, HFJobsError, confirm, console, job_gate,
+                     label_value, make_request, parse_timeout, price, show_price)
 from .hubsync import commit_record
 from .lock import ThresholdLock, judge
 from .record import ArtefactWriter, dumps_strict, new_run_id, read_record, sha256_file, utc_now, write_record

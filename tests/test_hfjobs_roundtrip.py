@@ -7,6 +7,7 @@ that ends in ERROR gives a clear message and no record; and the fake token appea
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +155,7 @@ def test_killed_job_resumes_to_the_same_decision(hub: HubEmulator, roundtrip, sn
     # the job args of a resume are the first attempt's; changing them is refused
     bad = covtoken("submit", G1, "--resume", rid, "--results-repo", repo, "--yes", "--", "--seed", "1", cwd=snapshot)
     assert bad.rc == 1 and "arguments are those of the first attempt" in bad.err
-    res = covtoken("submit", G1, "--resume", rid, "--results-repo", repo, "--yes", "--detach", cwd=snapshot)
+    res = covtoken("submit", G1, "--resume", rid, "--yes", "--detach", cwd=snapshot)  # repo found from its jobs
     assert res.rc == 0, res.text
     assert covtoken("wait", rid, cwd=snapshot).rc == 0
     first, second = jobs_of(hub, rid)
@@ -196,10 +197,13 @@ def test_cancel(hub: HubEmulator, fake_token: str, snapshot: Path, repo: str) ->
 
 def test_job_error_gives_a_clear_message_and_no_record(hub: HubEmulator, fake_token: str, snapshot: Path,
                                                         repo: str, tmp_path: Path) -> None:
-    sub = covtoken("submit", G1, "--results-repo", repo, "--timeout", "10m", "--yes", "--detach", "--log-every",
-                   LOG_EVERY, "--", "--backbone", "no-such-backbone", cwd=snapshot)
-    assert sub.rc == 0, sub.text
-    rid = sub.out.strip().splitlines()[-1]
+    # in the foreground: submit streams the log, waits, explains, and fetches nothing
+    sub = covtoken("submit", G1, "--results-repo", repo, "--timeout", "10m", "--yes", "--log-every", LOG_EVERY,
+                   "--results", str(tmp_path / "gate_reports"), "--", "--backbone", "no-such-backbone", cwd=snapshot)
+    assert sub.rc == 1
+    rid = re.search(r"run (g1-[0-9a-z-]+) attempt 0: job", sub.err).group(1)
+    assert "UnknownBackboneError" in sub.out  # the streamed log
+    assert "ended ERROR: Job failed with exit code: 1" in sub.err and f"No record was written for run {rid}" in sub.err
     wait = covtoken("wait", rid, cwd=snapshot)
     assert wait.rc == 1
     assert "ended ERROR: Job failed with exit code: 1" in wait.err and "UnknownBackboneError" in wait.err

@@ -1,0 +1,85 @@
+"""``covtoken sweep`` on the Hub emulator: three G1 cells (seeds 0-2) on the embedded default, one of them
+preempted; ``covtoken aggregate`` writes one gate record with the mean and t-based CI over the two seeds that
+finished, names the failed cell, and the fetched folder (cells and aggregate) passes the audit.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from huggingface_hub import HfApi
+from scipy import stats
+
+from covtoken.audit import audit_folder
+from covtoken.lock import ThresholdLock, judge
+from hfjobs_support import G1, covtoken, fake_token, jobs_of, new_repo, snapshot  # noqa: F401
+from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def test_sweep_aggregates_finished_seeds_and_names_the_failed_cell(hub: HubEmulator, fake_token: str,
+                                                                   snapshot: Path, tmp_path: Path) -> None:
+    repo, reports = new_repo(), tmp_path / "gate_reports"
+    sw = covtoken("sweep", G1, "--seeds", "3", "--results-repo", repo, "--timeout", "10m", "--yes", "--detach",
+                  "--log-every", "5", "--", "--smoke", cwd=snapshot)
+    assert sw.rc == 0, sw.text
+    assert "x 3 jobs" in sw.err  # the worst case covers every cell
+    sweep_id = sw.out.strip().splitlines()[-1]
+    api = HfApi()
+    plan = json.loads(Path(api.hf_hub_download(repo, f"sweeps/{sweep_id}.json", repo_type="dataset")).read_text())
+    assert [c["seed"] for c in plan["cells"]] == [0, 1, 2]
+    cells = {c["seed"]: c["run_id"] for c in plan["cells"]}
+    (lost,) = jobs_of(hub, cells[2])
+    hub.kill_job(lost.id, "Job was preempted (emulated)")
+    jobs = {s: jobs_of(hub, rid)[0] for s, rid in cells.items()}
+    assert {j.spec["labels"]["sweep"] for j in jobs.values()} == {sweep_id}
+    assert [j.spec["command"][3:] for j in jobs.values()] == [["--smoke", "--seed", str(s)] for s in (0, 1, 2)]
+    assert len({json.dumps(j.spec["volumes"][0]["revision"]) for j in jobs.values()}) == 1  # one bundle commit
+
+    agg = covtoken("aggregate", sweep_id, "--results-repo", repo, "--results", str(reports), cwd=snapshot)
+    assert agg.rc == 1, agg.text  # a cell failed: loud, but the aggregate is written
+    assert f"failed cell seed=2: run {cells[2]}" in agg.err
+    agg_id = next(ln for ln in agg.out.splitlines() if ln.startswith("g1-"))
+    rec = json.loads((reports / f"{agg_id}.json").read_text())
+    cell_recs = [json.loads((reports / f"{cells[s]}.json").read_text()) for s in (0, 1)]
+    assert not (reports / f"{cells[2]}.json").exists()
+
+    # the numbers: mean over the two seeds, t-based 95% CI of the mean (df = 1), per metric
+    assert cell_recs[0]["metrics"]["mid_auroc"]["value"] != cell_recs[1]["metrics"]["mid_auroc"]["value"]
+    for name, m in rec["metrics"].items():
+        v = np.array([r["metrics"][name]["value"] for r in cell_recs], dtype=float)
+        assert m["value"] == pytest.approx(v.mean())
+        half = stats.t.ppf(0.975, df=1) * v.std(ddof=1) / np.sqrt(2)
+        assert m["ci"] == pytest.approx([v.mean() - half, v.mean() + half])
+        assert "t-interval of the mean over 2 seeds" in m["ci_method"] and "df=1" in m["ci_method"]
+        assert m["n"]["patients"] == sum(r["metrics"][name]["n"]["patients"] for r in cell_recs)
+    lock = ThresholdLock.load(snapshot / "configs" / "thresholds.lock.json")
+    entry = lock.entry(rec["lock"]["entry"])
+    assert (rec["decision"], rec["criteria"]) == tuple(judge(entry.criteria, rec["metrics"])[:2])
+
+    # the failed cell is named, not dropped
+    assert any(f"failed cell seed=2: run {cells[2]}" in n and "preempted" in n for n in rec["notes"])
+    assert f"seed=2 (run {cells[2]})" in rec["decision_reason"]
+    arts = {Path(a["path"]).name: reports / a["path"] for a in rec["artefacts"]}
+    table = json.loads(arts["cells.json"].read_text())
+    assert [(c["seed"], c["included"], c["stage"]) for c in table] == [(0, True, "COMPLETED"), (1, True, "COMPLETED"),
+                                                                       (2, False, "ERROR")]
+    per_seed = json.loads(arts["aggregate.json"].read_text())["metrics"]["mid_auroc"]["values"]
+    assert per_seed == {cells[s]: cell_recs[s]["metrics"]["mid_auroc"]["value"] for s in (0, 1)}
+    be = rec["provenance"]["backend"]
+    assert be["name"] == "hf-jobs" and be["aggregate_of"] == [cells[0], cells[1]] and be["sweep_id"] == sweep_id
+    assert rec["provenance"]["code"] == cell_recs[0]["provenance"]["code"]
+
+    # cells and aggregate pass the audit; the aggregate is in the repo and on its card
+    report = audit_folder(reports, lock_path=snapshot / "configs" / "thresholds.lock.json")
+    assert report.ok, report.all_problems()
+    assert len(report.records) == 3
+    assert api.file_exists(repo, f"runs/{agg_id}/{agg_id}.json", repo_type="dataset")
+    card = Path(api.hf_hub_download(repo, "README.md", repo_type="dataset")).read_text()
+    assert f"`{agg_id}`" in card and "records: 3" in card
+    every = covtoken("fetch", "--all", "--results-repo", repo, "--results", str(tmp_path / "all"), cwd=snapshot)
+    assert every.rc == 0, every.text
+    assert sorted(p.stem for p in (tmp_path / "all").glob("*.json")) == sorted([agg_id, cells[0], cells[1]])
