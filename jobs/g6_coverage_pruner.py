@@ -211,6 +211,37 @@ def evaluate_g6(*, tokens: np.ndarray, membership: np.ndarray, pruned, lesions, 
     return metrics, per_image
 
 
+def explain(metrics: dict, arm: str, P) -> list[str]:  # noqa: ANN001
+    """The record's notes: what the numbers say about the hypothesis, for NEGATIVE_RESULT.md."""
+    def v(name: str) -> str:
+        m = metrics[name]
+        return f"{m['value']:.3f}" + ("" if m["ci"] is None else f" [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]")
+
+    def pct(name: str) -> str:
+        return f"{100 * metrics[name]['value']:.1f}%"
+
+    pc = dict(P["pruner"])
+    slack = 1.0 - float(pc["target"])
+    return [
+        f"Small-lesion recall at equal per-image keep counts (pruner trained on the tokens of block "
+        f"{arm.rpartition('@')[2]}, the block of the validation-selected membership arm {arm}; mean keep fraction "
+        f"{metrics['pruner_keep_fraction']['value']:.3f}): "
+        f"pruner {v('small_recall_pruner')}, membership {v('small_recall_membership')}, random keep "
+        f"{v('small_recall_random')}; difference pruner - membership {v('delta_small_recall')} against a "
+        f"non-inferiority margin of {float(P['noninferiority_margin']):.2f}.",
+        f"Mechanism: removing every lesion token of an image lowers the {pc['functional']} by {pct('lesion_drop_coding_rate')}"
+        f" (median), RankMe by {pct('lesion_drop_rankme')} and the energy by {pct('lesion_drop_energy')}; as many random "
+        f"tokens: {pct('random_drop_coding_rate')}, {pct('random_drop_rankme')}, {pct('random_drop_energy')}. The "
+        f"constraint's slack is {100 * slack:.1f}% (lesion drop / slack {v('lesion_drop_over_slack')}). Restoring the "
+        f"lesion tokens to the pruner's keep set would raise F by {v('restore_gain_over_slack')} of the slack: below 1, the "
+        "constraint gives the optimiser no reason to keep them, and a spread functional cannot tell a dropped lesion "
+        "from dropped background.",
+        f"The pruner's keep sets met F(kept) >= {pc['target']} F(all) on a fraction "
+        f"{metrics['constraint_met_fraction']['value']:.3f} of the test images; "
+        + metrics["constraint_met_fraction"]["description"].rpartition("(")[2].rstrip(")") + ".",
+    ]
+
+
 def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
@@ -284,10 +315,7 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
                                           "rule": "lowest validation small-lesion miss rate; ties -> lower block, then name"},
                        description="membership arm chosen on validation (the pruner uses its block)")
     run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
-    run.notes.append(f"pruner on block {block} ({arm} chosen on validation); mean keep fraction "
-                     f"{metrics['pruner_keep_fraction']['value']:.3f}; small-lesion recall pruner "
-                     f"{metrics['small_recall_pruner']['value']:.3f} vs membership "
-                     f"{metrics['small_recall_membership']['value']:.3f}")
+    run.notes.extend(explain(metrics, arm, P))
     path = run.finish(metrics=metrics, backbone=backbone_prov, dataset=dataset_prov)
     log.info("record: %s", path)
     return 0

@@ -272,3 +272,59 @@ def test_g7_planted_leak_training_on_changing_pairs_is_caught(g7_setting, tmp_pa
 
     with pytest.raises(AssertionError, match="changed with permuted masks"):
         assert_stage_invariant(_g7_arrays(leaky_stage, g7_setting), data, tmp_path)
+
+
+# --------------------------------------------------------------------------- G3 and G6: pruning arms never see labels
+_PRUNE_PARAMS = {"final_norm": False, "construction_params": {"knn_k": 3, "pca_explained_variance": 0.9},
+                 "max_fit_tokens": 5000, "high_norm_factor": 4.0,
+                 "pruner": {"functional": "coding_rate", "eps": 0.5, "target": 0.95, "steps": 20, "lr": 0.1,
+                            "dual_lr": 2.0, "init_log_alpha": 3.0, "log_every": 10}}
+
+
+def _prune_splits(data: LoadedDataset) -> dict:
+    return split_patients([it.patient_id for it in data.items], fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+                          seed=0)
+
+
+def _g3_arrays(bb, leak: bool = False):
+    job = load_job("g3_membership_vs_saliency")
+    cfg = replace(job.G3Config(), batch_size=16)
+
+    def arrays(d: LoadedDataset, work: Path) -> dict[str, np.ndarray]:
+        lf = job.label_free_stage(d, bb, _prune_splits(d), _PRUNE_PARAMS, cfg, work)
+        saliency = dict(lf.saliency)
+        if leak:
+            from covtoken.eval.labels import token_lesion_fraction  # the peek
+
+            pool = np.concatenate([lf.rows["val"], lf.rows["test"]])
+            frac = token_lesion_fraction(d.masks, [lf.bank.image_ids[i] for i in pool], lf.bank.grid)
+            saliency[0] = saliency[0] + 1e-6 * frac
+        return {**{f"membership:{k}": v for k, v in lf.membership.items()},
+                **{f"saliency:{k}": v for k, v in saliency.items()}, **{f"high_norm:{k}": v for k, v in lf.high_norm.items()},
+                **{f"rows:{k}": v for k, v in lf.rows.items()}}
+    return arrays
+
+
+def test_g3_label_free_stage_is_invariant_to_masks(arch_setting, tmp_path):
+    data, bb = arch_setting
+    assert_stage_invariant(_g3_arrays(bb), data, tmp_path)
+
+
+def test_g3_planted_leak_into_the_saliency_arm_is_caught(arch_setting, tmp_path):
+    data, bb = arch_setting
+    with pytest.raises(AssertionError, match="saliency:0 changed with permuted masks"):
+        assert_stage_invariant(_g3_arrays(bb, leak=True), data, tmp_path)
+
+
+def test_g6_label_free_stage_and_pruner_are_invariant_to_masks(arch_setting, tmp_path):
+    data, bb = arch_setting
+    job = load_job("g6_coverage_pruner")
+    cfg = replace(job.G6Config(), batch_size=16)
+
+    def arrays(d: LoadedDataset, work: Path) -> dict[str, np.ndarray]:
+        bank, rows, membership = job.label_free_stage(d, bb, _prune_splits(d), _PRUNE_PARAMS, cfg, work)
+        pruned = job.prune_stage(bank.tokens(1, rows["test"]), _PRUNE_PARAMS, seed=0)
+        return {**{f"membership:{k}": v for k, v in membership.items()}, "kept": pruned.kept,
+                "log_alpha": pruned.log_alpha, "lambda": pruned.lam, **{f"rows:{k}": v for k, v in rows.items()}}
+
+    assert_stage_invariant(arrays, data, tmp_path)
