@@ -263,8 +263,11 @@ def render_negative(report: AuditReport) -> str:
         for c in r["criteria"]:
             if c["outcome"] != "met":
                 obs = "n/a" if c["observed"] is None else f"{c['observed']:.4f}"
-                lines.append(f"- {c['id']}: {c['metric']} ({c['judged_on']}) = {obs}, needed {c['comparator']} "
+                point = "" if c["judged_on"] == "point" or c["point"] is None else f" (point estimate {c['point']:.4f})"
+                lines.append(f"- {c['id']}: {c['metric']} ({c['judged_on']}) = {obs}{point}, needed {c['comparator']} "
                              f"{c['threshold']} → {c['outcome']}")
+        if r.get("notes"):
+            lines += ["", "What the run recorded:", *[f"- {n}" for n in r["notes"]]]
         lines.append("")
     if open_:
         lines += ["## Inconclusive", ""]
