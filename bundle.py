@@ -124,7 +124,8 @@ def _build_wheel(src: Path, out: Path, epoch: int) -> Path:
     wheels = sorted(out.glob("covtoken-*.whl"))
     if res.returncode != 0 or len(wheels) != 1:
         tail = (res.stdout + res.stderr).strip().splitlines()[-15:]
-        raise BundleError(f"building the kit wheel from {src} failed (exit {res.returncode}): " + "\n".join(tail))
+        raise BundleError(f"building the kit wheel from {src} failed (exit {res.returncode}; it is built offline "
+                          "without build isolation, so setuptools>=75 must be installed here): " + "\n".join(tail))
     return wheels[0]
 
 
@@ -167,7 +168,8 @@ def build_bundle(state: SourceState, job: str | Path, cache_dir: str | Path) -> 
         stage.mkdir()
         shutil.copy2(wheel, stage / wheel.name)
         shutil.copy2(src / "launcher.py", stage / LAUNCHER)
-        extra = list(BUNDLE_CONFIGS) + [p.relative_to(src).as_posix() for g in BUNDLE_GLOBS for p in sorted(src.glob(g))]
+        extra = list(BUNDLE_CONFIGS) + [p.relative_to(src).as_posix()
+                                        for g in BUNDLE_GLOBS for p in sorted(src.glob(g))]
         for rel in [job, *extra]:
             if not (src / rel).is_file():
                 raise BundleError(f"{rel}: missing from the source at {state.commit[:12]}; every bundle needs it")

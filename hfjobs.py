@@ -88,6 +88,13 @@ def cli_command(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.N
             console.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
         except HfHubHTTPError as exc:
             console.print(f"[red]Hub error:[/red] {exc}", soft_wrap=True)
+        except Exception as exc:  # transport errors of the HTTP client: say where it tried to go
+            if type(exc).__module__.split(".")[0] not in ("httpx", "httpx2", "httpcore", "httpcore2"):
+                raise
+            from huggingface_hub import constants
+
+            console.print(f"[red]cannot reach the Hub at {constants.ENDPOINT}:[/red] {type(exc).__name__}: {exc}",
+                          soft_wrap=True)
         return 1
 
     return run

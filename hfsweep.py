@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shlex
 import tempfile
 from datetime import datetime
 from itertools import product
@@ -269,7 +270,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             "namespace": ns, "results_repo": repo, "created_at": utc_now(), "code": state.commit, "cells": cells}
     if args.dry_run:
         for req in reqs:
-            out(" ".join(req.hf_command(None)))
+            out(shlex.join(req.hf_command(None)))
         out(dumps_strict(plan))
         return 0
     confirm(f"submit {len(reqs)} job(s) of sweep {sweep_id}?", args.yes)

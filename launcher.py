@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         tee.say(f"bundle {bundle}: commit {info['commit']} dirty={info.get('dirty')} job {info['job']} "
                 f"(sha256 {info['files'][info['job']]}); {len(info['files'])} files verified")
         kit = unpack_wheel(bundle / info["wheel"], work / "kit")
-        missing = missing_requirements(wheel_requirements(bundle / info["wheel"]), read_pins(bundle / "constraints.txt"))
+        missing = missing_requirements(wheel_requirements(bundle / info["wheel"]),
+                                       read_pins(bundle / "constraints.txt"))
         if missing:
             tee.say(f"installing the kit's dependencies into {work / 'venv'}: missing or not at the pinned "
                     f"version: {', '.join(missing)}")

@@ -83,11 +83,20 @@ def covtoken(*argv: str, cwd: Path) -> Result:
 
 
 @pytest.fixture(scope="module")
-def fake_token(hub: Any) -> Iterator[str]:
+def hf_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HF download cache of this module's client calls (kept out of ~/.cache, and grepped for the token)."""
+    return tmp_path_factory.mktemp("hf_cache")
+
+
+@pytest.fixture(scope="module")
+def fake_token(hub: Any, hf_cache: Path) -> Iterator[str]:
     """The emulator and the client use FAKE_TOKEN for the whole module (restored afterwards)."""
+    from huggingface_hub import constants
+
     mp = pytest.MonkeyPatch()
     mp.setattr(hub, "token", FAKE_TOKEN)
     mp.setenv("HF_TOKEN", FAKE_TOKEN)
+    mp.setattr(constants, "HF_HUB_CACHE", str(hf_cache))
     mp.setenv("COLUMNS", "400")  # rich wraps long lines at 80 columns without a terminal
     try:
         yield FAKE_TOKEN

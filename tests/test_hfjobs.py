@@ -24,8 +24,10 @@ from covtoken import launcher
 from covtoken.bundle import BundleError, build_bundle, source_state, verify_bundle
 from covtoken.hfspec import HFJobsError, make_request, parse_timeout
 from covtoken.hfsweep import t_interval
+from covtoken.hubsync import HubSync, HubSyncError, JobEnv
 from covtoken.provenance import _dirty_state
-from hfjobs_support import FAKE_TOKEN, G1, NS, covtoken, fake_token, head, jobs_of, new_repo, snapshot  # noqa: F401
+from hfjobs_support import (FAKE_TOKEN, G1, NS, covtoken, fake_token, head, hf_cache, jobs_of, new_repo,  # noqa: F401
+                            snapshot)
 from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
 
 
@@ -69,7 +71,8 @@ def test_timeouts_and_labels() -> None:
 # ------------------------------------------------------------------------------------------------ launcher
 def _wheel(tmp: Path, requires: list[str]) -> Path:
     w = tmp / "covtoken-0.1.0-py3-none-any.whl"
-    meta = "Metadata-Version: 2.1\nName: covtoken\nVersion: 0.1.0\n" + "".join(f"Requires-Dist: {r}\n" for r in requires)
+    meta = "Metadata-Version: 2.1\nName: covtoken\nVersion: 0.1.0\n" + "".join(
+        f"Requires-Dist: {r}\n" for r in requires)
     with zipfile.ZipFile(w, "w") as zf:
         zf.writestr("covtoken-0.1.0.dist-info/METADATA", meta)
         zf.writestr("covtoken/__init__.py", "")
@@ -161,7 +164,8 @@ def test_dry_run_prints_a_spec_and_commands_that_paste(hub: HubEmulator, fake_to
     spec = json.loads(res.out[res.out.index("{"):])
     rid = spec["environment"]["COVTOKEN_RUN_ID"]
     assert spec["command"] == ["uv", "run", "/code/launch.py", "--smoke"] and spec["flavor"] == "t4-small"
-    assert spec["timeoutSeconds"] == 7200 and spec["labels"]["run"] == rid and spec["secrets"] != {"HF_TOKEN": FAKE_TOKEN}
+    assert spec["timeoutSeconds"] == 7200 and spec["labels"]["run"] == rid
+    assert FAKE_TOKEN not in json.dumps(spec["secrets"])
     assert spec["volumes"] == [{"type": "dataset", "source": repo, "mountPath": "/code", "readOnly": True,
                                 "path": f"runs/{rid}/code", "revision": "<commit of the bundle upload>"}]
     api = HfApi()
@@ -192,3 +196,63 @@ def test_submit_asks_before_spending(hub: HubEmulator, fake_token: str, snapshot
     assert not HfApi().repo_exists(repo, repo_type="dataset")
     bad = covtoken("submit", G1, "--results-repo", repo, "--flavor", "a10g-tiny", "--yes", cwd=snapshot)
     assert bad.rc == 1 and "--flavor 'a10g-tiny' is not offered" in bad.err and "a10g-small" in bad.err
+
+
+def _project(root: Path, name: str, deps: list[str]) -> Path:
+    (root / name.replace("-", "_")).mkdir(parents=True)
+    (root / name.replace("-", "_") / "__init__.py").write_text(f"NAME = {name!r}\n")
+    (root / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["setuptools"]\nbuild-backend = "setuptools.build_meta"\n'
+        f'[project]\nname = "{name}"\nversion = "1.0"\ndependencies = {json.dumps(deps)}\n'
+        f'[tool.setuptools]\npackages = ["{name.replace("-", "_")}"]\n')
+    return root
+
+
+@pytest.mark.slow
+def test_launcher_installs_the_wheel_with_the_constraints(tmp_path: Path, monkeypatch) -> None:
+    """The install path of a fresh job image, offline: a venv, then pip with the bundle's constraints."""
+    wheels = tmp_path / "wheels"
+    for name, deps in (("covtoken-fakedep", []), ("covtoken-fakekit", ["covtoken-fakedep"])):
+        r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index",
+                            "-q", "-w", str(wheels), str(_project(tmp_path / name, name, deps))],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+    kit = next(wheels.glob("covtoken_fakekit-*.whl"))
+    constraints = tmp_path / "constraints.txt"
+    constraints.write_text("covtoken-fakedep==1.0\n")
+    assert launcher.missing_requirements(launcher.wheel_requirements(kit), launcher.read_pins(constraints)) == \
+        ["covtoken-fakedep (not installed)"]
+    monkeypatch.setattr(launcher.shutil, "which", lambda name: None)  # no uv on this machine: the pip branch
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(wheels))
+    tee = launcher.Tee(tmp_path / "install.log", [])
+    with redirect_stdout(io.StringIO()):
+        python = launcher.install_environment(tee, kit, constraints, tmp_path / "venv")
+    tee.close()
+    got = subprocess.run([str(python), "-c", "import covtoken_fakekit, covtoken_fakedep, importlib.metadata as m;"
+                          "print(m.version('covtoken-fakedep'), covtoken_fakekit.__file__)"],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert got[0] == "1.0" and str(tmp_path / "venv") in got[1]
+    assert "--constraint" in (tmp_path / "install.log").read_text()
+
+
+def test_a_job_refuses_to_record_code_that_is_not_the_bundle(tmp_path: Path, monkeypatch) -> None:
+    env = {"COVTOKEN_RUN_ID": "g1-20260101t000000-abcdef", "COVTOKEN_RESULTS_REPO": f"{NS}/r",
+           "COVTOKEN_JOB_NAMESPACE": NS, "COVTOKEN_ATTEMPT": "0"}
+    with pytest.raises(HubSyncError, match="COVTOKEN_JOB_NAMESPACE, COVTOKEN_ATTEMPT not set"):
+        JobEnv.from_environ({k: v for k, v in env.items() if k in ("COVTOKEN_RUN_ID", "COVTOKEN_RESULTS_REPO")})
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.delenv("COVTOKEN_KIT_DIR", raising=False)
+    with pytest.raises(HubSyncError, match="COVTOKEN_KIT_DIR not set"):
+        HubSync.from_environment()
+    monkeypatch.setenv("COVTOKEN_KIT_DIR", str(tmp_path / "kit"))  # this process imports covtoken from the checkout
+    with pytest.raises(HubSyncError, match="not from the bundle's wheel"):
+        HubSync.from_environment()
+    monkeypatch.setenv("COVTOKEN_BACKEND", "hf-jobs")  # so a job under HF Jobs never writes a record from stray code
+    from covtoken.runner import Run
+
+    with pytest.raises(HubSyncError, match="not from the bundle's wheel"):
+        Run(gate_id="G1", results_dir=tmp_path / "r", lock_entry="G1/embedded",
+            lock_path=Path(__file__).resolve().parents[1] / "configs" / "thresholds.lock.json", config=None, seed=0)
+    assert not (tmp_path / "r").exists()

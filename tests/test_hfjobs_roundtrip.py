@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from huggingface_hub import HfApi
 
-from hfjobs_support import (FAKE_TOKEN, G1, NS, covtoken, fake_token, grep_tree, head, jobs_of, new_repo,  # noqa: F401
-                            snapshot, wait_until)
+from hfjobs_support import (FAKE_TOKEN, G1, NS, covtoken, fake_token, grep_tree, head, hf_cache,  # noqa: F401
+                            jobs_of, new_repo, snapshot, wait_until)
 from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -100,7 +100,7 @@ def test_round_trip_submit_logs_wait_fetch_audit(hub: HubEmulator, roundtrip, sn
     assert "## Gate summary" in card and f"`{rid}`" in card and f"**{rec['decision']}**" in card
 
 
-def test_nothing_secret_anywhere(hub: HubEmulator, roundtrip, snapshot: Path, repo: str) -> None:
+def test_nothing_secret_anywhere(hub: HubEmulator, roundtrip, snapshot: Path, repo: str, hf_cache: Path) -> None:
     rid = roundtrip["run_id"]
     (job,) = jobs_of(hub, rid)
     assert hub.job_secrets(job.id) == {"HF_TOKEN": FAKE_TOKEN}  # the token did reach the job, as a secret only
@@ -109,7 +109,8 @@ def test_nothing_secret_anywhere(hub: HubEmulator, roundtrip, snapshot: Path, re
     needle = FAKE_TOKEN.encode()
     leaks = (grep_tree(hub.store.root / "dataset" / repo, needle)  # every blob of the results repo
              + grep_tree(hub.job_dir(job.id), needle)  # spec, log, the job's work folder (bundle copy, results)
-             + grep_tree(roundtrip["reports"], needle) + grep_tree(snapshot / "results" / "bundles", needle))
+             + grep_tree(roundtrip["reports"], needle) + grep_tree(snapshot / "results" / "bundles", needle)
+             + grep_tree(hf_cache, needle))  # what the client downloaded
     assert leaks == []
     for step in ("submit", "logs", "wait", "fetch"):
         assert FAKE_TOKEN not in roundtrip[step].text, step

@@ -14,7 +14,7 @@ from scipy import stats
 
 from covtoken.audit import audit_folder
 from covtoken.lock import ThresholdLock, judge
-from hfjobs_support import G1, covtoken, fake_token, jobs_of, new_repo, snapshot  # noqa: F401
+from hfjobs_support import G1, covtoken, fake_token, hf_cache, jobs_of, new_repo, snapshot  # noqa: F401
 from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
