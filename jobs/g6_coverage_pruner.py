@@ -207,7 +207,7 @@ def evaluate_g6(*, tokens: np.ndarray, membership: np.ndarray, pruned, lesions, 
         "value": float(np.mean(pruned.ratio >= float(pc["target"]) - 1e-9)), "ci": None, "ci_method": None,
         "n": {"images": int(n_img)}, "unit": "fraction of images",
         "description": f"test images whose returned keep set satisfies F(kept) >= {pc['target']} F(all) "
-                       f"({int((pruned.repaired > 0).sum())} needed tokens added back)"}
+                       f"({int((pruned.repaired > 0).sum())} of {n_img} images needed dropped tokens added back)"}
     return metrics, per_image
 
 
@@ -222,6 +222,9 @@ def explain(metrics: dict, arm: str, P) -> list[str]:  # noqa: ANN001
 
     pc = dict(P["pruner"])
     slack = 1.0 - float(pc["target"])
+    restore = metrics["restore_gain_over_slack"]["value"]
+    incentive = ("below 1, the constraint gives the optimiser no reason to keep them" if restore < 1 else
+                 "above 1, the constraint does reward keeping them")
     return [
         f"Small-lesion recall at equal per-image keep counts (pruner trained on the tokens of block "
         f"{arm.rpartition('@')[2]}, the block of the validation-selected membership arm {arm}; mean keep fraction "
@@ -229,16 +232,16 @@ def explain(metrics: dict, arm: str, P) -> list[str]:  # noqa: ANN001
         f"pruner {v('small_recall_pruner')}, membership {v('small_recall_membership')}, random keep "
         f"{v('small_recall_random')}; difference pruner - membership {v('delta_small_recall')} against a "
         f"non-inferiority margin of {float(P['noninferiority_margin']):.2f}.",
-        f"Mechanism: removing every lesion token of an image lowers the {pc['functional']} by {pct('lesion_drop_coding_rate')}"
-        f" (median), RankMe by {pct('lesion_drop_rankme')} and the energy by {pct('lesion_drop_energy')}; as many random "
+        f"Mechanism: removing every lesion token of an image lowers the coding rate by {pct('lesion_drop_coding_rate')}, "
+        f"RankMe by {pct('lesion_drop_rankme')} and the energy by {pct('lesion_drop_energy')} (medians); as many random "
         f"tokens: {pct('random_drop_coding_rate')}, {pct('random_drop_rankme')}, {pct('random_drop_energy')}. The "
-        f"constraint's slack is {100 * slack:.1f}% (lesion drop / slack {v('lesion_drop_over_slack')}). Restoring the "
-        f"lesion tokens to the pruner's keep set would raise F by {v('restore_gain_over_slack')} of the slack: below 1, the "
-        "constraint gives the optimiser no reason to keep them, and a spread functional cannot tell a dropped lesion "
-        "from dropped background.",
+        f"constraint on the {pc['functional']} has slack {100 * slack:.1f}% (lesion drop / slack "
+        f"{v('lesion_drop_over_slack')}). Restoring the "
+        f"lesion tokens to the pruner's keep set would raise F by {v('restore_gain_over_slack')} of the slack: "
+        f"{incentive}.",
         f"The pruner's keep sets met F(kept) >= {pc['target']} F(all) on a fraction "
-        f"{metrics['constraint_met_fraction']['value']:.3f} of the test images; "
-        + metrics["constraint_met_fraction"]["description"].rpartition("(")[2].rstrip(")") + ".",
+        f"{metrics['constraint_met_fraction']['value']:.3f} of the test images ("
+        + metrics["constraint_met_fraction"]["description"].rpartition("(")[2].rstrip(")") + ").",
     ]
 
 
