@@ -131,19 +131,27 @@ def load_hub_layout(source: str, *, revision: str | None = None, cache_dir: str 
 
     src = parse_source(source, revision=revision)
     kw: dict[str, Any] = {"split": "train"}
-    if cache_dir is not None:
-        kw["cache_dir"] = str(cache_dir)
     if src.revision:
         kw["revision"] = src.revision
-    imgs = datasets.load_dataset(src.path, "images", **kw)
-    msks = datasets.load_dataset(src.path, "masks", **kw)
+    with tempfile.TemporaryDirectory(prefix="covtoken-ds-cache-") as tmp_cache:
+        # A local folder gets a throw-away cache: `datasets` keys local image folders loosely and would hand
+        # back rows that point into an older folder of the same layout.
+        kw["cache_dir"] = str(cache_dir) if cache_dir is not None else (tmp_cache if src.is_local else None)
+        if kw["cache_dir"] is None:
+            del kw["cache_dir"]
+        imgs = datasets.load_dataset(src.path, "images", **kw)
+        msks = datasets.load_dataset(src.path, "masks", **kw)
+        return _join(source, imgs, msks)
+
+
+def _join(source: str, imgs: Any, msks: Any) -> tuple[list[ImageItem], EvalMasks]:
     by_id = {row["image_id"]: row["image"] for row in msks}
     items, sealed = [], {}
     for row in imgs:
         iid = row["image_id"]
         where = f"{source}[images]/{iid}"
-        arr = np.asarray(row["image"], dtype=np.float32)
-        arr = arr / (65535.0 if arr.max() > 255 else 255.0)
+        raw = np.asarray(row["image"])
+        arr = raw.astype(np.float32) / (255.0 if raw.dtype.itemsize == 1 else 65535.0)  # 8-bit or 16-bit PNG
         if iid not in by_id:
             raise ValueError(f"{where}: no row in the masks config")
         mask = np.asarray(by_id.pop(iid)) > 0
