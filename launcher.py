@@ -72,6 +72,8 @@ def verify(bundle: Path) -> dict:
     for key in ("commit", "job", "wheel"):
         if key not in info:
             raise LaunchError(f"{path}: field {key}: missing")
+        if key != "commit" and info[key] not in info.get("files", {}):
+            raise LaunchError(f"{path}: field files: {info[key]} (the {key}) is not listed")
     return info
 
 
