@@ -4,7 +4,6 @@ probe checkpoints and a model card."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
