@@ -68,6 +68,10 @@ def _check_lock(ra: RecordAudit, lock: ThresholdLock) -> None:
         ra.fail("lock/entry", f"entry {entry.key} belongs to another gate than {rec['gate_id']}")
     if rec["claim"] != entry.claim:
         ra.fail("claim", "differs from the claim locked for the gate")
+    params = rec["provenance"].get("parameters")
+    if params is not None and params != dict(entry.parameters):
+        diff = sorted(k for k in set(params) | set(entry.parameters) if params.get(k) != entry.parameters.get(k))
+        ra.fail("provenance/parameters", f"the run's protocol parameters differ from the locked entry's in {diff}")
     locked = [(c["id"], c["metric"], c["comparator"], c["threshold"], c["judged_on"]) for c in entry.criteria]
     recorded = [(c["id"], c["metric"], c["comparator"], c["threshold"], c["judged_on"]) for c in rec["criteria"]]
     if locked != recorded:

@@ -224,6 +224,7 @@ class Run:
                 "backend": self.backend,
                 "command": self.command,
                 "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
+                "parameters": json.loads(dumps_strict(dict(self.parameters))),
             },
             "artefacts": self.artefacts.entries,
             "notes": self.notes,

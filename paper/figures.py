@@ -182,6 +182,101 @@ def g5_flops_sensitivity(inputs: list[RecordInput]) -> tuple[Figure, str, list[P
     return fig, caption, [art_path]
 
 
+@register_figure("g3_miss_vs_keep")
+def g3_miss_vs_keep(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
+    """Small-lesion miss rate against keep rate: membership vs CLS-attention saliency vs random keep."""
+    (inp,) = inputs
+    curves, art_path = artefact(inp, "miss_curves.json")
+    curves = sorted(curves, key=lambda r: r["keep_rate"])
+    x = [100 * r["keep_rate"] for r in curves]
+    fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.3), layout="constrained")
+    for key, label, color, marker in (("membership", "membership (lesion subspace)", "C0", "o"),
+                                      ("saliency", "CLS-attention saliency (EViT)", "C3", "s"),
+                                      ("random", "random keep", "0.5", "^")):
+        y = [r[key] for r in curves]
+        err = [[r[key] - r[f"{key}_ci"][0] for r in curves], [r[f"{key}_ci"][1] - r[key] for r in curves]]
+        ax.errorbar(x, y, yerr=err, color=color, marker=marker, ms=3, lw=1, capsize=2, label=label)
+    ax.set_xlabel("tokens kept per image (%)")
+    ax.set_ylabel("small-lesion miss rate")
+    ax.set_ylim(-0.02, 1.0)
+    ax.legend(loc="upper right", frameon=False, fontsize=6)
+    caption = ("Small lesions (area of at most one token) with no kept token, against the share of tokens kept, on test "
+               "patients; bars are patient-clustered 95% bootstrap CIs. Drawn from record " + _runs(inputs) + ".")
+    return fig, caption, [art_path]
+
+
+@register_figure("g6_negative")
+def g6_negative(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
+    """The negative result: recall of the coverage-constrained pruner vs membership, and why (functional drops)."""
+    (inp,) = inputs
+    m = inp.record["metrics"]
+    mech, art_path = artefact(inp, "mechanism.json")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(COLUMN_IN, 2.0), layout="constrained",
+                               gridspec_kw={"width_ratios": [1, 1.25]})
+    names = [("small_recall_membership", "member-\nship", "C0"), ("small_recall_pruner", "coverage\npruner", "C1"),
+             ("small_recall_random", "random\nkeep", "0.6")]
+    vals = [m[k] for k, _, _ in names]
+    a.bar(range(3), [v["value"] for v in vals], color=[c for *_, c in names],
+          yerr=[[v["value"] - (v["ci"] or [v["value"]] * 2)[0] for v in vals],
+                [(v["ci"] or [v["value"]] * 2)[1] - v["value"] for v in vals]], capsize=2, error_kw={"lw": 0.8})
+    a.set_xticks(range(3), [lbl for _, lbl, _ in names], fontsize=5)
+    a.set_ylabel("small-lesion recall")
+    a.set_ylim(0, 1.05)
+    keys = (("coding_rate", "coding\nrate"), ("rankme", "RankMe"), ("energy", "energy"))
+    for k, (key, _) in enumerate(keys):
+        for j, (prefix, color) in enumerate((("drop_", "C1"), ("random_drop_", "0.7"))):
+            b.boxplot([[100 * r[f"{prefix}{key}"] for r in mech]], positions=[3 * k + j], widths=0.7, showfliers=False,
+                      patch_artist=True, boxprops={"facecolor": color, "alpha": 0.7}, medianprops={"color": "k"})
+    b.hlines(100 * (1 - _coverage_fraction(inp.record)), -0.6, 1.6, color="C3", ls="--", lw=1.0,
+             label="slack of the constraint\n(on the coding rate)")
+    b.plot([], [], "s", color="C1", alpha=0.7, label="all lesion tokens removed")
+    b.plot([], [], "s", color="0.7", alpha=0.7, label="as many random tokens")
+    b.set_xticks([0.5, 3.5, 6.5], [lbl for _, lbl in keys], fontsize=6)
+    b.set_ylabel("drop of the functional (%)")
+    lo, hi = b.get_ylim()
+    b.set_ylim(lo, hi + 0.45 * (hi - lo))  # room for the legend above the boxes
+    b.legend(loc="upper right", frameon=False, fontsize=5)
+    caption = ("The negative result: a pruner that keeps the coding rate within the locked slack recalls fewer small "
+               "lesions than membership pruning (left; patient-clustered 95% CIs), because removing every lesion "
+               "token of an image moves the coverage functionals by about as much as the slack, not more (right: per "
+               "test image, lesion tokens vs the same number of random tokens). Drawn from record " + _runs(inputs)
+               + ".")
+    return fig, caption, [art_path]
+
+
+@register_figure("g7_probe")
+def g7_probe(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
+    """Directional AUROC on the held-out nuisance family: the probe head vs raw cosine and pixel baselines."""
+    (inp,) = inputs
+    m = inp.record["metrics"]
+    rows = [("probe_auroc", "probe head", "C0"), ("raw_cosine_auroc", "raw cosine", "C2"),
+            ("pixel_l2_auroc", "pixel L2", "0.6"), ("ssim_distance_auroc", "SSIM", "0.4")]
+    rows = [r for r in rows if r[0] in m]
+    fig, ax = plt.subplots(figsize=(COLUMN_IN, 1.9), layout="constrained")
+    vals = [m[k] for k, _, _ in rows]
+    y = range(len(rows))[::-1]
+    ax.barh(list(y), [v["value"] for v in vals], color=[c for *_, c in rows],
+            xerr=[[v["value"] - v["ci"][0] for v in vals], [v["ci"][1] - v["value"] for v in vals]], capsize=2,
+            error_kw={"lw": 0.8})
+    ax.set_yticks(list(y), [lbl for _, lbl, _ in rows])
+    ax.axvline(0.5, color="0.5", ls=":", lw=0.8)
+    ax.set_xlim(0, 1.02)
+    ax.set_xlabel("directional AUROC, changing pairs positive (test lesions)")
+    held = inp.record["provenance"].get("parameters", {}).get("held_out_family", "held-out")
+    caption = (f"Change detection on the held-out {held} nuisance family: the probe head against raw cosine and pixel "
+               f"baselines (the strongest baseline is chosen on validation); bars are 95% CIs from a bootstrap over "
+               f"lesions. Drawn from record {_runs(inputs)}.")
+    return fig, caption, []
+
+
+def _coverage_fraction(record: dict) -> float:
+    """The locked coverage constraint c of G6 (F(kept) >= c * F(all)), from the record's protocol parameters."""
+    try:
+        return float(record["provenance"]["parameters"]["pruner"]["target"])
+    except KeyError:
+        raise ValueError(f"record {record['run_id']}: no locked pruner target in provenance/parameters") from None
+
+
 def save(fig: Figure, out_dir: Path, name: str) -> dict[str, str]:
     """Write PNG and PDF (no timestamps, so identical inputs give identical files); return their sha256."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -121,6 +121,13 @@ def test_edited_decision_is_caught(workspace):
     assert any("field decision" in m and other in m for m in msgs), msgs
 
 
+def test_edited_protocol_parameters_are_caught(workspace):
+    results, record, lock = workspace
+    rewrite(record, lambda d: d["provenance"]["parameters"].__setitem__("n_boot", 10))
+    msgs = problems(results, lock)
+    assert any("field provenance/parameters" in m and "n_boot" in m for m in msgs), msgs
+
+
 def test_flipped_artefact_byte_is_caught(workspace):
     results, record, lock = workspace
     art = results / json.loads(record.read_text())["artefacts"][0]["path"]
