@@ -23,7 +23,8 @@ from .lock import DEFAULT_LOCK_PATH, ThresholdLock, gate_template_entry, judge
 from .provenance import code_state, package_versions, runtime
 from .record import ArtefactWriter, dumps_strict, loads_strict, new_run_id, utc_now, write_json_atomic, write_record
 
-__all__ = ["load_config", "add_config_arguments", "Run", "stage", "default_lock_path", "ConfigError"]
+__all__ = ["load_config", "add_config_arguments", "Run", "stage", "default_lock_path", "ConfigError", "JobConfig",
+           "job_main"]
 
 log = logging.getLogger("covtoken.run")
 C = TypeVar("C")
@@ -31,6 +32,51 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """A config file or override names an unknown key or a value of the wrong type."""
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """The options every gate job has; a job's config subclasses it and adds its own (all with defaults)."""
+
+    backbone: str = dataclasses.field(default="tiny-vit", metadata={"help": "backbone registry name"})
+    weights: str | None = dataclasses.field(default=None, metadata={"help": "local weights replacing the Hub download"})
+    revision: str | None = dataclasses.field(default=None, metadata={
+        "help": "Hub commit sha of the weights (entries without a pinned one)"})
+    device: str = dataclasses.field(default="cpu", metadata={"help": "cpu or cuda"})
+    results: str = dataclasses.field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
+    lock: str | None = dataclasses.field(default=None, metadata={
+        "help": "threshold lock (default configs/thresholds.lock.json)"})
+    lock_entry: str | None = dataclasses.field(default=None, metadata={
+        "help": "lock entry; default <gate>/embedded on the embedded default, <gate>/real otherwise"})
+    run_id: str | None = dataclasses.field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the data generator, splits and subsamples"})
+    batch_size: int = dataclasses.field(default=32, metadata={"help": "images per forward pass"})
+    calibration: bool = dataclasses.field(default=False, metadata={
+        "help": "calibration run on separate patients; never judged"})
+    smoke: bool = dataclasses.field(default=False, metadata={"help": "the embedded default: phantoms + tiny ViT on CPU"})
+
+
+def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list[str] | None,
+             smoke: Mapping[str, Any]) -> int:
+    """The ``main()`` of a job script: parse layered options, set up logging, apply ``--smoke``, run.
+
+    Args:
+        cls: the job's config dataclass (a :class:`JobConfig`).
+        run: ``run(cfg, command=[...]) -> int``, the job body.
+        script: the script path recorded as the command (``jobs/<name>.py``).
+        doc: the script's docstring (the ``--help`` text, with its launch commands).
+        argv: arguments (default ``sys.argv[1:]``).
+        smoke: the config values ``--smoke`` sets (the embedded default).
+    """
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, cls)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    cfg = load_config(cls, args)
+    if cfg.smoke:
+        cfg = dataclasses.replace(cfg, **smoke)
+    return int(run(cfg, command=[script, *argv]))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -27,51 +27,30 @@ Calibration (proposes thresholds; never judged):
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from covtoken.runner import JobConfig, job_main
 
 
 MIN_PATIENTS_FOR_CI = 10
 
 
 @dataclass(frozen=True)
-class G1Config:
+class G1Config(JobConfig):
     dataset: str = field(default="phantom-ct", metadata={"help": "dataset name or source (see covtoken.data.catalog)"})
     data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (busi, lidc)"})
-    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
-    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
-    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
     work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
-    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
-    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G1/embedded or G1/real"})
-    run_id: str | None = field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
-    seed: int = field(default=0, metadata={"help": "seed of the data generator, splits and subsamples"})
     constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
-    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
-    calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
     sample_run: bool = field(default=False, metadata={"help": "a run on a small real-data sample (lock entry G1/sample)"})
-    smoke: bool = field(default=False, metadata={"help": "embedded default: CT phantoms + tiny ViT on CPU"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from covtoken.runner import add_config_arguments, load_config
-
-    add_config_arguments(parser, G1Config)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg = load_config(G1Config, args)
-    if cfg.smoke:
-        cfg = replace(cfg, dataset="phantom-ct", backbone="tiny-vit", device="cpu")
-    return run_g1(cfg, command=["jobs/g1_lesion_subspace.py", *argv])
+    return job_main(G1Config, run_g1, script="jobs/g1_lesion_subspace.py", doc=__doc__, argv=argv,
+                    smoke={"dataset": "phantom-ct", "backbone": "tiny-vit", "device": "cpu"})
 
 
 def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa: ANN001 (types live in the packages)

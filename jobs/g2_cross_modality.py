@@ -24,47 +24,26 @@ Calibration (never judged):
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import numpy as np
+
+from covtoken.runner import JobConfig, job_main
 
 EMBEDDED = ("lung_ct=phantom-ct", "kidney_ct=phantom-kidney", "breast_us=phantom-us")
 
 
 @dataclass(frozen=True)
-class G2Config:
+class G2Config(JobConfig):
     datasets: tuple = field(default=EMBEDDED, metadata={"help": "modality=dataset pairs, comma-separated"})
     data_roots: tuple = field(default=(), metadata={"help": "modality=folder pairs for file datasets"})
-    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
-    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
-    revision: str | None = field(default=None, metadata={"help": "Hub commit sha (entries without a pinned one)"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
     work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
-    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
-    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G2/embedded or G2/real"})
-    run_id: str | None = field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
-    seed: int = field(default=0, metadata={"help": "seed of the data generator, splits and subsamples"})
-    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
-    calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
-    smoke: bool = field(default=False, metadata={"help": "embedded default: phantoms + tiny ViT on CPU"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from covtoken.runner import add_config_arguments, load_config
-
-    add_config_arguments(parser, G2Config)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg = load_config(G2Config, args)
-    if cfg.smoke:
-        cfg = replace(cfg, datasets=EMBEDDED, backbone="tiny-vit", device="cpu")
-    return run_g2(cfg, command=["jobs/g2_cross_modality.py", *argv])
+    return job_main(G2Config, run_g2, script="jobs/g2_cross_modality.py", doc=__doc__, argv=argv,
+                    smoke={"datasets": EMBEDDED, "backbone": "tiny-vit", "device": "cpu"})
 
 
 def _pairs(items: tuple, what: str) -> dict[str, str]:

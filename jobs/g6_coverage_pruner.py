@@ -31,49 +31,28 @@ Calibration (every G6 criterion is prespecified; a calibration run only checks t
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from covtoken.runner import JobConfig, job_main
 
 log = logging.getLogger("covtoken.g6")
 FUNCTIONAL_PARAMS = {"rankme": {}, "coding_rate": {"eps": 0.5}, "energy": {}}
 
 
 @dataclass(frozen=True)
-class G6Config:
+class G6Config(JobConfig):
     dataset: str = field(default="phantom-ct", metadata={"help": "dataset name (see covtoken.data.catalog)"})
-    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
-    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
-    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda (token extraction and the pruner)"})
-    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
     work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
-    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
-    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G6/embedded or G6/real"})
-    run_id: str | None = field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
-    seed: int = field(default=0, metadata={"help": "seed of the data generator, splits, gate noise and bootstrap"})
     constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
-    batch_size: int = field(default=32, metadata={"help": "images per forward pass"})
-    calibration: bool = field(default=False, metadata={"help": "calibration run on separate patients; not judged"})
-    smoke: bool = field(default=False, metadata={"help": "embedded default: CT phantoms + tiny ViT on CPU"})
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from covtoken.runner import add_config_arguments, load_config
-
-    add_config_arguments(parser, G6Config)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg = load_config(G6Config, args)
-    if cfg.smoke:
-        cfg = replace(cfg, dataset="phantom-ct", backbone="tiny-vit", device="cpu")
-    return run_g6(cfg, command=["jobs/g6_coverage_pruner.py", *argv])
+    return job_main(G6Config, run_g6, script="jobs/g6_coverage_pruner.py", doc=__doc__, argv=argv,
+                    smoke={"dataset": "phantom-ct", "backbone": "tiny-vit", "device": "cpu"})
 
 
 def label_free_stage(data, bb, splits, P, cfg, bank_dir) -> tuple:  # noqa: ANN001 (types live in the packages)

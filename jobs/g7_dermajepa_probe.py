@@ -30,37 +30,25 @@ Calibration (proposes thresholds; never judged):
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from covtoken.runner import JobConfig, job_main
+
 MIN_LESIONS_FOR_CI = 20
 
 
 @dataclass(frozen=True)
-class G7Config:
+class G7Config(JobConfig):
     dataset: str = field(default="phantom-derm", metadata={"help": "dataset name or source (see covtoken.data.catalog)"})
     data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (ham10000)"})
-    backbone: str = field(default="tiny-vit", metadata={"help": "backbone registry name"})
-    weights: str | None = field(default=None, metadata={"help": "local weights replacing the Hub download"})
-    revision: str | None = field(default=None, metadata={"help": "Hub commit sha of the weights (entries without a pinned one)"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
-    results: str = field(default="results/local", metadata={"help": "results folder (record + artefacts)"})
-    lock: str | None = field(default=None, metadata={"help": "threshold lock (default configs/thresholds.lock.json)"})
-    lock_entry: str | None = field(default=None, metadata={"help": "lock entry; default G7/embedded or G7/real"})
-    run_id: str | None = field(default=None, metadata={"help": "fixed run id; new one otherwise"})
-    seed: int = field(default=0, metadata={"help": "data seed: generator, splits, nuisance views, pair coupling, bootstrap "
-                                                   "(training seeds are locked separately)"})
     batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads for this run (0: leave the default)"})
-    calibration: bool = field(default=False, metadata={"help": "calibration run on separate lesions; not judged"})
-    smoke: bool = field(default=False, metadata={"help": "embedded default: dermoscopy phantoms + tiny ViT on CPU"})
 
 
 @dataclass(frozen=True)
@@ -78,23 +66,18 @@ class LabelFree:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    from covtoken.runner import add_config_arguments, load_config
+    return job_main(G7Config, _run_with_threads, script="jobs/g7_dermajepa_probe.py", doc=__doc__, argv=argv,
+                    smoke={"dataset": "phantom-derm", "backbone": "tiny-vit", "device": "cpu"})
 
-    add_config_arguments(parser, G7Config)
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg = load_config(G7Config, args)
-    if cfg.smoke:
-        cfg = replace(cfg, dataset="phantom-derm", backbone="tiny-vit", device="cpu")
+
+def _run_with_threads(cfg: G7Config, *, command: list[str]) -> int:
     import torch
 
     before = torch.get_num_threads()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)  # on busy cores one thread is often faster for the tiny default
     try:
-        return run_g7(cfg, command=["jobs/g7_dermajepa_probe.py", *argv])
+        return run_g7(cfg, command=command)
     finally:
         torch.set_num_threads(before)
 
