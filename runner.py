@@ -24,7 +24,7 @@ from .provenance import code_state, package_versions, runtime
 from .record import ArtefactWriter, dumps_strict, loads_strict, new_run_id, utc_now, write_json_atomic, write_record
 
 __all__ = ["load_config", "add_config_arguments", "Run", "stage", "default_lock_path", "ConfigError", "JobConfig",
-           "job_main"]
+           "job_main", "load_gate_dataset"]
 
 log = logging.getLogger("covtoken.run")
 C = TypeVar("C")
@@ -77,6 +77,31 @@ def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, **smoke)
     return int(run(cfg, command=[script, *argv]))
+
+
+def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str, root: str | None = None,
+                      options: Mapping[str, Any] | None = None) -> Any:
+    """Load a gate's dataset with its locked options (a ``covtoken.data.catalog.LoadedDataset``).
+
+    Embedded (phantom) datasets are generated from the run's seed; a calibration run draws its patients from the
+    seed plus the locked ``calibration_seed_offset``, so they are disjoint from every judged run.
+
+    Args:
+        cfg: the job config (seed, calibration flag).
+        params: the locked protocol parameters (``dataset_options``, ``calibration_seed_offset``).
+        dataset: catalog name or source.
+        root: folder of a file-based dataset.
+        options: loader options replacing ``params["dataset_options"]`` (per-modality options of G2).
+    """
+    from .data.catalog import is_embedded, load_dataset
+
+    opts = dict(params.get("dataset_options", {}) if options is None else options)
+    if is_embedded(dataset):
+        opts["seed"] = cfg.seed + (int(params["calibration_seed_offset"]) if cfg.calibration else 0)
+    if root:
+        opts["root"] = root
+    with stage("load_data", dataset=dataset):
+        return load_dataset(dataset, **opts)
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

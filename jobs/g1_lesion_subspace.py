@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covtoken.runner import JobConfig, job_main
+from covtoken.runner import JobConfig, job_main, load_gate_dataset
 
 
 MIN_PATIENTS_FOR_CI = 10
@@ -102,7 +102,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
     from covtoken.backbone.tokenbank import TokenBank
-    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, evaluate_g1
@@ -115,15 +115,8 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
               config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
     P = run.parameters
 
-    with stage("load_data", dataset=cfg.dataset):
-        opts = dict(P.get("dataset_options", {}))
-        if is_embedded(cfg.dataset):
-            # calibration patients come from another generator seed: disjoint from every judged run
-            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
-        if cfg.data_root:
-            opts["root"] = cfg.data_root
-        data = load_dataset(cfg.dataset, **opts)
-        items = data.items
+    data = load_gate_dataset(cfg, P, dataset=cfg.dataset, root=cfg.data_root)
+    items = data.items
     splits = split_patients([it.patient_id for it in items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, items)
     with stage("backbone", backbone=cfg.backbone):

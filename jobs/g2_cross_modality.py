@@ -87,11 +87,11 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
     from covtoken.backbone.tokenbank import TokenBank
-    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, paired_auroc_metrics
-    from covtoken.runner import Run, default_lock_path, stage
+    from covtoken.runner import Run, default_lock_path, load_gate_dataset, stage
 
     get_spec(cfg.backbone)
     datasets, roots = _pairs(cfg.datasets, "datasets"), _pairs(cfg.data_roots, "data-roots")
@@ -111,13 +111,8 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
     metrics, per_modality, dataset_prov = {}, {}, {}
     for m in P["modalities"]:
         name = datasets[m]
-        with stage("load_data", modality=m, dataset=name):
-            opts = dict(P.get("dataset_options", {}).get(m, {}))
-            if is_embedded(name):
-                opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
-            if m in roots:
-                opts["root"] = roots[m]
-            data = load_dataset(name, **opts)
+        data = load_gate_dataset(cfg, P, dataset=name, root=roots.get(m),
+                                 options=P.get("dataset_options", {}).get(m, {}))
         splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
         validate_splits(splits, data.items)
         bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],

@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from covtoken.runner import JobConfig, job_main
+from covtoken.runner import JobConfig, job_main, load_gate_dataset
 
 log = logging.getLogger("covtoken.g3")
 
@@ -177,8 +176,9 @@ def evaluate_g3(lf: LabelFree, lesions: dict, P, n_tok: int, seed: int) -> tuple
 
 def run_g3(cfg: G3Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet
@@ -195,17 +195,14 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
         log.warning("%s has no register tokens: its CLS attention may be dominated by high-norm artefact tokens "
                     "(Darcet et al. 2024); use a registers-aware backbone for a fair saliency arm", cfg.backbone)
 
-    with stage("load_data", dataset=cfg.dataset):
-        opts = dict(P.get("dataset_options", {}))
-        if is_embedded(cfg.dataset):
-            # calibration patients come from another generator seed: disjoint from every judged run
-            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
-        data = load_dataset(cfg.dataset, **opts)
+    data = load_gate_dataset(cfg, P, dataset=cfg.dataset)
     splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, data.items)
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
-    bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
+    bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
+                                    backbone=bb, items=data.items, blocks=range(bb.spec.depth),
+                                    final_norm=bool(P["final_norm"]))
     with stage("label_free", images=len(data.items), blocks=bb.spec.depth):
         lf = label_free_stage(data, bb, splits, P, cfg, bank_dir)
     n_tok = lf.bank.grid[0] * lf.bank.grid[1]

@@ -30,11 +30,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from covtoken.runner import JobConfig, job_main
+from covtoken.runner import JobConfig, job_main, load_gate_dataset
 
 log = logging.getLogger("covtoken.g4")
 
@@ -80,8 +79,9 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
 def run_g4(cfg: G4Config, *, command: list[str]) -> int:
     from covtoken.arch.conformal import RetentionData, evaluate_certificate
     from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.bootstrap import draw_cluster_counts
     from covtoken.eval.labels import token_lesion_fraction
@@ -98,18 +98,13 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
     if P["calibrate_on"] != "unit":
         log.warning("calibrate_on=%r: the certificate is NOT calibrated on the exchangeable unit", P["calibrate_on"])
 
-    with stage("load_data", dataset=cfg.dataset):
-        opts = dict(P.get("dataset_options", {}))
-        if is_embedded(cfg.dataset):
-            # threshold-calibration patients come from another generator seed: disjoint from every judged run
-            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
-        data = load_dataset(cfg.dataset, **opts)
+    data = load_gate_dataset(cfg, P, dataset=cfg.dataset)
     splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, data.items)
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
-    bank_dir = (Path(cfg.work_dir) / "banks" /
-                f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}-n{len(data.items)}")
+    bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
+                                    backbone=bb, items=data.items, blocks=range(bb.spec.depth), final_norm=bool(P["final_norm"]))
     with stage("label_free_scores", images=len(data.items), block=int(P["score_block"])):
         bank, rows, scores = label_free_stage(data, bb, splits, P, cfg, bank_dir)
 

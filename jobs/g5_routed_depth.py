@@ -31,11 +31,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from covtoken.runner import JobConfig, job_main
+from covtoken.runner import JobConfig, job_main, load_gate_dataset
 
 log = logging.getLogger("covtoken.g5")
 
@@ -102,8 +101,9 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     from covtoken.arch.routed_depth import time_forwards, top_keep
     from covtoken.arch.routing_eval import routing_metrics
     from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.bootstrap import draw_cluster_counts
     from covtoken.eval.labels import lesion_components
@@ -118,18 +118,13 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     if not 0 <= int(P["exit_after"]) < spec.depth - 1:
         raise ValueError(f"locked exit_after {P['exit_after']} must lie in [0, {spec.depth - 1}) for {cfg.backbone}")
 
-    with stage("load_data", dataset=cfg.dataset):
-        opts = dict(P.get("dataset_options", {}))
-        if is_embedded(cfg.dataset):
-            # threshold-calibration patients come from another generator seed: disjoint from every judged run
-            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
-        data = load_dataset(cfg.dataset, **opts)
+    data = load_gate_dataset(cfg, P, dataset=cfg.dataset)
     splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, data.items)
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
-    bank_dir = (Path(cfg.work_dir) / "banks" /
-                f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}-n{len(data.items)}")
+    bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
+                                    backbone=bb, items=data.items, blocks=range(bb.spec.depth), final_norm=False)
     with stage("label_free_routing", images=len(data.items), exit_after=int(P["exit_after"])):
         bank, rows, scores, routed = label_free_stage(data, bb, splits, P, cfg, bank_dir)
     with stage("wallclock", batch=int(routed["probe"].shape[0]), repeats=int(P["timing_repeats"])):

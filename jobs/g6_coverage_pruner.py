@@ -33,11 +33,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from covtoken.runner import JobConfig, job_main
+from covtoken.runner import JobConfig, job_main, load_gate_dataset
 
 log = logging.getLogger("covtoken.g6")
 FUNCTIONAL_PARAMS = {"rankme": {}, "coding_rate": {"eps": 0.5}, "energy": {}}
@@ -226,8 +225,9 @@ def explain(metrics: dict, arm: str, P) -> list[str]:  # noqa: ANN001
 
 def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
+    from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet, best_rank, select_lowest_miss
@@ -241,16 +241,14 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
               config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
     P = run.parameters
 
-    with stage("load_data", dataset=cfg.dataset):
-        opts = dict(P.get("dataset_options", {}))
-        if is_embedded(cfg.dataset):
-            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
-        data = load_dataset(cfg.dataset, **opts)
+    data = load_gate_dataset(cfg, P, dataset=cfg.dataset)
     splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, data.items)
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
-    bank_dir = Path(cfg.work_dir) / "banks" / f"{data.provenance['id']}-{data.provenance['revision']}-{cfg.backbone}"
+    bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
+                                    backbone=bb, items=data.items, blocks=range(bb.spec.depth),
+                                    final_norm=bool(P["final_norm"]))
     with stage("label_free", images=len(data.items), blocks=bb.spec.depth):
         bank, rows, membership = label_free_stage(data, bb, splits, P, cfg, bank_dir)
     n_tok = bank.grid[0] * bank.grid[1]

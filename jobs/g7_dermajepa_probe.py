@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from covtoken.runner import JobConfig, job_main
+from covtoken.runner import JobConfig, job_main, load_gate_dataset
 
 MIN_LESIONS_FOR_CI = 20
 
@@ -136,7 +136,7 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     from covtoken.backbone.embed import embedding_model_id
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded, load_dataset
+    from covtoken.data.catalog import is_embedded
     from covtoken.data.pairs import lesion_table
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.change import EvalLesions, build_pairs, evaluate_g7, score_pairs
@@ -151,14 +151,7 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
               command=command)
     P = run.parameters
 
-    with stage("load_data", dataset=cfg.dataset):
-        opts = dict(P.get("dataset_options", {}))
-        if is_embedded(cfg.dataset):
-            # calibration lesions come from another generator seed: disjoint from every judged run
-            opts["seed"] = cfg.seed + (P["calibration_seed_offset"] if cfg.calibration else 0)
-        if cfg.data_root:
-            opts["root"] = cfg.data_root
-        data = load_dataset(cfg.dataset, **opts)
+    data = load_gate_dataset(cfg, P, dataset=cfg.dataset, root=cfg.data_root)
     table = lesion_table(data.items)
     splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, data.items, lesion_ids=dict(table.lesion_of))
