@@ -135,7 +135,7 @@ def g4_coverage(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
     (inp,) = inputs
     cert, art_path = artefact(inp, "certificate.json")
     alpha = cert["alpha"]
-    fig, axes = plt.subplots(1, 2, figsize=(COLUMN_IN, 1.9), layout="constrained", sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(COLUMN_IN, 2.2), layout="constrained", sharey=True)
     panels = (("crc", "risk control:\nlesion-token coverage"), ("allkept", "split conformal:\nall lesion tokens kept"))
     for ax, (key, title) in zip(axes, panels):
         cov = cert["splits"][f"{key}_coverage"]
@@ -147,7 +147,8 @@ def g4_coverage(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
         ax.set_title(title)
         ax.set_xlabel("test coverage per split")
     axes[0].set_ylabel("number of splits")
-    axes[1].legend(loc="upper left", frameon=False, fontsize=5.5)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, frameon=False, fontsize=5.5)
     caption = (f"Conformal retention at α = {alpha}: test coverage over {len(cert['splits']['crc_coverage'])} random "
                f"patient-level calibration/test splits (n = {cert['n_cal']} calibration patients), the nominal level "
                f"and the exact band of each certificate. Drawn from record {_runs(inputs)}.")
@@ -261,7 +262,7 @@ def g7_probe(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
     ax.set_yticks(list(y), [lbl for _, lbl, _ in rows])
     ax.axvline(0.5, color="0.5", ls=":", lw=0.8)
     ax.set_xlim(0, 1.02)
-    ax.set_xlabel("directional AUROC, changing pairs positive (test lesions)")
+    ax.set_xlabel("directional AUROC (test lesions)")
     held = inp.record["provenance"].get("parameters", {}).get("held_out_family", "held-out")
     caption = (f"Change detection on the held-out {held} nuisance family: the probe head against raw cosine and pixel "
                f"baselines (the strongest baseline is chosen on validation); bars are 95% CIs from a bootstrap over "
