@@ -56,7 +56,7 @@ def _pairs(items: tuple, what: str) -> dict[str, str]:
     return out
 
 
-def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types live in the packages)
+def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa: ANN001 (types live in the packages)
     """Everything one modality computes before masks are opened: bank, density fit and scores, CLS saliency.
 
     Must not depend on the masks (``tests/test_label_leak.py`` permutes and zeroes them).
@@ -71,7 +71,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
 
     block = int(P["block"])
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=[block], final_norm=bool(P["final_norm"]),
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, on_shard=on_shard)
     rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
             for name, members in splits.items()}
     dens = score_blocks(bank.tokens, blocks=[block], constructions=["A_gauss"], fit_rows=rows["train"],
@@ -119,7 +119,8 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
                                         backbone=bb, items=data.items, blocks=[int(P["block"])],
                                         final_norm=bool(P["final_norm"]))
         with stage("label_free_scores", modality=m):
-            bank, rows, scores, extras = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+            bank, rows, scores, extras = label_free_stage(data, bb, splits, P, cfg, bank_dir,
+                                                          on_shard=run.sync_token_bank(bank_dir))
         frac = token_lesion_fraction(data.masks, [bank.image_ids[i] for i in rows["test"]], bank.grid)
         labels = token_labels(frac, positive_min=P["positive_min"], negative_max=P["negative_max"]).reshape(-1)
         n_tok = bank.grid[0] * bank.grid[1]

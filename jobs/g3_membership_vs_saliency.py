@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                     smoke={"dataset": "phantom-ct", "backbone": "tiny-vit", "device": "cpu"})
 
 
-def label_free_stage(data, bb, splits, P, cfg, bank_dir) -> LabelFree:  # noqa: ANN001 (types live in the packages)
+def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None) -> LabelFree:  # noqa: ANN001 (types live in the packages)
     """Everything G3 computes before masks are opened: token bank, subspace scores, CLS attention, norm flags.
 
     It receives the loaded dataset as the job has it (masks included) and must not depend on the masks;
@@ -83,7 +83,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir) -> LabelFree:  # noqa: 
 
     blocks = list(range(bb.spec.depth))
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, on_shard=on_shard)
     rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
             for name, members in splits.items()}
     scored = np.concatenate([rows["val"], rows["test"]])
@@ -204,7 +204,8 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
                                     backbone=bb, items=data.items, blocks=range(bb.spec.depth),
                                     final_norm=bool(P["final_norm"]))
     with stage("label_free", images=len(data.items), blocks=bb.spec.depth):
-        lf = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+        lf = label_free_stage(data, bb, splits, P, cfg, bank_dir,
+                              on_shard=run.sync_token_bank(bank_dir))
     n_tok = lf.bank.grid[0] * lf.bank.grid[1]
 
     # Masks are opened only here, inside covtoken.eval, after every score and attention map exists.

@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                     smoke={"dataset": "phantom-ct", "backbone": "tiny-vit", "device": "cpu"})
 
 
-def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types live in the packages)
+def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa: ANN001 (types live in the packages)
     """Everything G4 computes before masks are opened: token bank, membership score fit and scores.
 
     It receives the loaded dataset as the job has it (masks included) and must not depend on the masks;
@@ -64,7 +64,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
 
     block = int(P["score_block"])
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]),
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, on_shard=on_shard)
     rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members], dtype=np.int64)
             for name, members in splits.items()}
     fit = bank.tokens(block, rows["train"]).reshape(-1, bb.spec.width)
@@ -106,7 +106,8 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
     bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
                                     backbone=bb, items=data.items, blocks=range(bb.spec.depth), final_norm=bool(P["final_norm"]))
     with stage("label_free_scores", images=len(data.items), block=int(P["score_block"])):
-        bank, rows, scores = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+        bank, rows, scores = label_free_stage(data, bb, splits, P, cfg, bank_dir,
+                                              on_shard=run.sync_token_bank(bank_dir))
 
     # Masks are opened only here, inside covtoken.eval, after every score exists.
     pool = np.concatenate([rows["calib"], rows["test"]])

@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                     smoke={"dataset": "phantom-ct", "backbone": "tiny-vit", "device": "cpu"})
 
 
-def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types live in the packages)
+def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa: ANN001 (types live in the packages)
     """Everything G5 computes before masks are opened: bank, routers, keep sets, the routed forward, MAC counts.
 
     It receives the loaded dataset as the job has it (masks included) and must not depend on the masks;
@@ -68,7 +68,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir):  # noqa: ANN001 (types
     from covtoken.subspace import build_scorer, fit_subsample
 
     depth = bb.spec.depth
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(depth)), final_norm=False, batch_size=cfg.batch_size)
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(depth)), final_norm=False, batch_size=cfg.batch_size, on_shard=on_shard)
     rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members], dtype=np.int64)
             for name, members in splits.items()}
     scores, scorers = {}, {}
@@ -126,7 +126,8 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
                                     backbone=bb, items=data.items, blocks=range(bb.spec.depth), final_norm=False)
     with stage("label_free_routing", images=len(data.items), exit_after=int(P["exit_after"])):
-        bank, rows, scores, routed = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+        bank, rows, scores, routed = label_free_stage(data, bb, splits, P, cfg, bank_dir,
+                                                      on_shard=run.sync_token_bank(bank_dir))
     with stage("wallclock", batch=int(routed["probe"].shape[0]), repeats=int(P["timing_repeats"])):
         timing = time_forwards(routed["model"], routed["probe"], repeats=int(P["timing_repeats"]))
     rd = routed["model"]

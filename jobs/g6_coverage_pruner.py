@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                     smoke={"dataset": "phantom-ct", "backbone": "tiny-vit", "device": "cpu"})
 
 
-def label_free_stage(data, bb, splits, P, cfg, bank_dir) -> tuple:  # noqa: ANN001 (types live in the packages)
+def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None) -> tuple:  # noqa: ANN001 (types live in the packages)
     """Everything G6 computes before masks are opened: token bank and subspace scores of val + test images.
 
     It must not depend on the masks (``tests/test_label_leak.py`` checks it with permuted and zeroed masks).
@@ -67,7 +67,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir) -> tuple:  # noqa: ANN0
 
     blocks = list(range(bb.spec.depth))
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
-                           batch_size=cfg.batch_size)
+                           batch_size=cfg.batch_size, on_shard=on_shard)
     rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
             for name, members in splits.items()}
     scored = np.concatenate([rows["val"], rows["test"]])
@@ -250,7 +250,8 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
                                     backbone=bb, items=data.items, blocks=range(bb.spec.depth),
                                     final_norm=bool(P["final_norm"]))
     with stage("label_free", images=len(data.items), blocks=bb.spec.depth):
-        bank, rows, membership = label_free_stage(data, bb, splits, P, cfg, bank_dir)
+        bank, rows, membership = label_free_stage(data, bb, splits, P, cfg, bank_dir,
+                                                  on_shard=run.sync_token_bank(bank_dir))
     n_tok = bank.grid[0] * bank.grid[1]
     n_val = len(rows["val"])
     small_max = float(P["small_max_area_tokens"])
