@@ -2,7 +2,7 @@
 hffetch.py and hfsweep.py and are registered here too).
 
     covtoken submit jobs/g1_lesion_subspace.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
-        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+        -- --dataset hf://datasets/org/lidc-idri-covtoken@<sha> --backbone meddinov3-vitb16-ct --device cuda
     covtoken status RUN_ID;  covtoken logs RUN_ID -f;  covtoken wait RUN_ID;  covtoken cancel RUN_ID
     covtoken submit jobs/g1_lesion_subspace.py --resume RUN_ID --results-repo org/covtoken-results
 

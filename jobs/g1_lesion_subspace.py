@@ -19,7 +19,7 @@ Run locally (embedded default: CT phantoms + the tiny ViT, 2 CPU cores, about a 
 
 On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
     covtoken submit jobs/g1_lesion_subspace.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
-        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+        -- --dataset hf://datasets/org/lidc-idri-covtoken@<sha> --backbone meddinov3-vitb16-ct --device cuda
     hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
 
 Calibration (proposes thresholds; never judged):

@@ -21,7 +21,7 @@ Run locally (embedded default: CT phantoms + the tiny ViT, 2 CPU cores, under a 
 
 On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
     covtoken submit jobs/g3_membership_vs_saliency.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
-        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+        -- --dataset hf://datasets/org/lidc-idri-covtoken@<sha> --backbone meddinov3-vitb16-ct --device cuda
     hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
 Use a registers-aware backbone for a fair saliency arm (meddinov3-vitb16-ct, dinov2-base-reg).
 

@@ -23,7 +23,7 @@ Run locally (embedded default: CT phantoms + the tiny ViT, 2 CPU cores, under a 
 
 On real data and a real backbone (as an HF Job; see `covtoken submit --help`):
     covtoken submit jobs/g6_coverage_pruner.py --flavor a10g-small --timeout 2h --results-repo org/covtoken-results \\
-        -- --dataset lidc-sample --backbone meddinov3-vitb16-ct --device cuda
+        -- --dataset hf://datasets/org/lidc-idri-covtoken@<sha> --backbone meddinov3-vitb16-ct --device cuda
     hf jobs run --flavor a10g-small --timeout 2h -s HF_TOKEN ...   (printed exactly by `covtoken submit --dry-run`)
 
 Calibration (every G6 criterion is prespecified; a calibration run only checks the flow on other patients):
