@@ -23,10 +23,13 @@ def g1_record(tmp_path_factory) -> tuple[Path, Path]:
 
 @pytest.fixture
 def paper(g1_record, tmp_path) -> tuple[Path, Path, Path, Path]:
-    """A root with the G1 record and the project's draft pointing at it; returns (root, draft, out, lock)."""
+    """A root holding the committed records plus a fresh G1 run, and the project's draft with g1 pointing at the
+    fresh run; returns (root, draft, out, lock)."""
     record, lock = g1_record
     root = tmp_path / "repo"
-    shutil.copytree(record.parent, root / "gate_reports")
+    shutil.copytree(REPO_ROOT / "gate_reports", root / "gate_reports")
+    shutil.copy(record, root / "gate_reports" / record.name)
+    shutil.copytree(record.parent / "artefacts" / record.stem, root / "gate_reports" / "artefacts" / record.stem)
     text = (REPO_ROOT / "paper" / "working_draft.md").read_text()
     lines = [ln if not ln.strip().startswith("g1:") else f"  g1: gate_reports/{record.name}" for ln in text.splitlines()]
     draft = root / "paper" / "working_draft.md"
@@ -64,9 +67,9 @@ def test_hand_edited_number_fails(paper, g1_record):
     assert probs and "differs from a fresh render" in probs[0] and "0.999" in probs[0]
 
 
-def test_changed_record_fails(paper):
+def test_changed_record_fails(paper, g1_record):
     root, *_ = paper
-    (record,) = list((root / "gate_reports").glob("g1-*.json"))
+    record = root / "gate_reports" / g1_record[0].name
     doc = json.loads(record.read_text())
     doc["metrics"]["final_auroc"]["value"] -= 0.01
     record.write_text(dumps_strict(doc))
@@ -75,9 +78,9 @@ def test_changed_record_fails(paper):
     assert any("differs from a fresh render" in p or "changed since the figure was drawn" in p for p in probs), probs
 
 
-def test_record_rejected_by_audit_fails(paper):
+def test_record_rejected_by_audit_fails(paper, g1_record):
     root, *_ = paper
-    (record,) = list((root / "gate_reports").glob("g1-*.json"))
+    record = root / "gate_reports" / g1_record[0].name
     doc = json.loads(record.read_text())
     doc["decision"] = "fail" if doc["decision"] != "fail" else "pass"
     record.write_text(dumps_strict(doc))
@@ -101,7 +104,7 @@ def test_missing_record_and_bad_reference_fail(paper):
     draft.write_text(text.replace("{{g1:claim}}", "{{g9:claim}}"))
     with pytest.raises(PaperError, match="unknown record key 'g9'"):
         verify(paper)
-    for f in (root / "gate_reports").glob("g1-*.json"):
+    for f in (root / "gate_reports").glob("g*.json"):
         f.unlink()
     draft.write_text(text)
     with pytest.raises(PaperError, match="record file is missing"):
