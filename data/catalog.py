@@ -113,6 +113,9 @@ _FOLDER_DATASETS = {
                                     "note": "BUSI has no patient ids: each image is its own patient"}),
     "lidc": (".lidc", "load_lidc", {"id": "lidc-idri", "licence": "CC BY 3.0 (TCIA)",
                                     "citation": "Armato et al., Med Phys 38(2):915, 2011"}),
+    "lidc-xml": (".lidc_xml", "load_lidc_xml", {"id": "lidc-idri-xml", "licence": "CC BY 3.0 (TCIA)",
+                                                "citation": "Armato et al., Med Phys 38(2):915, 2011",
+                                                "note": "original DICOM + LIDC XML; masks are 50% reader consensus"}),
     "lung-pet-ct-dx": (".lung_pet_ct_dx", "load_lung_pet_ct_dx", {
         "licence": "CC BY 4.0 (TCIA)", "citation": "Li et al., Lung-PET-CT-Dx, TCIA, doi:10.7937/TCIA.2020.NNC20461",
         "note": "masks are filled bounding boxes"}),
