@@ -21,15 +21,20 @@ def load_job(name: str) -> ModuleType:
     return mod
 
 
-def run_g1_smoke(results: Path, work: Path, lock: Path, *extra: str) -> Path:
-    """Run G1 on the embedded default into ``results``; return the record path."""
-    job = load_job("g1_lesion_subspace")
+def run_job_smoke(job_name: str, results: Path, work: Path, lock: Path, *extra: str) -> Path:
+    """Run ``jobs/<job_name>.py --smoke`` in-process into ``results``; return the one new record."""
     before = set(results.glob("*.json")) if results.exists() else set()
-    rc = job.main(["--smoke", "--results", str(results), "--work-dir", str(work), "--lock", str(lock), *extra])
+    rc = load_job(job_name).main(["--smoke", "--results", str(results), "--work-dir", str(work), "--lock", str(lock),
+                                  *extra])
     assert rc == 0
     new = sorted(set(results.glob("*.json")) - before)
     assert len(new) == 1, new
     return new[0]
+
+
+def run_g1_smoke(results: Path, work: Path, lock: Path, *extra: str) -> Path:
+    """Run G1 on the embedded default into ``results``; return the record path."""
+    return run_job_smoke("g1_lesion_subspace", results, work, lock, *extra)
 
 
 def copy_lock(dest_dir: Path) -> Path:

@@ -16,16 +16,7 @@ from conftest import REPO_ROOT
 from covtoken.audit import audit_folder
 from covtoken.eval.lesion_miss import LesionSet
 from covtoken.lock import ThresholdLock, judge
-from g1_helpers import copy_lock, load_job
-
-
-def run_smoke(job_name: str, results: Path, work: Path, lock: Path) -> Path:
-    """Run ``jobs/<job_name>.py --smoke`` in-process; return the one new record."""
-    rc = load_job(job_name).main(["--smoke", "--results", str(results), "--work-dir", str(work), "--lock", str(lock)])
-    assert rc == 0
-    records = sorted(results.glob("*.json"))
-    assert len(records) == 1, records
-    return records[0]
+from g1_helpers import copy_lock, load_job, run_job_smoke
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +24,7 @@ def g3_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("g3")
     lock = copy_lock(base / "lock")
     work = tmp_path_factory.getbasetemp() / "g3-g6-work"  # token bank shared with the G6 smoke test
-    return run_smoke("g3_membership_vs_saliency", base / "results", work, lock), lock
+    return run_job_smoke("g3_membership_vs_saliency", base / "results", work, lock), lock
 
 
 @pytest.mark.slow

@@ -16,24 +16,14 @@ from conftest import REPO_ROOT
 from covtoken.arch.conformal import RetentionData, evaluate_certificate
 from covtoken.audit import audit_folder
 from covtoken.lock import ThresholdLock, judge
-from g1_helpers import copy_lock, load_job
-
-
-def run_smoke(job_name: str, results: Path, work: Path, lock: Path) -> Path:
-    """Run ``jobs/<job_name>.py --smoke`` in-process; return the one new record."""
-    job = load_job(job_name)
-    rc = job.main(["--smoke", "--results", str(results), "--work-dir", str(work), "--lock", str(lock)])
-    assert rc == 0
-    records = sorted(results.glob("*.json"))
-    assert len(records) == 1, records
-    return records[0]
+from g1_helpers import copy_lock, run_job_smoke
 
 
 @pytest.fixture(scope="module")
 def g4_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("g4")
     lock = copy_lock(base / "lock")
-    return run_smoke("g4_conformal_retention", base / "results", base / "work", lock), lock
+    return run_job_smoke("g4_conformal_retention", base / "results", base / "work", lock), lock
 
 
 def test_smoke_record_passes_the_audit_and_is_consistent(g4_run):

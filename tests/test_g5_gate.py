@@ -19,15 +19,14 @@ from covtoken.audit import audit_folder
 from covtoken.backbone.frozen import load_backbone
 from covtoken.lock import ThresholdLock, judge
 from covtoken.subspace import GaussianDensity
-from g1_helpers import copy_lock
-from test_g4_gate import run_smoke
+from g1_helpers import copy_lock, run_job_smoke
 
 
 @pytest.fixture(scope="module")
 def g5_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("g5")
     lock = copy_lock(base / "lock")
-    return run_smoke("g5_routed_depth", base / "results", base / "work", lock), lock
+    return run_job_smoke("g5_routed_depth", base / "results", base / "work", lock), lock
 
 
 def test_smoke_record_passes_the_audit_and_is_consistent(g5_run):

@@ -18,16 +18,7 @@ from conftest import REPO_ROOT
 from covtoken.audit import audit_folder, render_negative
 from covtoken.eval.lesion_miss import LesionSet
 from covtoken.lock import ThresholdLock, judge
-from g1_helpers import copy_lock, load_job
-
-
-def run_smoke(job_name: str, results: Path, work: Path, lock: Path) -> Path:
-    """Run ``jobs/<job_name>.py --smoke`` in-process; return the one new record."""
-    rc = load_job(job_name).main(["--smoke", "--results", str(results), "--work-dir", str(work), "--lock", str(lock)])
-    assert rc == 0
-    records = sorted(results.glob("*.json"))
-    assert len(records) == 1, records
-    return records[0]
+from g1_helpers import copy_lock, load_job, run_job_smoke
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +26,7 @@ def g6_run(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("g6")
     lock = copy_lock(base / "lock")
     work = tmp_path_factory.getbasetemp() / "g3-g6-work"  # token bank shared with the G3 smoke test
-    return run_smoke("g6_coverage_pruner", base / "results", work, lock), lock
+    return run_job_smoke("g6_coverage_pruner", base / "results", work, lock), lock
 
 
 @pytest.mark.slow
