@@ -211,3 +211,17 @@ def test_wheel_installs_only_the_covtoken_package(tmp_path):
     for sub in ("subspace", "coverage", "gate", "arch", "backbone", "data", "eval", "paper"):
         assert f"covtoken/{sub}/__init__.py" in names
     assert "covtoken/configs/thresholds.lock.json" in names and "covtoken/configs/gate_record.schema.json" in names
+
+
+@pytest.mark.slow
+def test_submit_without_results_repo_runs_the_local_backend(tmp_path):
+    """`covtoken submit` with no results repo configured is the local backend: same job, local results folder."""
+    env = {k: v for k, v in os.environ.items() if k != "COVTOKEN_RESULTS_REPO"}
+    lock = copy_lock(tmp_path / "cfg")
+    r = subprocess.run([sys.executable, "-m", "covtoken.cli", "submit", str(REPO_ROOT / "jobs" / "g1_lesion_subspace.py"),
+                        "--results", str(tmp_path / "reports"), "--", "--smoke", "--work-dir", str(tmp_path / "w"),
+                        "--lock", str(lock)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (record,) = list((tmp_path / "reports").glob("g1-*.json"))
+    rec = json.loads(record.read_text())
+    assert rec["provenance"]["backend"]["name"] == "local" and rec["provenance"]["backend"]["job_id"] is None
