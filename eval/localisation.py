@@ -19,7 +19,34 @@ from sklearn.metrics import roc_auc_score
 
 from .bootstrap import clustered_bootstrap_auroc
 
-__all__ = ["SplitScores", "G1Result", "evaluate_g1", "arm_name", "percentile_ci", "paired_auroc_metrics"]
+__all__ = ["SplitScores", "G1Result", "evaluate_g1", "arm_name", "percentile_ci", "paired_auroc_metrics",
+           "mid_layer_blocks"]
+
+#: The rule of the first locked G1 entries: every block but the final one is a "mid-layer" candidate.
+EVERY_BLOCK_BEFORE_FINAL = "every block before the final one"
+
+
+def mid_layer_blocks(rule: str | dict, depth: int) -> list[int]:
+    """The mid-layer candidate blocks a locked rule names, for a backbone with ``depth`` blocks.
+
+    Args:
+        rule: ``"every block before the final one"`` (blocks ``0 .. depth-2``), or
+            ``{"first": i, "last_before_final": j}`` (blocks ``i .. depth-1-j``, both ends included).
+        depth: number of blocks.
+
+    Raises:
+        ValueError: an unknown rule, or a range that is empty or reaches the final block.
+    """
+    if rule == EVERY_BLOCK_BEFORE_FINAL:
+        blocks = list(range(depth - 1))
+    elif isinstance(rule, dict) and set(rule) == {"first", "last_before_final"}:
+        blocks = list(range(int(rule["first"]), depth - int(rule["last_before_final"])))
+    else:
+        raise ValueError(f"unknown mid-layer rule {rule!r}; use {EVERY_BLOCK_BEFORE_FINAL!r} or "
+                         "{'first': i, 'last_before_final': j}")
+    if not blocks or blocks[0] < 0 or blocks[-1] >= depth - 1:
+        raise ValueError(f"mid-layer rule {rule!r} gives blocks {blocks} for depth {depth}: empty or not before the final")
+    return blocks
 
 
 def arm_name(construction: str, block: int) -> str:

@@ -105,7 +105,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
-    from covtoken.eval.localisation import SplitScores, evaluate_g1
+    from covtoken.eval.localisation import SplitScores, evaluate_g1, mid_layer_blocks
     from covtoken.runner import Run, default_lock_path, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -123,6 +123,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
     blocks = list(range(bb.spec.depth))
     final_block = blocks[-1]
+    mid_blocks = mid_layer_blocks(P["mid_blocks"], bb.spec.depth)  # a bad locked rule fails before any work
     bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
                                     backbone=bb, items=items, blocks=blocks, final_norm=bool(P["final_norm"]))
     on_shard = run.sync_token_bank(bank_dir)  # HF Jobs: restore uploaded shards, upload new ones; None locally
@@ -146,7 +147,8 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     base = {"bright": (bright[rows["val"]].reshape(-1), bright[rows["test"]].reshape(-1)),
             "dark": (-bright[rows["val"]].reshape(-1), -bright[rows["test"]].reshape(-1))}
     with stage("evaluate"):
-        res = evaluate_g1(val=val, test=test, constructions=list(cfg.constructions), mid_blocks=blocks[:-1],
+        res = evaluate_g1(val=val, test=test, constructions=list(cfg.constructions),
+                          mid_blocks=mid_blocks,
                           final_block=final_block, baseline=base, n_boot=int(P["n_boot"]),
                           ci_level=float(P["ci_level"]), seed=cfg.seed)
 

@@ -225,3 +225,16 @@ def test_submit_without_results_repo_runs_the_local_backend(tmp_path):
     (record,) = list((tmp_path / "reports").glob("g1-*.json"))
     rec = json.loads(record.read_text())
     assert rec["provenance"]["backend"]["name"] == "local" and rec["provenance"]["backend"]["job_id"] is None
+
+
+def test_mid_layer_rule_from_the_lock():
+    from covtoken.eval.localisation import mid_layer_blocks
+
+    assert mid_layer_blocks("every block before the final one", 6) == [0, 1, 2, 3, 4]
+    assert mid_layer_blocks({"first": 1, "last_before_final": 1}, 12) == list(range(1, 11))
+    for bad in ({"first": 3, "last_before_final": 3}, {"first": 1, "last_before_final": 0}, "middle", {"first": 1}):
+        with pytest.raises(ValueError, match="mid-layer rule"):
+            mid_layer_blocks(bad, 6 if bad != {"first": 1, "last_before_final": 0} else 12)
+    entry = __import__("covtoken.lock", fromlist=["ThresholdLock"]).ThresholdLock.load(
+        REPO_ROOT / "configs" / "thresholds.lock.json").entry("G1/real")
+    assert mid_layer_blocks(entry.parameters["mid_blocks"], 12) == list(range(1, 11))  # never the first or last block
