@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -115,3 +115,19 @@ class SplitManifest:
         return {"unit": "patient", "seed": self.seed, "fractions": dict(self.fractions),
                 "n_patients": {k: len(v) for k, v in members.items()}, "membership": members,
                 "membership_sha256": digest}
+
+    def dataset_provenance(self, source: Mapping[str, Any], *, roles: Mapping[str, Any], calibration: bool,
+                           **extra: Any) -> dict:
+        """The ``provenance.dataset`` block of a gate record: the source's id/revision plus this split.
+
+        Args:
+            source: the dataset's own provenance (``LoadedDataset.provenance``).
+            roles: what each split is for, e.g. ``{"fit": "train", "select": "val", "judge": "test"}``.
+            calibration: a calibration run (its patients come from the calibration seed) or an evaluation run.
+            extra: further gate-specific fields.
+        """
+        d = self.to_dict()
+        return {**source, "splits": {"unit": "patient", "membership_sha256": d["membership_sha256"], **roles,
+                                     "fractions": dict(self.fractions),
+                                     "role": "calibration" if calibration else "evaluation"},
+                "n_patients": d["n_patients"], "split_seed": self.seed, **extra}

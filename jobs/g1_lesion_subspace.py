@@ -153,11 +153,10 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
                           ci_level=float(P["ci_level"]), seed=cfg.seed)
 
     backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
-    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
-    dataset_prov = {**data.provenance, "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"], "fit": "train", "select": "val", "judge": "test",
-                                                  "fractions": dict(P["split_fractions"]),
-                                                  "role": "calibration" if cfg.calibration else "evaluation"},
-                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed}
+    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    manifest = split.to_dict()
+    dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "select": "val", "judge": "test"},
+                                            calibration=cfg.calibration)
     if cfg.calibration:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         logging.getLogger("covtoken.g1").info("calibration metrics written to %s", path)

@@ -228,12 +228,10 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
                    "note": "share of test tokens whose norm exceeds factor x the image median; a saliency arm that "
                            "keeps mostly such tokens is looking at artefacts, not anatomy"}
     backbone_prov = bb.provenance(blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]))
-    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
-    dataset_prov = {**data.provenance, "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"],
-                                                  "fit": "train", "select": "val", "judge": "test",
-                                                  "fractions": dict(P["split_fractions"]),
-                                                  "role": "calibration" if cfg.calibration else "evaluation"},
-                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed}
+    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    manifest = split.to_dict()
+    dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "select": "val", "judge": "test"},
+                                            calibration=cfg.calibration)
     if cfg.calibration:
         path = run.write_calibration(metrics=metrics, backbone=backbone_prov, dataset=dataset_prov)
         log.info("calibration metrics written to %s", path)

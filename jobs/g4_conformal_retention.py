@@ -124,13 +124,11 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
                                    seed=cfg.seed, ci_level=float(P["ci_level"]), calibrate_on=P["calibrate_on"])
 
     backbone_prov = bb.provenance(blocks=[int(P["score_block"])], final_norm=bool(P["final_norm"]))
-    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
-    dataset_prov = {**data.provenance,
-                    "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"], "fit": "train",
-                               "calibrate": "calib", "judge": "test", "fractions": dict(P["split_fractions"]),
-                               "role": "calibration" if cfg.calibration else "evaluation"},
-                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed,
-                    "patients_without_lesion_tokens": int(n_free)}
+    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    manifest = split.to_dict()
+    dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "calibrate": "calib", "judge": "test"},
+                                            calibration=cfg.calibration,
+                                            patients_without_lesion_tokens=int(n_free))
     if cfg.calibration:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         log.info("calibration metrics written to %s", path)

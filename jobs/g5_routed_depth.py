@@ -146,12 +146,10 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
                               macs=routed["macs"], timing=timing, P=P, device=str(bb.device))
 
     backbone_prov = bb.provenance(blocks=sorted(scores), final_norm=False)
-    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
-    dataset_prov = {**data.provenance,
-                    "splits": {"unit": "patient", "membership_sha256": manifest["membership_sha256"], "fit": "train",
-                               "judge": "test", "fractions": dict(P["split_fractions"]),
-                               "role": "calibration" if cfg.calibration else "evaluation"},
-                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed}
+    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    manifest = split.to_dict()
+    dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "judge": "test"},
+                                            calibration=cfg.calibration)
     if cfg.calibration:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         log.info("calibration metrics written to %s", path)

@@ -179,14 +179,13 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     backbone_prov = {**bb.provenance(blocks=[bb.spec.depth - 1], final_norm=True),
                      "embedding": "pooled image embedding (covtoken.backbone.embed), L2-normalised",
                      "input_embedding_model_id": embedding_model_id(bb.spec)}
-    manifest = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits).to_dict()
-    dataset_prov = {**data.provenance,
-                    "splits": {"unit": "patient", "lesion_disjoint": True, "membership_sha256": manifest["membership_sha256"],
-                               "fit": "train", "select": "val", "judge": "test", "fractions": dict(P["split_fractions"]),
-                               "role": "calibration" if cfg.calibration else "evaluation"},
-                    "n_patients": {k: len(v) for k, v in splits.items()}, "split_seed": cfg.seed,
-                    "nuisance": {"train_families": sorted({v.params.family for v in lf.train_views}),
-                                 "held_out_family": P["held_out_family"], "seed": cfg.seed}}
+    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    manifest = split.to_dict()
+    dataset_prov = split.dataset_provenance(
+        data.provenance, roles={"lesion_disjoint": True, "fit": "train", "select": "val", "judge": "test"},
+        calibration=cfg.calibration,
+        nuisance={"train_families": sorted({v.params.family for v in lf.train_views}),
+                  "held_out_family": P["held_out_family"], "seed": cfg.seed})
     if cfg.calibration:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         log.info("calibration metrics written to %s", path)
