@@ -244,6 +244,13 @@ class Run:
         log.info(json.dumps({"event": "run_start", "run_id": self.run_id, "gate": gate_id, "entry": lock_entry,
                              "commit": self.code["commit"], "dirty": self.code["dirty"]}))
 
+    @classmethod
+    def for_gate(cls, gate_id: str, cfg: JobConfig, *, command: list[str], default_entry: str) -> "Run":
+        """Open the run of a gate job from its config: ``--lock-entry`` if given, else ``<gate>/<default_entry>``."""
+        return cls(gate_id=gate_id, results_dir=cfg.results, lock_entry=cfg.lock_entry or f"{gate_id}/{default_entry}",
+                   lock_path=cfg.lock or default_lock_path(), config=cfg, seed=cfg.seed, run_id=cfg.run_id,
+                   device=cfg.device, calibration=cfg.calibration, command=command)
+
     def sync_token_bank(self, bank_dir: str | Path) -> Callable[[Path], None] | None:
         """The ``on_shard`` callback for a token bank in ``bank_dir``; None on the local backend.
 

@@ -19,7 +19,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -165,6 +165,14 @@ class TokenBank:
     @property
     def patient_ids(self) -> list[str]:
         return list(self.manifest["patient_ids"])
+
+    def split_rows(self, splits: Mapping[str, Iterable[str]]) -> dict[str, np.ndarray]:
+        """Bank rows (image indices) of each split: split name -> patient ids -> ``(n,)`` int64 rows, bank order."""
+        out = {}
+        for name, members in splits.items():
+            members = set(members)
+            out[name] = np.array([i for i, p in enumerate(self.patient_ids) if p in members], dtype=np.int64)
+        return out
 
     def tokens(self, block: int, rows: np.ndarray | None = None) -> np.ndarray:
         """Tokens of ``block`` for images ``rows`` (all by default): ``(n_rows, N, d)`` float32."""

@@ -72,8 +72,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
     blocks = list(range(bb.spec.depth))
     bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]),
                            batch_size=cfg.batch_size, on_shard=on_shard)
-    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
-            for name, members in splits.items()}
+    rows = bank.split_rows(splits)
     scores = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions),
                           fit_rows=rows["train"], score_rows=np.concatenate([rows["val"], rows["test"]]),
                           params=dict(P["construction_params"]), seed=cfg.seed,
@@ -106,13 +105,12 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, evaluate_g1, mid_layer_blocks
-    from covtoken.runner import Run, default_lock_path, stage
+    from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    entry = cfg.lock_entry or ("G1/sample" if cfg.sample_run else "G1/embedded" if embedded else "G1/real")
-    run = Run(gate_id="G1", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
-              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    run = Run.for_gate("G1", cfg, command=command,
+                       default_entry="sample" if cfg.sample_run else "embedded" if embedded else "real")
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset, root=cfg.data_root)

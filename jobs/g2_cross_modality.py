@@ -72,8 +72,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
     block = int(P["block"])
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=[block], final_norm=bool(P["final_norm"]),
                            batch_size=cfg.batch_size, on_shard=on_shard)
-    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
-            for name, members in splits.items()}
+    rows = bank.split_rows(splits)
     dens = score_blocks(bank.tokens, blocks=[block], constructions=["A_gauss"], fit_rows=rows["train"],
                         score_rows=rows["test"], params={}, seed=cfg.seed, max_fit_tokens=int(P["max_fit_tokens"]))
     test_images = [data.items[i].image for i in rows["test"]]
@@ -91,15 +90,12 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, paired_auroc_metrics
-    from covtoken.runner import Run, default_lock_path, load_gate_dataset, stage
+    from covtoken.runner import Run, load_gate_dataset, stage
 
     get_spec(cfg.backbone)
     datasets, roots = _pairs(cfg.datasets, "datasets"), _pairs(cfg.data_roots, "data-roots")
     embedded = all(is_embedded(d) for d in datasets.values()) and cfg.backbone == "tiny-vit"
-    entry = cfg.lock_entry or ("G2/embedded" if embedded else "G2/real")
-    run = Run(gate_id="G2", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
-              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration,
-              command=command)
+    run = Run.for_gate("G2", cfg, command=command, default_entry="embedded" if embedded else "real")
     P = run.parameters
     if sorted(datasets) != sorted(P["modalities"]):
         raise ValueError(f"--datasets must name exactly the locked modalities {P['modalities']}, got {sorted(datasets)}")

@@ -84,8 +84,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None) -> Label
     blocks = list(range(bb.spec.depth))
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
                            batch_size=cfg.batch_size, on_shard=on_shard)
-    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
-            for name, members in splits.items()}
+    rows = bank.split_rows(splits)
     scored = np.concatenate([rows["val"], rows["test"]])
     n_tok = bank.grid[0] * bank.grid[1]
     flat = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions), fit_rows=rows["train"],
@@ -183,13 +182,11 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet
     from covtoken.gate.keep import keep_count, topk_keep
-    from covtoken.runner import Run, default_lock_path, stage
+    from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    entry = cfg.lock_entry or ("G3/embedded" if embedded else "G3/real")
-    run = Run(gate_id="G3", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
-              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    run = Run.for_gate("G3", cfg, command=command, default_entry="embedded" if embedded else "real")
     P = run.parameters
     if not embedded and spec.num_registers == 0:
         log.warning("%s has no register tokens: its CLS attention may be dominated by high-norm artefact tokens "

@@ -65,8 +65,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
     block = int(P["score_block"])
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]),
                            batch_size=cfg.batch_size, on_shard=on_shard)
-    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members], dtype=np.int64)
-            for name, members in splits.items()}
+    rows = bank.split_rows(splits)
     fit = bank.tokens(block, rows["train"]).reshape(-1, bb.spec.width)
     fit = fit[fit_subsample(fit.shape[0], int(P["max_fit_tokens"]), cfg.seed + block)]
     scorer = build_scorer(P["score_construction"], dict(P["construction_params"])).fit(fit)
@@ -85,13 +84,11 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.bootstrap import draw_cluster_counts
     from covtoken.eval.labels import token_lesion_fraction
-    from covtoken.runner import Run, default_lock_path, stage
+    from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    entry = cfg.lock_entry or ("G4/embedded" if embedded else "G4/real")
-    run = Run(gate_id="G4", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
-              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    run = Run.for_gate("G4", cfg, command=command, default_entry="embedded" if embedded else "real")
     P = run.parameters
     if not 0 <= int(P["score_block"]) < spec.depth:
         raise ValueError(f"locked score_block {P['score_block']} outside the {spec.depth} blocks of {cfg.backbone}")

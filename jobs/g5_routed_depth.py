@@ -69,8 +69,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
 
     depth = bb.spec.depth
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(depth)), final_norm=False, batch_size=cfg.batch_size, on_shard=on_shard)
-    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members], dtype=np.int64)
-            for name, members in splits.items()}
+    rows = bank.split_rows(splits)
     scores, scorers = {}, {}
     for k in range(depth - 1):
         fit = bank.tokens(k, rows["train"]).reshape(-1, bb.spec.width)
@@ -107,13 +106,11 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.bootstrap import draw_cluster_counts
     from covtoken.eval.labels import lesion_components
-    from covtoken.runner import Run, default_lock_path, stage
+    from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    entry = cfg.lock_entry or ("G5/embedded" if embedded else "G5/real")
-    run = Run(gate_id="G5", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
-              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    run = Run.for_gate("G5", cfg, command=command, default_entry="embedded" if embedded else "real")
     P = run.parameters
     if not 0 <= int(P["exit_after"]) < spec.depth - 1:
         raise ValueError(f"locked exit_after {P['exit_after']} must lie in [0, {spec.depth - 1}) for {cfg.backbone}")

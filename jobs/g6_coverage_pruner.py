@@ -68,8 +68,7 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None) -> tuple
     blocks = list(range(bb.spec.depth))
     bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
                            batch_size=cfg.batch_size, on_shard=on_shard)
-    rows = {name: np.array([i for i, p in enumerate(bank.patient_ids) if p in members])
-            for name, members in splits.items()}
+    rows = bank.split_rows(splits)
     scored = np.concatenate([rows["val"], rows["test"]])
     n_tok = bank.grid[0] * bank.grid[1]
     flat = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions), fit_rows=rows["train"],
@@ -232,13 +231,11 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet, best_rank, select_lowest_miss
     from covtoken.gate.keep import keep_count, token_ranks
-    from covtoken.runner import Run, default_lock_path, stage
+    from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    entry = cfg.lock_entry or ("G6/embedded" if embedded else "G6/real")
-    run = Run(gate_id="G6", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
-              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration, command=command)
+    run = Run.for_gate("G6", cfg, command=command, default_entry="embedded" if embedded else "real")
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset)

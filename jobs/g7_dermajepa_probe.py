@@ -140,15 +140,12 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     from covtoken.data.pairs import lesion_table
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.change import EvalLesions, build_pairs, evaluate_g7, score_pairs
-    from covtoken.runner import Run, default_lock_path, stage
+    from covtoken.runner import Run, stage
 
     log = logging.getLogger("covtoken.g7")
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
     embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    entry = cfg.lock_entry or ("G7/embedded" if embedded else "G7/real")
-    run = Run(gate_id="G7", results_dir=cfg.results, lock_entry=entry, lock_path=cfg.lock or default_lock_path(),
-              config=cfg, seed=cfg.seed, run_id=cfg.run_id, device=cfg.device, calibration=cfg.calibration,
-              command=command)
+    run = Run.for_gate("G7", cfg, command=command, default_entry="embedded" if embedded else "real")
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset, root=cfg.data_root)
