@@ -34,6 +34,7 @@ class RecordAudit:
     record: dict | None = None
     problems: list[str] = field(default_factory=list)
     prereg: tuple[str, str] = ("unavailable", "not checked")
+    marks: list[str] = field(default_factory=list)  # shown on the record's summary row (allowed exceptions)
 
     def fail(self, fld: str, msg: str) -> None:
         self.problems.append(f"{self.path}: field {fld}: {msg}")
@@ -44,6 +45,7 @@ class AuditReport:
     folder: Path
     records: list[RecordAudit]
     problems: list[str]
+    missing: list = field(default_factory=list)  # ledger runs without a record (audit_integrity.MissingRun)
 
     @property
     def ok(self) -> bool:
@@ -82,7 +84,9 @@ def _check_lock(ra: RecordAudit, lock: ThresholdLock) -> None:
                 ra.fail(f"criteria/{i}", f"recorded {b} but the lock has {a}")
                 break
         return
-    decision, judged, _ = judge(entry.criteria, rec["metrics"])
+    decision, judged, reason = judge(entry.criteria, rec["metrics"])
+    if rec.get("decision_reason") is not None and rec["decision_reason"] != reason:
+        ra.fail("decision_reason", f"recorded {rec['decision_reason']!r}, recomputed {reason!r}")
     for i, (want, got) in enumerate(zip(judged, rec["criteria"])):
         for key in ("observed", "point", "outcome"):
             if want[key] != got[key]:
@@ -177,8 +181,13 @@ def _is_ancestor(root: Path, a: str, b: str) -> bool:
     return subprocess.run(["git", "-C", str(root), "merge-base", "--is-ancestor", a, b]).returncode == 0
 
 
-def audit_folder(folder: str | Path, *, lock_path: str | Path) -> AuditReport:
-    """Audit every record under ``folder`` against the lock at ``lock_path``."""
+def audit_folder(folder: str | Path, *, lock_path: str | Path, allow_unproven_prereg: bool = False,
+                 allow_dirty: bool = False, allow_missing_records: bool = False) -> AuditReport:
+    """Audit every record under ``folder`` against the lock at ``lock_path``.
+
+    Fails closed: pre-registration that cannot be proven, a dirty-tree record and a started run without a record
+    each fail unless the matching ``allow_*`` flag is given, and then the summary row says so.
+    """
     folder, lock_path = Path(folder), Path(lock_path)
     report = AuditReport(folder, [], [])
     if not folder.is_dir():
@@ -211,7 +220,29 @@ def audit_folder(folder: str | Path, *, lock_path: str | Path) -> AuditReport:
         ra.prereg = preregistration(ra.record, lock_path)
         if ra.prereg[0] == "not-registered":
             ra.fail("lock/entry_digest", f"thresholds were not pre-registered: {ra.prereg[1]}")
+        _check_integrity(ra, lock_path, lock.digest, allow_unproven_prereg=allow_unproven_prereg,
+                         allow_dirty=allow_dirty)
+    from .audit_integrity import check_store
+
+    report.missing = check_store(folder, report.records, report.problems, allow_missing=allow_missing_records)
     return report
+
+
+def _check_integrity(ra: RecordAudit, lock_path: Path, lock_digest: str, *, allow_unproven_prereg: bool,
+                     allow_dirty: bool) -> None:
+    """Recompute the metrics, cross-check provenance, code and files (covtoken.audit_integrity)."""
+    from .audit_integrity import check_code, check_files, check_lock_file_digest, check_recompute, check_sealed
+
+    if ra.prereg[0] == "unavailable":
+        if allow_unproven_prereg:
+            ra.marks.append(f"pre-registration unproven ({ra.prereg[1]})")
+        else:
+            ra.fail("lock/entry_digest", f"pre-registration cannot be proven: {ra.prereg[1]} "
+                                         "(audit --allow-unproven-prereg accepts it, marked in the summary)")
+    ra.marks += check_code(ra, allow_dirty=allow_dirty)
+    check_files(ra)
+    check_lock_file_digest(ra, lock_path, lock_digest)
+    check_sealed(ra, check_recompute(ra))
 
 
 # ------------------------------------------------------------------------------------------------ summaries
@@ -230,7 +261,7 @@ def _row(ra: RecordAudit) -> str:
     cells = [r["gate_id"], r["claim"], f"**{r['decision']}**", _key_metric(r),
              f"{prov['backbone']['name']} ({prov['backbone']['revision'] or 'seeded'})",
              f"{ds['id']} ({sum(ds['n_patients'].values())} patients)", f"`{r['run_id']}`",
-             f"{ra.prereg[0]}" + (" (dirty)" if prov["code"]["dirty"] else "")]
+             f"{ra.prereg[0]}" + "".join(f" ({m})" for m in ra.marks)]
     return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
 
@@ -272,6 +303,12 @@ def render_negative(report: AuditReport) -> str:
                              f"{c['threshold']} → {c['outcome']}")
         if r.get("notes"):
             lines += ["", "What the run recorded:", *[f"- {n}" for n in r["notes"]]]
+        lines.append("")
+    if report.missing:
+        lines += ["## Runs started without a record", "",
+                  "The run ledger lists these runs, but no record exists: killed, failed, or deleted. Their result "
+                  "is unknown and must not be read as absent.", ""]
+        lines += [f"- {m['gate_id']} `{m['run_id']}` (started {m['time']}): {m['why']}" for m in report.missing]
         lines.append("")
     if open_:
         lines += ["## Inconclusive", ""]

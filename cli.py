@@ -44,6 +44,11 @@ def fetch_local_run(src: Path, run_id: str, dest: Path) -> Path:
         if art_dst.exists():
             raise FileExistsError(f"{art_dst}: artefacts already present")
         shutil.copytree(art_src, art_dst)
+    from .runstore import append_ledger, read_ledger
+
+    for entry in read_ledger(src):  # the run's ledger entries travel with it
+        if entry["run_id"] == run_id:
+            append_ledger(dest, entry)
     shutil.copyfile(record_path, target)
     return target
 
@@ -100,7 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     lock_path = Path(args.lock) if args.lock else default_lock_path()
-    report = audit_folder(folder, lock_path=lock_path)
+    report = audit_folder(folder, lock_path=lock_path, allow_unproven_prereg=args.allow_unproven_prereg,
+                          allow_dirty=args.allow_dirty, allow_missing_records=args.allow_missing_records)
     if not report.ok:
         for p in report.all_problems():
             console.print(f"[red]FAIL[/red] {p}", soft_wrap=True)
@@ -214,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("folder", nargs="?", default="gate_reports")
     a.add_argument("--lock", help="threshold lock (default configs/thresholds.lock.json)")
     a.add_argument("--check", action="store_true", help="write nothing; fail if the summaries are stale")
+    a.add_argument("--allow-unproven-prereg", action="store_true", help=(
+        "accept records whose pre-registration cannot be proven (no git history, unknown commit, lock outside the "
+        "repository); their summary rows say so"))
+    a.add_argument("--allow-dirty", action="store_true", help="accept dirty-tree records, marked 'not evidence'")
+    a.add_argument("--allow-missing-records", action="store_true", help=(
+        "accept ledger runs without a record (they stay listed in NEGATIVE_RESULT.md)"))
     a.set_defaults(fn=cmd_audit)
 
     t = sub.add_parser("thresholds", help="calibrate, lock, verify or show the threshold lock")
@@ -241,7 +253,7 @@ def _register_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands that live in their own modules (HF Jobs backend, paper) register themselves here."""
     import importlib
 
-    for module in ("covtoken.hfjobs", "covtoken.paper.cli"):
+    for module in ("covtoken.hfjobs", "covtoken.paper.cli", "covtoken.reproduce"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

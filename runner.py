@@ -231,16 +231,18 @@ class Run:
             self.hub = HubSync.from_environment()
             run_id = self.hub.claim_run_id(run_id)
         self.run_id = run_id or new_run_id(gate_id)
-        if (self.results_dir / f"{self.run_id}.json").exists():
-            raise FileExistsError(f"run {self.run_id} already has a record in {self.results_dir}; use a new run id")
+        resumed = self._open_staging()
         self.backend = dict(backend or (self.hub.backend() if self.hub else {"name": "local", "job_id": None}))
         self.device = device
         self.command = list(command) if command else [Path(sys.argv[0]).name, *sys.argv[1:]]
         self.code = code_state()
         self.started_at = utc_now()
         self._t0 = time.perf_counter()
-        self.artefacts = ArtefactWriter(self.results_dir, self.run_id)
+        self.artefacts = ArtefactWriter(self.staging, self.run_id)
         self.notes: list[str] = []
+        self._evaluations: list[dict] = []
+        self._evaluated: dict[str, Any] = {}
+        self._ledger("resume" if resumed else "start", lock_entry)
         log.info(json.dumps({"event": "run_start", "run_id": self.run_id, "gate": gate_id, "entry": lock_entry,
                              "commit": self.code["commit"], "dirty": self.code["dirty"]}))
 
@@ -274,6 +276,10 @@ class Run:
         """Judge ``metrics`` under the locked entry and write the record; returns its path."""
         if self.entry is None:
             raise RuntimeError("a calibration run is never judged; use write_calibration")
+        self._seal_evaluation(metrics, sample_run=sample_run, sealed={
+            "code": self.code, "seed": self.seed, "sample_run": sample_run, "backbone": backbone, "dataset": dataset,
+            "command": self.command, "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
+            "parameters": json.loads(dumps_strict(dict(self.parameters))), "entry": self.entry_key})
         decision, criteria, reason = judge(self.entry.criteria, metrics)
         rt = runtime(self.device)
         finished = utc_now()
@@ -307,7 +313,7 @@ class Run:
             "artefacts": self.artefacts.entries,
             "notes": self.notes,
         }
-        path = write_record(record, self.results_dir)
+        path = self._commit(record)
         log.info(json.dumps({"event": "record_written", "path": str(path), "decision": decision}))
         if self.hub is not None:
             self.hub.publish_record(path)  # artefacts and record in one commit, after everything else
@@ -320,9 +326,114 @@ class Run:
                "code": self.code, "started_at": self.started_at, "finished_at": utc_now(),
                "config": json.loads(dumps_strict(dataclasses.asdict(self.config)))}
         path = write_json_atomic(self.results_dir / "calibration" / f"{self.run_id}.json", doc)
+        self._discard_staging()  # a calibration run keeps no gate artefacts
         if self.hub is not None:
             self.hub.publish_file(path, f"calibration/{self.run_id}.json")
         return path
+
+
+    # ------------------------------------------------------------- evaluation inputs, staging, ledger
+    def evaluate(self, recipe: str, arrays: Mapping[str, Any], args: Mapping[str, Any]) -> Any:
+        """Compute metrics through the named recipe and keep its inputs as an eval-only artefact.
+
+        The arrays go to ``eval_inputs-<k>.npz`` and the call to ``evaluation.json`` (at :meth:`finish`), so the
+        audit can recompute every metric the same way (``covtoken.eval.recompute``). Returns the recipe's
+        :class:`~covtoken.eval.recompute.Evaluation`.
+        """
+        from .eval.recompute import canonical, evaluate, pack_arrays
+
+        ev = evaluate(recipe, arrays, args)
+        clash = sorted(set(ev.metrics) & set(self._evaluated))
+        if clash:
+            raise ValueError(f"recipe {recipe} produced metrics {clash} that an earlier evaluation already produced")
+        name = f"eval_inputs-{len(self._evaluations)}.npz"
+        if not self.calibration:
+            self.artefacts.bytes(name, pack_arrays(arrays), description=(
+                f"evaluation inputs of recipe {recipe} (eval-only; the audit recomputes the metrics from them)"))
+        self._evaluations.append({"recipe": recipe, "args": canonical(dict(args)), "inputs": name,
+                                  "metrics": sorted(ev.metrics)})
+        self._evaluated.update(ev.metrics)
+        return ev
+
+    def _seal_evaluation(self, metrics: Mapping[str, Any], *, sample_run: bool, sealed: Mapping[str, Any]) -> None:
+        """Check that every record metric came out of :meth:`evaluate` unchanged; write ``evaluation.json``.
+
+        ``sealed`` holds the record fields the audit cannot recompute (provenance, seed, notes...); the audit
+        requires the record to carry exactly these values, so a record edited after the run no longer matches.
+        """
+        from .eval.recompute import compare_metrics
+
+        if not self._evaluations:
+            log.warning(json.dumps({"event": "no_evaluation_inputs", "run_id": self.run_id,
+                                    "detail": "metrics were not computed through Run.evaluate; the audit will fail"}))
+            return
+        diffs = compare_metrics(self._evaluated, metrics)
+        if diffs:
+            raise RuntimeError(f"run {self.run_id}: the record's metrics are not the ones its recipes computed: "
+                               + "; ".join(diffs[:5]))
+        self.artefacts.json("evaluation.json", {
+            "kind": "covtoken.evaluation", "evaluations": self._evaluations, "notes": list(self.notes),
+            "sealed": dict(sealed)}, description="how every metric was computed: recipe, arguments and input "
+            "file per call, plus the run's notes and provenance as written (the audit recomputes and compares)")
+
+    @property
+    def staging(self) -> Path:
+        from .runstore import staging_dir
+
+        return staging_dir(self.results_dir, self.run_id)
+
+    def _open_staging(self) -> bool:
+        """Refuse a finished run id, finish an interrupted commit, or resume a staged run; True when resuming."""
+        import shutil
+
+        from .runstore import recover_commit
+
+        if (self.results_dir / f"{self.run_id}.json").exists():
+            recover_commit(self.results_dir, self.run_id)  # removes staging leftovers of a finished run
+            raise FileExistsError(f"run {self.run_id} already has a record in {self.results_dir}; use a new run id")
+        if recover_commit(self.results_dir, self.run_id) is not None:
+            raise FileExistsError(f"run {self.run_id} had finished; its interrupted commit into {self.results_dir} "
+                                  "was completed now")
+        orphan = self.results_dir / "artefacts" / self.run_id
+        if orphan.exists():
+            raise FileExistsError(f"{orphan}: artefacts of run {self.run_id} exist without a record (written outside "
+                                  "staging); remove the folder to rerun it")
+        if self.staging.exists():
+            shutil.rmtree(self.staging)  # a killed attempt: its partial artefacts are recomputed
+            return True
+        return False
+
+    def _ledger(self, event: str, lock_entry: str) -> None:
+        from .runstore import append_ledger, config_digest
+
+        append_ledger(self.results_dir, {
+            "event": event, "run_id": self.run_id, "gate_id": self.gate_id, "entry": lock_entry,
+            "time": self.started_at, "commit": self.code["commit"], "calibration": self.calibration,
+            "command_sha256": config_digest(self.command),
+            "config_sha256": config_digest(json.loads(dumps_strict(dataclasses.asdict(self.config)))
+                                           if dataclasses.is_dataclass(self.config) else repr(self.config))})
+
+    def _commit(self, record: dict) -> Path:
+        from .runstore import DiskWriteError, commit_run
+
+        try:
+            write_record(record, self.staging)
+            return commit_run(self.results_dir, self.run_id)
+        except OSError as exc:
+            if isinstance(exc, (FileExistsError, DiskWriteError)) or exc.errno is None:
+                raise
+            where = exc.filename or self.staging
+            raise DiskWriteError(exc.errno, f"{where}: cannot write run {self.run_id}: {exc.strerror}") from None
+
+    def _discard_staging(self) -> None:
+        import shutil
+
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        try:
+            self.staging.parent.rmdir()
+        except OSError:
+            pass
 
 
 def _display_path(p: Path) -> str:

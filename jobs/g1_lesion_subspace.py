@@ -104,7 +104,8 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
-    from covtoken.eval.localisation import SplitScores, evaluate_g1, mid_layer_blocks
+    from covtoken.eval.localisation import SplitScores, mid_layer_blocks
+    from covtoken.eval.recipes import pack_split
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -144,11 +145,13 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     val, test = split_scores("val", slice(0, n_val)), split_scores("test", slice(n_val, None))
     base = {"bright": (bright[rows["val"]].reshape(-1), bright[rows["test"]].reshape(-1)),
             "dark": (-bright[rows["val"]].reshape(-1), -bright[rows["test"]].reshape(-1))}
-    with stage("evaluate"):
-        res = evaluate_g1(val=val, test=test, constructions=list(cfg.constructions),
-                          mid_blocks=mid_blocks,
-                          final_block=final_block, baseline=base, n_boot=int(P["n_boot"]),
-                          ci_level=float(P["ci_level"]), seed=cfg.seed)
+    inputs = {**pack_split("val", val), **pack_split("test", test),
+              **{f"baseline.{k}.{s}": v[i] for k, v in base.items() for i, s in enumerate(("val", "test"))}}
+    with stage("evaluate"):  # through the recipe the audit recomputes from the stored inputs
+        res = run.evaluate("g1.localisation", inputs, {
+            "constructions": list(cfg.constructions), "mid_blocks": mid_blocks, "final_block": final_block,
+            "n_boot": int(P["n_boot"]), "ci_level": float(P["ci_level"]), "seed": cfg.seed})
+    table, selection = res.extras["table"], res.extras["selection"]
 
     backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
@@ -159,10 +162,10 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         logging.getLogger("covtoken.g1").info("calibration metrics written to %s", path)
         return 0
-    run.artefacts.json("auroc_per_block.json", res.table, description="val/test token AUROC of every arm with CI")
-    run.artefacts.json("selection.json", res.selection, description="what was selected on validation, and how")
+    run.artefacts.json("auroc_per_block.json", table, description="val/test token AUROC of every arm with CI")
+    run.artefacts.json("selection.json", selection, description="what was selected on validation, and how")
     run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
-    run.notes.append(f"selected {res.selection['mid_arm']} on validation (AUROC {res.selection['val_auroc']:.4f})")
+    run.notes.append(f"selected {selection['mid_arm']} on validation (AUROC {selection['val_auroc']:.4f})")
     n_test = res.metrics["mid_auroc"]["n"]["patients"]
     if n_test < MIN_PATIENTS_FOR_CI:
         run.notes.append(f"only {n_test} test patients: a patient-clustered bootstrap over so few clusters "

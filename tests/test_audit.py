@@ -37,7 +37,7 @@ def workspace(g1_run, tmp_path) -> tuple[Path, Path, Path]:
 
 
 def problems(results: Path, lock: Path) -> list[str]:
-    rep = audit_folder(results, lock_path=lock)
+    rep = audit_folder(results, lock_path=lock, allow_unproven_prereg=True, allow_dirty=True)
     return rep.all_problems() if not rep.ok else []
 
 
@@ -50,16 +50,16 @@ def rewrite(path: Path, fn) -> None:
 def test_clean_run_passes_and_writes_summaries(workspace):
     results, record, lock = workspace
     assert problems(results, lock) == []
-    rc = cli_main(["audit", str(results), "--lock", str(lock)])
+    rc = cli_main(["audit", str(results), "--lock", str(lock), "--allow-unproven-prereg", "--allow-dirty"])
     assert rc == 0
     summary = (results / "SUMMARY.md").read_text()
     rec = json.loads(record.read_text())
     assert rec["run_id"] in summary and f"**{rec['decision']}**" in summary
     assert (results / "NEGATIVE_RESULT.md").is_file()
     # --check accepts fresh summaries and rejects a stale one
-    assert cli_main(["audit", str(results), "--lock", str(lock), "--check"]) == 0
+    assert cli_main(["audit", str(results), "--lock", str(lock), "--allow-unproven-prereg", "--allow-dirty", "--check"]) == 0
     (results / "SUMMARY.md").write_text(summary.replace(rec["decision"], "edited"))
-    assert cli_main(["audit", str(results), "--lock", str(lock), "--check"]) == 1
+    assert cli_main(["audit", str(results), "--lock", str(lock), "--allow-unproven-prereg", "--allow-dirty", "--check"]) == 1
 
 
 def test_record_is_complete(workspace):
