@@ -340,15 +340,16 @@ class Run:
         audit can recompute every metric the same way (``covtoken.eval.recompute``). Returns the recipe's
         :class:`~covtoken.eval.recompute.Evaluation`.
         """
-        from .eval.recompute import canonical, evaluate, pack_arrays
+        from .eval.recompute import canonical, evaluate, pack_arrays, unpack_arrays
 
-        ev = evaluate(recipe, arrays, args)
+        data = pack_arrays(arrays)
+        ev = evaluate(recipe, unpack_arrays(data), args)  # exactly what the audit will load and recompute
         clash = sorted(set(ev.metrics) & set(self._evaluated))
         if clash:
             raise ValueError(f"recipe {recipe} produced metrics {clash} that an earlier evaluation already produced")
         name = f"eval_inputs-{len(self._evaluations)}.npz"
         if not self.calibration:
-            self.artefacts.bytes(name, pack_arrays(arrays), description=(
+            self.artefacts.bytes(name, data, description=(
                 f"evaluation inputs of recipe {recipe} (eval-only; the audit recomputes the metrics from them)"))
         self._evaluations.append({"recipe": recipe, "args": canonical(dict(args)), "inputs": name,
                                   "metrics": sorted(ev.metrics)})

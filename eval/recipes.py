@@ -11,6 +11,10 @@ import numpy as np
 
 from .localisation import SplitScores, evaluate_g1, paired_auroc_metrics
 from .recompute import Evaluation, RecipeError, recipe
+from . import gate_arch as _arch  # noqa: F401  (registers g4.certificate, g5.routing)
+from . import gate_g3 as _g3  # noqa: F401  (registers g3.miss)
+from . import gate_g6 as _g6  # noqa: F401  (registers g6.pruner)
+from . import gate_g7 as _g7  # noqa: F401  (registers g7.change)
 
 __all__ = ["pack_split", "unpack_split"]
 
@@ -52,3 +56,17 @@ def paired_auroc(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evalua
     return Evaluation(metrics=paired_auroc_metrics(
         unpack_split(a, "test"), arms=dict(args["arms"]), diffs={k: tuple(v) for k, v in args["diffs"].items()},
         n_boot=int(args["n_boot"]), ci_level=float(args["ci_level"]), seed=int(args["seed"])))
+
+
+@recipe("g2.modality")
+def g2_modality(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluation:
+    """G2, one modality: density vs CLS-saliency AUROC (paired bootstrap) and the high-norm token fraction."""
+    m = args["modality"]
+    test = unpack_split(a, "test")
+    out = paired_auroc_metrics(test, arms={f"auroc_density_{m}": "density", f"auroc_saliency_{m}": "saliency"},
+                               diffs={f"delta_density_saliency_{m}": (f"auroc_density_{m}", f"auroc_saliency_{m}")},
+                               n_boot=int(args["n_boot"]), ci_level=float(args["ci_level"]), seed=int(args["seed"]))
+    out[f"high_norm_fraction_{m}"] = {"value": float(a["high_norm"].mean()), "ci": None, "ci_method": None,
+                                      "n": {"tokens": int(test.labels.size)}, "unit": "fraction of test tokens",
+                                      "description": "tokens with a norm above 4x their image's median (artefact check)"}
+    return Evaluation(metrics=out)

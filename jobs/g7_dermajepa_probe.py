@@ -34,6 +34,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -139,7 +140,8 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     from covtoken.data.catalog import is_embedded
     from covtoken.data.pairs import lesion_table
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
-    from covtoken.eval.change import EvalLesions, build_pairs, evaluate_g7, score_pairs
+    from covtoken.eval.change import EvalLesions, build_pairs, score_pairs
+    from covtoken.eval.gate_g7 import g7_inputs
     from covtoken.runner import Run, stage
 
     log = logging.getLogger("covtoken.g7")
@@ -170,8 +172,9 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
                                     images=lf.eval_pixels, pixel_size=int(P["pixel_size"]))
                   for name, p in pairs.items()}
         heads = {h: [f"{h}/seed{t.seed}" for t in ts] for h, ts in lf.trained.items()}
-        res = evaluate_g7(val=pairs["val"], test=pairs["test"], val_scores=scores["val"], test_scores=scores["test"],
-                          heads=heads, n_boot=int(P["n_boot"]), ci_level=float(P["ci_level"]), seed=cfg.seed)
+        ev = run.evaluate("g7.change", *g7_inputs(pairs=pairs, scores=scores, heads=heads, n_boot=int(P["n_boot"]),
+                                                  ci_level=float(P["ci_level"]), seed=cfg.seed))  # audit recomputes
+        res = SimpleNamespace(metrics=ev.metrics, **ev.extras)
 
     backbone_prov = {**bb.provenance(blocks=[bb.spec.depth - 1], final_norm=True),
                      "embedding": "pooled image embedding (covtoken.backbone.embed), L2-normalised",
