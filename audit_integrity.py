@@ -60,6 +60,23 @@ def _evaluation_doc(ra: Any) -> dict | None:
     return doc
 
 
+_RECOMPUTED: dict[str, Any] = {}
+
+
+def _recompute_cached(name: str, data: bytes, args: Any, evaluate: Any, unpack: Any) -> Any:
+    """A recipe's result for these exact input bytes and arguments (recipes are pure, so equal keys give equal
+    results; the cache only saves time when one process audits many copies of the same run)."""
+    import hashlib
+    import json
+
+    key = hashlib.sha256(data).hexdigest() + name + json.dumps(args, sort_keys=True, allow_nan=False)
+    if key not in _RECOMPUTED:
+        if len(_RECOMPUTED) > 32:
+            _RECOMPUTED.clear()
+        _RECOMPUTED[key] = evaluate(name, unpack(data), args)
+    return _RECOMPUTED[key]
+
+
 def check_recompute(ra: Any) -> dict | None:
     """Recompute every metric of ``ra.record`` from its stored inputs; returns the evaluation document."""
     from .eval.recompute import RecipeError, compare_metrics, evaluate, unpack_arrays
@@ -81,7 +98,7 @@ def check_recompute(ra: Any) -> dict | None:
             ra.fail("artefacts", f"{where}: evaluation inputs {inputs!r} are not an intact listed artefact")
             continue
         try:
-            ev = evaluate(name, unpack_arrays(f.read_bytes()), args)
+            ev = _recompute_cached(name, f.read_bytes(), args, evaluate, unpack_arrays)
         except (RecipeError, ValueError, KeyError, TypeError, OSError) as exc:
             ra.fail("metrics", f"{where}: recipe {name!r} cannot be recomputed from {f.name}: {exc}")
             continue
