@@ -271,7 +271,9 @@ def _check_store_dir(folder: Path, records: list[Any], problems: list[str], *, a
         if not e.get("calibration"):
             started.setdefault(e["run_id"], e)
     for rid, ra in have.items():
-        if rid not in started:
+        # An HF Jobs run is started on the Hub (its job id and attempt files); a local run must be in the ledger.
+        if rid not in started and not (ra.record["provenance"]["backend"]["name"] == "hf-jobs"
+                                       and ra.record["provenance"]["backend"].get("job_id")):
             ra.fail("run_id", f"run {rid} has no start entry in {folder / LEDGER}: a run that was never started here")
     missing = []
     for rid, e in sorted(started.items()):
