@@ -56,8 +56,9 @@ IDENTITIES: dict[str, DatasetIdentity] = {
     # 780 images in the published set (437 benign, 210 malignant, 133 normal); ids as in the class folders
     "busi": DatasetIdentity("US", "grey", r"(benign|malignant|normal)[ _]?\(?\d+\)?", None, (1, 780)),
     "lidc": DatasetIdentity("CT", "grey", None, r"LIDC-IDRI-\d{4}", (1, 250_000)),
-    "lidc-xml": DatasetIdentity("CT", "grey", None, r"LIDC-IDRI-\d{4}", (1, 250_000)),
-    "lung-pet-ct-dx": DatasetIdentity("CT", "grey", None, r"Lung_Dx-[A-G]\d{4}", (1, 260_000)),
+    "lidc-xml": DatasetIdentity("CT", "grey", None, None, (1, 250_000)),  # patient ids: the DICOM PatientID
+    # de-identified copies carry keyed pseudonyms (covtoken.data.deid)
+    "lung-pet-ct-dx": DatasetIdentity("CT", "grey", None, r"Lung_Dx-[A-G]\d{4}|anon-[0-9a-f]{16}", (1, 260_000)),
     # HAM10000 (10015) plus the ISIC 2018 task 3 validation and test images
     "ham10000": DatasetIdentity("dermoscopy", "colour", r"ISIC_\d{7}", None, (1, 11_720)),
     "kits23": DatasetIdentity("CT", "grey"),
