@@ -153,13 +153,14 @@ def near_duplicate_pairs(hashes: np.ndarray, *, max_hamming: int, chunk: int = 1
         max_hamming: inclusive threshold.
         chunk: rows compared at once (memory ``chunk * n`` int).
     """
-    h = hashes.astype(np.int16)
+    h = hashes.astype(np.float32)  # 0/1 dot products are exact in float32 (< 2**24) and use BLAS
     n, bits = h.shape
+    ones = h.sum(1)
     out: list[tuple[int, int, int]] = []
     for start in range(0, n, chunk):
         block = h[start:start + chunk]
         # Hamming = bits that differ = |a| + |b| - 2 a.b on 0/1 vectors
-        d = block.sum(1)[:, None] + h.sum(1)[None, :] - 2 * (block @ h.T)
+        d = np.rint(ones[start:start + chunk, None] + ones[None, :] - 2 * (block @ h.T)).astype(np.int32)
         for r, c in zip(*np.nonzero(d <= max_hamming)):
             i = start + int(r)
             if i < int(c):

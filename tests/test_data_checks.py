@@ -97,6 +97,26 @@ def test_grouping_ignores_labels_and_flags_groups_with_conflicting_labels() -> N
     assert plain.provenance["near_duplicates"]["n_label_conflicts"] == 0
 
 
+def test_pair_search_matches_the_obvious_loop_and_imagehash_distance() -> None:
+    import imagehash
+
+    from covtoken.data.dedup import image_hashes, near_duplicate_pairs
+
+    rng = np.random.default_rng(0)
+    h = rng.random((300, 64)) < 0.5
+    h[7] = h[5]
+    h[9] = h[3] ^ (rng.random(64) < 0.05)
+    got = set(near_duplicate_pairs(h, max_hamming=10, chunk=64))  # chunks that do not divide n
+    ref = {(i, j, int((h[i] != h[j]).sum())) for i in range(300) for j in range(i + 1, 300)
+           if (h[i] != h[j]).sum() <= 10}
+    assert got == ref and (5, 7, 0) in got
+    data, _ = _with_planted_duplicates()
+    hs = image_hashes(data.items[:2])
+    a = imagehash.ImageHash(hs[0].reshape(8, 8))
+    b = imagehash.ImageHash(hs[1].reshape(8, 8))
+    assert (a - b) == int((hs[0] != hs[1]).sum())
+
+
 def test_threshold_is_read_from_the_locked_parameter_and_bad_values_fail() -> None:
     data, _ = _with_planted_duplicates()
     none = run_data_checks(data, {"near_duplicate": {"method": "phash", "hash_size": 8, "max_hamming": 0}},
