@@ -76,12 +76,20 @@ def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list
     cfg = load_config(cls, args)
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, **smoke)
-    return int(run(cfg, command=[script, *argv]))
+    from .data.errors import DataError
+
+    try:
+        return int(run(cfg, command=[script, *argv]))
+    except DataError as exc:  # wrong data, too few patients: one line, exit 2, before any compute
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.exit_status)
 
 
 def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str, root: str | None = None,
                       options: Mapping[str, Any] | None = None) -> Any:
-    """Load a gate's dataset with its locked options (a ``covtoken.data.catalog.LoadedDataset``).
+    """Load a gate's dataset with its locked options (a ``covtoken.data.catalog.LoadedDataset``), then run the
+    data checks (:func:`covtoken.data.checks.run_data_checks`: near-duplicate split units, enough patients in every
+    judged split) before the job touches a backbone.
 
     Embedded (phantom) datasets are generated from the run's seed; a calibration run draws its patients from the
     seed plus the locked ``calibration_seed_offset``, so they are disjoint from every judged run.
@@ -94,6 +102,7 @@ def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str
         options: loader options replacing ``params["dataset_options"]`` (per-modality options of G2).
     """
     from .data.catalog import is_embedded, load_dataset
+    from .data.checks import run_data_checks
 
     opts = dict(params.get("dataset_options", {}) if options is None else options)
     if is_embedded(dataset):
@@ -101,7 +110,10 @@ def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str
     if root:
         opts["root"] = root
     with stage("load_data", dataset=dataset):
-        return load_dataset(dataset, **opts)
+        data = load_dataset(dataset, **opts)
+    # identity is checked by the loader; near-duplicate units and split sizes here, before any backbone work
+    with stage("data_checks", dataset=dataset):
+        return run_data_checks(data, params, seed=cfg.seed, dataset=dataset, embedded=is_embedded(dataset))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:

@@ -164,7 +164,20 @@ def test_covtoken_run_cli_end_to_end(tmp_path):
 
 
 @pytest.mark.realdata
-@pytest.mark.parametrize("dataset,folder", [("busi", "busi"), ("lidc", "lidc_idri")])
+def test_g1_on_the_five_lidc_patients_stops_before_the_compute(realdata, tmp_path, capsys):
+    """5 patients cannot fill every judged split with the minimum: exit 2, one line, no token bank, no record."""
+    lock = copy_lock(tmp_path / "cfg")
+    rc = load_job("g1_lesion_subspace").main(["--dataset", "lidc", "--data-root", str(realdata / "lidc_idri"),
+                                              "--sample-run", "--results", str(tmp_path / "r"), "--work-dir",
+                                              str(tmp_path / "w"), "--lock", str(lock)])
+    assert rc == 2
+    assert "judged split" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+    assert not list((tmp_path / "r").rglob("*.json"))
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("dataset,folder", [("busi", "busi")])
 def test_g1_sample_runs_on_real_files_are_audited(realdata, tmp_path, dataset, folder):
     """G1 through its job script on the real samples with the tiny ViT; the record is a sample run the audit accepts."""
     from covtoken.audit import audit_folder, render_summary
