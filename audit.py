@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .evidence import audit_evidence
 from .lock import LockError, ThresholdLock, entry_digest, judge
 from .provenance import git, repo_root
 from .record import RecordError, iter_record_paths, loads_strict, read_record, sha256_file
@@ -206,6 +207,8 @@ def audit_folder(folder: str | Path, *, lock_path: str | Path) -> AuditReport:
             ra.fail("run_id", f"duplicate of {seen[rid]}")
         seen[rid] = p
         _check_lock(ra, lock)
+        for fld, msg in audit_evidence(ra.record):  # the tier, recomputed from the record's facts
+            ra.fail(fld, msg)
         _check_provenance(ra)
         _check_artefacts(ra)
         ra.prereg = preregistration(ra.record, lock_path)
