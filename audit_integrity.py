@@ -126,20 +126,16 @@ def check_sealed(ra: Any, doc: dict | None) -> None:
     cfg_seed = prov["config"].get("seed")
     if cfg_seed is not None and cfg_seed != prov["seed"]:
         ra.fail("provenance/seed", f"{prov['seed']} but the run's config has seed {cfg_seed}")
-    if bool(prov["config"].get("sample_run", False)) != bool(rec.get("sample_run", False)):
-        ra.fail("sample_run", f"{rec.get('sample_run')!r} but the run's config says {prov['config'].get('sample_run')!r}")
-    if (rec["lock"]["entry"].partition("/")[2] == "sample") != bool(rec.get("sample_run", False)):
-        ra.fail("sample_run", f"{rec.get('sample_run')!r} does not fit lock entry {rec['lock']['entry']}")
     _check_splits(ra)
     if doc is None:
         return
     sealed = doc["sealed"]
-    want = {"code": prov["code"], "seed": prov["seed"], "sample_run": rec.get("sample_run", False),
+    want = {"code": prov["code"], "seed": prov["seed"], "evidence": rec.get("evidence"),
             "backbone": prov["backbone"], "dataset": prov["dataset"], "command": prov["command"],
             "config": prov["config"], "parameters": prov.get("parameters"), "entry": rec["lock"]["entry"]}
     for k, v in want.items():
         if sealed.get(k) != v:
-            fld = {"sample_run": "sample_run", "entry": "lock/entry"}.get(k, f"provenance/{k}")
+            fld = {"evidence": "evidence", "entry": "lock/entry"}.get(k, f"provenance/{k}")
             ra.fail(fld, f"differs from the value the run sealed in {EVALUATION}")
     if doc.get("notes") != rec.get("notes", []):
         ra.fail("notes", f"differ from the notes the run sealed in {EVALUATION}")

@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .audit import NEGATIVE, SUMMARY, audit_folder, render_negative, render_summary
-from .lock import (LockError, ThresholdLock, gate_template, lock_entry, propose_thresholds, write_lock)
+from .lock import (LockError, ThresholdLock, carry_thresholds, gate_template, lock_entry, propose_thresholds,
+                   write_lock)
 from .record import RecordError, loads_strict, new_run_id, read_record, sha256_file, utc_now, write_json_atomic
 from .runner import default_lock_path
 
@@ -151,10 +152,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         inputs.append({"file": Path(f).name, "sha256": sha256_file(f), "run_id": doc["run_id"],
                        "code_commit": doc["code"]["commit"]})
     rules = {c.get("calibration_rule", "fixed") for c in entry["criteria"]}
-    if not runs and rules != {"fixed"}:
-        raise LockError(f"{key}: criteria with rules {sorted(rules - {'fixed'})} need calibration results")
-    criteria = propose_thresholds(entry["criteria"], runs) if runs else [dict(c) for c in entry["criteria"]]
-    calibration = {**entry.get("calibration", {}), "inputs": inputs, "proposed_at": utc_now(),
+    carried = {}
+    if getattr(args, "carry_locked_thresholds", False):
+        if runs:
+            raise LockError(f"{key}: --carry-locked-thresholds takes no calibration files")
+        lock_path = Path(args.lock) if getattr(args, "lock", None) else default_lock_path()
+        locked = ThresholdLock.load(lock_path).entry(key)
+        criteria = carry_thresholds(entry["criteria"], locked)
+        carried = {"thresholds_carried_from": {"entry": key, "entry_digest": locked.digest}}
+    elif not runs and rules != {"fixed"}:
+        raise LockError(f"{key}: criteria with rules {sorted(rules - {'fixed'})} need calibration results "
+                        "(or --carry-locked-thresholds to keep the locked ones while superseding other fields)")
+    else:
+        criteria = propose_thresholds(entry["criteria"], runs) if runs else [dict(c) for c in entry["criteria"]]
+    calibration = {**entry.get("calibration", {}), **carried, "inputs": inputs, "proposed_at": utc_now(),
                    "proposed_values": {c["id"]: c["threshold"] for c in criteria}}
     proposal = {"kind": "covtoken.threshold_proposal", "gate_id": args.gate, "entry": args.entry,
                 "claim": template["claim"], "criteria": criteria, "parameters": entry["parameters"],
@@ -235,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--entry", required=True)
     c.add_argument("--out", required=True, help="proposal file to write")
     c.add_argument("calibration_files", nargs="*", help="calibration run files written by the job")
+    c.add_argument("--carry-locked-thresholds", action="store_true",
+                   help="supersede parameters/effect fields only: calibrated thresholds are carried from the lock")
+    c.add_argument("--lock", help="lock file the thresholds are carried from (default configs/thresholds.lock.json)")
     c.set_defaults(fn=cmd_calibrate)
     lk = tsub.add_parser("lock", help="freeze a proposal into the lock")
     lk.add_argument("proposal")

@@ -147,6 +147,8 @@ def aggregate_group(outcomes: list[dict[str, Any]], *, sweep: dict[str, Any], lo
     art.json("aggregate.json", {"sweep_id": sweep["sweep_id"], "ci_level": CI_LEVEL,
                                 "method": "mean, sd (ddof 1), t-based CI of the mean over seeds", "metrics": stats},
              description="per-seed values, mean, sd and t-based CI of every metric")
+    from .evidence import tier_of
+
     art.json("cells.json", cells, description="every cell of the group: run, job, stage, whether it is included")
     decision, criteria, reason = judge(entry.criteria, metrics)
     names_failed = ", ".join(f"{cell_name(o)} (run {o['run_id']})" for o in failed)
@@ -172,7 +174,7 @@ def aggregate_group(outcomes: list[dict[str, Any]], *, sweep: dict[str, Any], lo
     record = {"record_type": "covtoken.gate_record", "schema_version": 1, "run_id": run_id,
               "gate_id": first["gate_id"], "claim": entry.claim, "decision": decision,
               "decision_reason": reason + (f"; failed cells not aggregated: {names_failed}" if failed else ""),
-              "sample_run": bool(first.get("sample_run", False)), "criteria": criteria, "metrics": metrics,
+              "evidence": tier_of({"provenance": prov}), "criteria": criteria, "metrics": metrics,
               "lock": lock.record_stamp(entry.key, first["lock"]["path"]), "provenance": prov,
               "artefacts": art.entries, "notes": notes}
     return write_record(record, results_dir)

@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from .lock import DEFAULT_LOCK_PATH, ThresholdLock, gate_template_entry, judge
+from .lock import DEFAULT_LOCK_PATH, LockError, ThresholdLock, gate_template_entry, judge
 from .provenance import code_state, package_versions, runtime
-from .record import ArtefactWriter, dumps_strict, loads_strict, new_run_id, utc_now, write_json_atomic, write_record
+from .record import ArtefactWriter, RecordError, dumps_strict, loads_strict, new_run_id, utc_now, write_json_atomic, write_record
 
 __all__ = ["load_config", "add_config_arguments", "Run", "stage", "default_lock_path", "ConfigError", "JobConfig",
            "job_main", "load_gate_dataset"]
@@ -254,16 +254,58 @@ class Run:
         self.notes: list[str] = []
         self._evaluations: list[dict] = []
         self._evaluated: dict[str, Any] = {}
+        self.evidence: str | None = None
         self._ledger("resume" if resumed else "start", lock_entry)
         log.info(json.dumps({"event": "run_start", "run_id": self.run_id, "gate": gate_id, "entry": lock_entry,
                              "commit": self.code["commit"], "dirty": self.code["dirty"]}))
 
     @classmethod
-    def for_gate(cls, gate_id: str, cfg: JobConfig, *, command: list[str], default_entry: str) -> "Run":
-        """Open the run of a gate job from its config: ``--lock-entry`` if given, else ``<gate>/<default_entry>``."""
-        return cls(gate_id=gate_id, results_dir=cfg.results, lock_entry=cfg.lock_entry or f"{gate_id}/{default_entry}",
+    def for_gate(cls, gate_id: str, cfg: JobConfig, *, command: list[str], default_entry: str | None = None) -> "Run":
+        """Open the run of a gate job from its config.
+
+        The lock entry is ``--lock-entry`` if given, else the one the run's evidence tier calls for
+        (:func:`covtoken.evidence.default_entry_name`; ``default_entry`` is only a fallback for a gate whose lock
+        has no such entry). A run that can only be a flow check (phantom data, or a backbone whose weights cannot
+        be verified) is refused here, before any data or weights are read, when the entry judges more.
+        """
+        from .evidence import allowed_entry, default_entry_name, upper_bound_tier
+
+        datasets = _config_datasets(cfg)
+        upper = upper_bound_tier(datasets=datasets, backbone=cfg.backbone, weights=cfg.weights, revision=cfg.revision)
+        entry = cfg.lock_entry
+        if entry is None:
+            lock_path = Path(cfg.lock) if cfg.lock else default_lock_path()
+            try:
+                names = sorted(ThresholdLock.load(lock_path).doc["gates"][gate_id]["entries"])
+            except (LockError, RecordError, KeyError):  # the constructor below reports a bad lock or gate itself
+                names = []
+            from .evidence import is_phantom
+
+            name = default_entry_name(upper, phantom=any(is_phantom(d) for d in datasets), entries=names)
+            entry = f"{gate_id}/{name if name in names or default_entry is None else default_entry}"
+        if not cfg.calibration and not any(allowed_entry(t, entry) for t in _TIERS_UP_TO[upper]):
+            from .evidence import EvidenceError
+
+            raise EvidenceError(f"this run can only be a flow check (phantom data, or backbone {cfg.backbone!r} "
+                                f"without pinned, digest-verified weights); it cannot be judged under {entry}; "
+                                f"use --lock-entry {gate_id}/embedded (or {gate_id}/sample on real files)")
+        return cls(gate_id=gate_id, results_dir=cfg.results, lock_entry=entry,
                    lock_path=cfg.lock or default_lock_path(), config=cfg, seed=cfg.seed, run_id=cfg.run_id,
                    device=cfg.device, calibration=cfg.calibration, command=command)
+
+    def check_evidence(self, *, backbone: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
+        """Derive the run's evidence tier from its backbone and dataset provenance and check it against the entry.
+
+        Jobs call it as soon as the data are split and the backbone is loaded, before any token work;
+        :meth:`finish` calls it again on the provenance it writes. Raises ``EvidenceError`` (one line).
+        """
+        from .evidence import check_entry, facts_of
+
+        facts = facts_of(backbone=backbone, dataset=dataset)
+        if not self.calibration:
+            check_entry(facts.tier, self.entry_key, why=facts.why)
+        self.evidence = facts.tier
+        return facts.tier
 
     def sync_token_bank(self, bank_dir: str | Path) -> Callable[[Path], None] | None:
         """The ``on_shard`` callback for a token bank in ``bank_dir``; None on the local backend.
@@ -284,12 +326,17 @@ class Run:
         """The locked protocol parameters of the entry (label rule, CI level, resamples...)."""
         return self._parameters
 
-    def finish(self, *, metrics: dict, backbone: dict, dataset: dict, sample_run: bool = False) -> Path:
-        """Judge ``metrics`` under the locked entry and write the record; returns its path."""
+    def finish(self, *, metrics: dict, backbone: dict, dataset: dict) -> Path:
+        """Judge ``metrics`` under the locked entry and write the record; returns its path.
+
+        The record's evidence tier is derived from ``backbone`` and ``dataset`` (the provenance it stores) and must
+        be one the entry judges, else nothing is written.
+        """
         if self.entry is None:
             raise RuntimeError("a calibration run is never judged; use write_calibration")
-        self._seal_evaluation(metrics, sample_run=sample_run, sealed={
-            "code": self.code, "seed": self.seed, "sample_run": sample_run, "backbone": backbone, "dataset": dataset,
+        evidence = self.check_evidence(backbone=backbone, dataset=dataset)
+        self._seal_evaluation(metrics, sealed={
+            "code": self.code, "seed": self.seed, "evidence": evidence, "backbone": backbone, "dataset": dataset,
             "command": self.command, "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
             "parameters": json.loads(dumps_strict(dict(self.parameters))), "entry": self.entry_key})
         decision, criteria, reason = judge(self.entry.criteria, metrics)
@@ -303,7 +350,7 @@ class Run:
             "claim": self.entry.claim,
             "decision": decision,
             "decision_reason": reason,
-            "sample_run": sample_run,
+            "evidence": evidence,
             "criteria": criteria,
             "metrics": metrics,
             "lock": self.lock.record_stamp(self.entry.key, _display_path(self.lock_path)),
@@ -368,7 +415,7 @@ class Run:
         self._evaluated.update(ev.metrics)
         return ev
 
-    def _seal_evaluation(self, metrics: Mapping[str, Any], *, sample_run: bool, sealed: Mapping[str, Any]) -> None:
+    def _seal_evaluation(self, metrics: Mapping[str, Any], *, sealed: Mapping[str, Any]) -> None:
         """Check that every record metric came out of :meth:`evaluate` unchanged; write ``evaluation.json``.
 
         ``sealed`` holds the record fields the audit cannot recompute (provenance, seed, notes...); the audit
@@ -447,6 +494,20 @@ class Run:
             self.staging.parent.rmdir()
         except OSError:
             pass
+
+
+_TIERS_UP_TO = {"flow-check": ("flow-check",), "sample": ("flow-check", "sample"),
+                "real": ("flow-check", "sample", "real")}
+
+
+def _config_datasets(cfg: Any) -> list[str]:
+    """The dataset names a job config names: ``dataset``, or the ``modality=dataset`` pairs of ``datasets``."""
+    out = []
+    if isinstance(getattr(cfg, "dataset", None), str):
+        out.append(cfg.dataset)
+    for pair in getattr(cfg, "datasets", None) or ():
+        out.append(str(pair).partition("=")[2] or str(pair))
+    return out
 
 
 def _display_path(p: Path) -> str:

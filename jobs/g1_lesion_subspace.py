@@ -45,7 +45,6 @@ class G1Config(JobConfig):
     data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (busi, lidc)"})
     work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
     constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
-    sample_run: bool = field(default=False, metadata={"help": "a run on a small real-data sample (lock entry G1/sample)"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,7 +100,6 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
     from covtoken.backbone.tokenbank import TokenBank
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, mid_layer_blocks
@@ -109,18 +107,21 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G1", cfg, command=command,
-                       default_entry="sample" if cfg.sample_run else "embedded" if embedded else "real")
+    run = Run.for_gate("G1", cfg, command=command)  # the entry follows the evidence tier; --lock-entry overrides
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset, root=cfg.data_root)
     items = data.items
     splits = split_patients([it.patient_id for it in items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, items)
+    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "select": "val", "judge": "test"},
+                                            calibration=cfg.calibration)
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
     blocks = list(range(bb.spec.depth))
+    backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
+    run.check_evidence(backbone=backbone_prov, dataset=dataset_prov)  # tier vs entry, before any token work
     final_block = blocks[-1]
     mid_blocks = mid_layer_blocks(P["mid_blocks"], bb.spec.depth)  # a bad locked rule fails before any work
     bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
@@ -153,11 +154,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
             "n_boot": int(P["n_boot"]), "ci_level": float(P["ci_level"]), "seed": cfg.seed})
     table, selection = res.extras["table"], res.extras["selection"]
 
-    backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
-    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     manifest = split.to_dict()
-    dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "select": "val", "judge": "test"},
-                                            calibration=cfg.calibration)
     if cfg.calibration:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         logging.getLogger("covtoken.g1").info("calibration metrics written to %s", path)
@@ -170,7 +167,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     if n_test < MIN_PATIENTS_FOR_CI:
         run.notes.append(f"only {n_test} test patients: a patient-clustered bootstrap over so few clusters "
                          "understates the uncertainty; read the CIs as descriptive")
-    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov, sample_run=cfg.sample_run)
+    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
     logging.getLogger("covtoken.g1").info("record: %s", path)
     return 0
 

@@ -86,7 +86,6 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
     from covtoken.backbone.tokenbank import TokenBank
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores
@@ -95,8 +94,7 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
 
     get_spec(cfg.backbone)
     datasets, roots = _pairs(cfg.datasets, "datasets"), _pairs(cfg.data_roots, "data-roots")
-    embedded = all(is_embedded(d) for d in datasets.values()) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G2", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G2", cfg, command=command)
     P = run.parameters
     if sorted(datasets) != sorted(P["modalities"]):
         raise ValueError(f"--datasets must name exactly the locked modalities {P['modalities']}, got {sorted(datasets)}")

@@ -109,10 +109,9 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G3", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G3", cfg, command=command)
     P = run.parameters
-    if not embedded and spec.num_registers == 0:
+    if not (is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit") and spec.num_registers == 0:
         log.warning("%s has no register tokens: its CLS attention may be dominated by high-norm artefact tokens "
                     "(Darcet et al. 2024); use a registers-aware backbone for a fair saliency arm", cfg.backbone)
 

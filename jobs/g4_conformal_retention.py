@@ -80,15 +80,13 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.gate_arch import g4_inputs
     from covtoken.eval.labels import token_lesion_fraction
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G4", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G4", cfg, command=command)
     P = run.parameters
     if not 0 <= int(P["score_block"]) < spec.depth:
         raise ValueError(f"locked score_block {P['score_block']} outside the {spec.depth} blocks of {cfg.backbone}")

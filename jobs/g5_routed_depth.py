@@ -101,15 +101,13 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.gate_arch import g5_inputs
     from covtoken.eval.labels import lesion_components
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G5", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G5", cfg, command=command)
     P = run.parameters
     if not 0 <= int(P["exit_after"]) < spec.depth - 1:
         raise ValueError(f"locked exit_after {P['exit_after']} must lie in [0, {spec.depth - 1}) for {cfg.backbone}")

@@ -122,7 +122,6 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet, best_rank, select_lowest_miss
@@ -130,8 +129,7 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G6", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G6", cfg, command=command)
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset)

@@ -137,7 +137,6 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     from covtoken.backbone.embed import embedding_model_id
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.pairs import lesion_table
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.change import EvalLesions, build_pairs, score_pairs
@@ -146,8 +145,7 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
 
     log = logging.getLogger("covtoken.g7")
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G7", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G7", cfg, command=command)
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset, root=cfg.data_root)

@@ -128,6 +128,25 @@ def test_edited_protocol_parameters_are_caught(workspace):
     assert any("field provenance/parameters" in m and "n_boot" in m for m in msgs), msgs
 
 
+def test_record_claiming_real_with_random_weights_fails(workspace):
+    """The tier is recomputed from the record's facts: a flow check relabelled as real evidence is caught."""
+    results, record, lock = workspace
+    assert json.loads(record.read_text())["evidence"] == "flow-check"
+    rewrite(record, lambda d: d.__setitem__("evidence", "real"))
+    msgs = problems(results, lock)
+    assert any("field evidence: claims 'real', more than its facts allow: 'flow-check'" in m for m in msgs), msgs
+    rewrite(record, lambda d: d["provenance"]["backbone"].__setitem__("weights_verified", True))  # a flag is no fact
+    assert any("field evidence" in m for m in problems(results, lock))
+
+
+def test_flow_check_judged_under_a_real_entry_fails(workspace):
+    results, record, lock = workspace
+    real = ThresholdLock.load(lock).entry("G1/real")
+    rewrite(record, lambda d: d["lock"].update(entry="G1/real", entry_digest=real.digest))
+    msgs = problems(results, lock)
+    assert any("field lock/entry: a flow-check run judged under G1/real" in m for m in msgs), msgs
+
+
 def test_flipped_artefact_byte_is_caught(workspace):
     results, record, lock = workspace
     art = results / json.loads(record.read_text())["artefacts"][0]["path"]
