@@ -64,7 +64,7 @@ def test_round_trip_submit_logs_wait_fetch_audit(hub: HubEmulator, roundtrip, sn
     assert vol["mountPath"] == "/code" and vol.get("readOnly") is True and vol["path"] == f"runs/{rid}/code"
     assert be["bundle"] == {"repo": repo, "path": f"runs/{rid}/code", "revision": vol["revision"]}
     assert rec["provenance"]["torch"] and rec["provenance"]["device"]["type"] == "cpu"
-    assert job.spec["command"][:3] == ["uv", "run", "/code/launch.py"] and job.spec["command"][3:] == ["--smoke"]
+    assert job.spec["command"][:2] == ["python", "/code/launch.py"] and job.spec["command"][2:] == ["--smoke"]
 
     # the job ran the bundle: the mounted code at the pinned revision is the snapshot's, and the log says so
     api = HfApi()
@@ -80,7 +80,7 @@ def test_round_trip_submit_logs_wait_fetch_audit(hub: HubEmulator, roundtrip, sn
     kit = hub.job_dir(job.id) / "work" / "covtoken-run" / "kit" / "covtoken"
     assert (kit / "runner.py").read_bytes() == (snapshot / "runner.py").read_bytes()
 
-    # results landed as made: 4 shards (one commit each), logs, the record last, with its artefacts
+    # results landed as made: 4 shards (batched: at most one commit each), logs, the record last, with artefacts
     files = set(api.list_repo_files(repo, repo_type="dataset"))
     shards = sorted({f.split("/")[-2] for f in files if f.startswith(f"runs/{rid}/bank/") and "/shard-" in f})
     assert shards == ["shard-00000", "shard-00001", "shard-00002", "shard-00003"]
@@ -89,7 +89,7 @@ def test_round_trip_submit_logs_wait_fetch_audit(hub: HubEmulator, roundtrip, sn
     titles = [c.title for c in api.list_repo_commits(repo, repo_type="dataset")]  # newest first
     rec_i = titles.index(next(t for t in titles if t.startswith(f"{rid}: record")))
     assert all(not t.startswith(f"{rid}: token-bank") for t in titles[:rec_i])  # no shard after the record
-    assert sum(t.startswith(f"{rid}: token-bank") for t in titles) == 4
+    assert sum(t.startswith(f"{rid}: token-bank") for t in titles) <= 4
     uploaded_log = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.log", repo_type="dataset")).read_text()
     assert "record_uploaded" in uploaded_log and "exited with code 0" in uploaded_log
 
@@ -136,8 +136,8 @@ def test_killed_job_resumes_to_the_same_decision(hub: HubEmulator, roundtrip, sn
         return sha
 
     monkeypatch.setattr(hub.store, "commit", commit_then_kill)
-    sub = covtoken("submit", G1, "--results-repo", repo, "--timeout", "10m", "--yes", "--detach", "--log-every",
-                   LOG_EVERY, "--", "--smoke", cwd=snapshot)
+    sub = covtoken("submit", G1, "--results-repo", repo, "--timeout", "10m", "--yes", "--detach", "--commit-every",
+                   "0", "--", "--smoke", cwd=snapshot)  # one commit per shard: the kill lands after shard 1
     assert sub.rc == 0, sub.text
     rid = sub.out.strip().splitlines()[-1]
     wait = covtoken("wait", rid, cwd=snapshot)
@@ -155,7 +155,7 @@ def test_killed_job_resumes_to_the_same_decision(hub: HubEmulator, roundtrip, sn
 
     # the job args of a resume are the first attempt's; changing them is refused
     bad = covtoken("submit", G1, "--resume", rid, "--results-repo", repo, "--yes", "--", "--seed", "1", cwd=snapshot)
-    assert bad.rc == 1 and "arguments are those of the first attempt" in bad.err
+    assert bad.rc == 2 and "arguments are those of the first attempt" in bad.err
     res = covtoken("submit", G1, "--resume", rid, "--yes", "--detach", cwd=snapshot)  # repo found from its jobs
     assert res.rc == 0, res.text
     assert covtoken("wait", rid, cwd=snapshot).rc == 0
@@ -178,7 +178,7 @@ def test_killed_job_resumes_to_the_same_decision(hub: HubEmulator, roundtrip, sn
     assert resumed["provenance"]["backend"]["job_id"] == second.id and resumed["provenance"]["backend"]["attempt"] == 1
     assert any("2 token-bank shard(s)" in n and "restored" in n for n in resumed["notes"])
     again = covtoken("submit", G1, "--resume", rid, "--results-repo", repo, "--yes", cwd=snapshot)
-    assert again.rc == 1 and "finished; nothing to resume" in again.err
+    assert again.rc == 2 and "finished; nothing to resume" in again.err
 
 
 def test_cancel(hub: HubEmulator, fake_token: str, snapshot: Path, repo: str) -> None:

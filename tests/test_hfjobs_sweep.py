@@ -36,7 +36,7 @@ def test_sweep_aggregates_finished_seeds_and_names_the_failed_cell(hub: HubEmula
     hub.kill_job(lost.id, "Job was preempted (emulated)")
     jobs = {s: jobs_of(hub, rid)[0] for s, rid in cells.items()}
     assert {j.spec["labels"]["sweep"] for j in jobs.values()} == {sweep_id}
-    assert [j.spec["command"][3:] for j in jobs.values()] == [["--smoke", "--seed", str(s)] for s in (0, 1, 2)]
+    assert [j.spec["command"][2:] for j in jobs.values()] == [["--smoke", "--seed", str(s)] for s in (0, 1, 2)]
     assert len({json.dumps(j.spec["volumes"][0]["revision"]) for j in jobs.values()}) == 1  # one bundle commit
 
     agg = covtoken("aggregate", sweep_id, "--results-repo", repo, "--results", str(reports), cwd=snapshot)
