@@ -9,6 +9,7 @@ from __future__ import annotations
 import email.utils
 import json
 import logging
+import os
 import random
 import time
 from typing import Any, Callable, TypeVar
@@ -49,9 +50,14 @@ def retry_after_s(exc: BaseException, now: float | None = None) -> float | None:
 
 
 def with_retry(fn: Callable[..., T], *args: Any, what: str, tries: int = 10, base_s: float = 2.0,
-               cap_s: float = 300.0, max_total_s: float = 3600.0, sleep: Callable[[float], None] = time.sleep,
+               cap_s: float = 300.0, max_total_s: float | None = None, sleep: Callable[[float], None] = time.sleep,
                **kwargs: Any) -> T:
-    """``fn(*args, **kwargs)``, retried on 429/5xx/transport errors; ``what`` names the call in the log."""
+    """``fn(*args, **kwargs)``, retried on 429/5xx/transport errors; ``what`` names the call in the log.
+
+    ``max_total_s`` (default ``$COVTOKEN_HUB_RETRY_MAX_S``, else 1800) bounds the total time spent waiting.
+    """
+    if max_total_s is None:
+        max_total_s = float(os.environ.get("COVTOKEN_HUB_RETRY_MAX_S") or 1800)
     waited = 0.0
     for i in range(tries):
         try:

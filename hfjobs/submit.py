@@ -33,7 +33,7 @@ from .spec import (DEFAULT_COMMIT_EVERY_S, DEFAULT_FLAVOR, DEFAULT_TIMEOUT, MOUN
                    job_gate, make_request, parse_duration)
 
 __all__ = ["SubmitRequest", "ResumeRequest", "RunHandle", "Plan", "RunStatus", "RunRow", "plan_submit",
-           "plan_resume", "launch", "submit", "resume", "dry_run_lines", "ensure_private_repo", "committed_job",
+           "plan_resume", "launch", "submit", "resume", "dry_run_lines", "ensure_private_repo", "refuse_public_repo", "committed_job",
            "status", "list_runs", "cancel", "wait", "logs", "explain_end", "next_steps", "PLACEHOLDER_NAMESPACE"]
 
 PLACEHOLDER_NAMESPACE = "YOUR-NAMESPACE"
@@ -148,6 +148,7 @@ def plan_submit(req: SubmitRequest, *, offline: bool = False, api: Any = None) -
     else:
         api = api or hub_api()
         ns = namespace_of(api, req.namespace)
+        refuse_public_repo(api, repo, req.public)
     run_id = new_run_id(job_gate(rel))
     image, warnings = _image(req.flavor, req.image)
     bundle = build_bundle(state, rel, state.root / "results" / "bundles")
@@ -206,15 +207,33 @@ def plan_resume(req: ResumeRequest, *, api: Any = None) -> Plan:
     return Plan(requests=(jr,), price=price, warnings=tuple(warnings), revision=vol["revision"])
 
 
+def refuse_public_repo(api: Any, repo: str, public: bool) -> None:
+    """Before any work: an existing public results repo is refused unless ``public`` (a missing one is fine)."""
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    def visibility() -> bool | None:
+        try:
+            return api.repo_info(repo, repo_type="dataset").private
+        except RepositoryNotFoundError:
+            return None
+
+    if hub_call(visibility, what="repo_info", repo=repo) is False and not public:
+        _public_error(repo)
+
+
+def _public_error(repo: str) -> None:
+    raise HFJobsError(f"{repo} is a public dataset repo: records, token banks and logs would be world-readable; "
+                      f"make it private (HfApi().update_repo_settings('{repo}', private=True, repo_type='dataset') "
+                      "or its settings page), or pass --public")
+
+
 def ensure_private_repo(api: Any, repo: str, public: bool) -> None:
     """Create the results repo private (public with ``public``); refuse an existing public one unless ``public``."""
     hub_call(api.create_repo, repo, what="create_repo", repo=repo, repo_type="dataset", private=not public,
              exist_ok=True)
     info = hub_call(api.repo_info, repo, what="repo_info", repo=repo, repo_type="dataset")
     if info.private is False and not public:
-        raise HFJobsError(f"{repo} is a public dataset repo: records, token banks and logs would be world-readable; "
-                          f"make it private (HfApi().update_repo_settings('{repo}', private=True, "
-                          "repo_type='dataset') or its settings page), or pass --public")
+        _public_error(repo)
 
 
 def _upload_bundle(api: Any, repo: str, bundle: Path, run_ids: list[str], message: str,

@@ -34,7 +34,8 @@ from .errors import HFJobsError
 from .fetch import download_run
 from .hubsync import commit_record
 from .query import hub_api, hub_call, jobs_of_run, namespace_of, read_json
-from .submit import PLACEHOLDER_NAMESPACE, Plan, SubmitRequest, _check_repo_id, _image, _secret_names, committed_job
+from .submit import (PLACEHOLDER_NAMESPACE, Plan, SubmitRequest, _check_repo_id, _image, _secret_names, committed_job,
+                     refuse_public_repo)
 from .prices import live_price, offline_price
 from .spec import job_gate, label_value, make_request, parse_duration
 
@@ -274,6 +275,7 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
     else:
         api = api or hub_api()
         ns = namespace_of(api, base.namespace)
+        refuse_public_repo(api, repo, base.public)
     state, rel = committed_job(base.job, base.allow_dirty)
     cells = plan_cells(req.seeds, req.seed_start, list(req.datasets), list(req.backbones))
     timeout_s = parse_duration(base.timeout)
