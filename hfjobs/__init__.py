@@ -6,6 +6,7 @@ Library (plain values in, plain values out; nothing here reads ``argparse``)::
     h = hfjobs.submit(hfjobs.SubmitRequest(job="jobs/g1_lesion_subspace.py", results_repo="org/results",
                                            job_args=("--smoke",), flavor="t4-small", timeout="2h"))
     hfjobs.status(h.run_id); hfjobs.wait(h.run_id); hfjobs.fetch_runs(api, "org/results", [h.run_id], dest)
+    sweep_id, handles = hfjobs.run_sweep(hfjobs.SweepRequest(base=..., seeds=5))
 
 Modules (imports go one way, top to bottom; tests/test_hfjobs_package.py checks there is no cycle):
 
@@ -19,7 +20,7 @@ Modules (imports go one way, top to bottom; tests/test_hfjobs_package.py checks 
     bundle    the code bundle of a commit
     query     Hub look-ups (a run's jobs and files)
     fetch     records and artefacts into a results folder; the repo's dataset card
-    submit    SubmitRequest/ResumeRequest -> Plan -> launch -> RunHandle; status, ps, logs, wait, cancel
+    runs      SubmitRequest/ResumeRequest -> Plan -> launch -> RunHandle; status, ps, logs, wait, cancel
     sweep     seeds x datasets x backbones, aggregate records
     cli       the `covtoken` subcommands (the only module that sees argparse)
 """
@@ -30,11 +31,12 @@ from typing import Any
 
 _EXPORTS = {
     "HFJobsError": "errors", "with_retry": "retry", "JobRequest": "spec", "make_request": "spec",
-    "parse_duration": "spec", "SubmitRequest": "submit", "ResumeRequest": "submit", "RunHandle": "submit",
-    "Plan": "submit", "plan_submit": "submit", "plan_resume": "submit", "launch": "submit", "submit": "submit",
-    "resume": "submit", "status": "submit", "list_runs": "submit", "cancel": "submit", "wait": "submit",
-    "logs": "submit", "dry_run_lines": "submit", "fetch_runs": "fetch", "publish_card": "fetch",
-    "SweepRequest": "sweep", "plan_sweep": "sweep", "aggregate_sweep": "sweep", "HubSync": "hubsync",
+    "parse_duration": "spec", "SubmitRequest": "runs", "ResumeRequest": "runs", "RunHandle": "runs",
+    "Plan": "runs", "plan_submit": "runs", "plan_resume": "runs", "launch": "runs", "submit": "runs",
+    "resume": "runs", "status": "runs", "list_runs": "runs", "cancel": "runs", "wait": "runs",
+    "logs": "runs", "dry_run_lines": "runs", "fetch_runs": "fetch", "publish_card": "fetch",
+    "SweepRequest": "sweep", "plan_sweep": "sweep", "run_sweep": "sweep", "aggregate_sweep": "sweep",
+    "HubSync": "hubsync",
     "IMAGES": "images", "PRICE_TABLE": "prices",
 }
 __all__ = sorted(_EXPORTS)

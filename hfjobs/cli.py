@@ -146,7 +146,7 @@ def confirm(question: str, yes: bool) -> None:
 
 
 def _submit_request(args: argparse.Namespace, repo: str):  # noqa: ANN202 (SubmitRequest, imported lazily)
-    from .submit import SubmitRequest
+    from .runs import SubmitRequest
 
     return SubmitRequest(job=args.job, results_repo=repo, job_args=tuple(args.job_args), namespace=args.namespace,
                          flavor=args.flavor or DEFAULT_FLAVOR, timeout=args.timeout or DEFAULT_TIMEOUT,
@@ -172,7 +172,7 @@ def _show_plan(plan: Any) -> None:
 def cmd_submit(args: argparse.Namespace) -> int:
     """``covtoken submit``."""
     from .query import hub_api
-    from .submit import ResumeRequest, dry_run_lines, launch, next_steps, plan_resume, plan_submit
+    from .runs import ResumeRequest, dry_run_lines, launch, next_steps, plan_resume, plan_submit
 
     repo = results_repo_of(args)
     backend = args.backend or ("hf-jobs" if repo or args.resume else "local")
@@ -221,7 +221,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _foreground(api: Any, h: Any, results: Path) -> int:
     from .retry import with_retry
-    from .submit import explain_end
+    from .runs import explain_end
 
     for line in api.fetch_job_logs(job_id=h.job_id, namespace=h.namespace, follow=True):
         out(line)
@@ -272,7 +272,7 @@ def _table(rows: list[list[str]]) -> list[str]:
 @cli_command
 def cmd_status(args: argparse.Namespace) -> int:
     """``covtoken status RUN_ID [--json]``: every attempt (full job id, stage, URL) and what was uploaded."""
-    from .submit import status
+    from .runs import status
 
     st = status(args.run_id, args.namespace)
     if args.json:
@@ -294,7 +294,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 @cli_command
 def cmd_ps(args: argparse.Namespace) -> int:
     """``covtoken ps [-a] [--json]``: the kit's runs in a namespace, from their job labels."""
-    from .submit import list_runs
+    from .runs import list_runs
 
     runs = list_runs(args.namespace, all_states=args.all)
     if args.json:
@@ -313,7 +313,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 @cli_command
 def cmd_logs(args: argparse.Namespace) -> int:
     """``covtoken logs RUN_ID [-f] [-n N]``: the log of the latest (or ``--attempt``) job."""
-    from .submit import logs
+    from .runs import logs
 
     for line in logs(args.run_id, args.namespace, follow=args.follow, tail=args.tail, attempt=args.attempt):
         out(line)
@@ -324,7 +324,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 def cmd_wait(args: argparse.Namespace) -> int:
     """``covtoken wait RUN_ID [--timeout 2h]``: block until the latest job ends; 0 only if it completed."""
     from .query import hub_api
-    from .submit import explain_end, wait
+    from .runs import explain_end, wait
 
     api = hub_api()
     timeout = parse_duration(args.timeout, "--timeout") if args.timeout else None
@@ -336,7 +336,7 @@ def cmd_wait(args: argparse.Namespace) -> int:
 @cli_command
 def cmd_cancel(args: argparse.Namespace) -> int:
     """``covtoken cancel RUN_ID``: cancel every live job of the run."""
-    from .submit import cancel
+    from .runs import cancel
 
     canceled, latest = cancel(args.run_id, args.namespace)
     if not canceled:
@@ -376,7 +376,7 @@ def cmd_fetch(args: argparse.Namespace) -> int:
 def cmd_sweep(args: argparse.Namespace) -> int:
     """``covtoken sweep``: submit every cell, then (unless --detach) wait and aggregate."""
     from .query import hub_api
-    from .submit import dry_run_lines, launch
+    from .runs import dry_run_lines, launch
     from .sweep import SweepRequest, plan_sweep
 
     repo = results_repo_of(args)
@@ -450,7 +450,7 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--flavor", help=f"hardware flavor (default {DEFAULT_FLAVOR}); `hf jobs hardware` lists them "
                                     "with prices")
     p.add_argument("--timeout", help=f"max duration: seconds or with s/m/h/d, e.g. 2h (default {DEFAULT_TIMEOUT})")
-    p.add_argument("--attempts", type=_attempts, default=None, dest="attempts_given",
+    p.add_argument("--attempts", type=_attempts, default=None, dest="attempts_given", metavar="N",
                    help="total attempts the Hub makes if the job fails (default 1); each retry resumes from what "
                         "the previous one uploaded")
     p.add_argument("--results-repo", help="results dataset repo <namespace>/<name> (default $COVTOKEN_RESULTS_REPO)")

@@ -48,6 +48,8 @@ __all__ = ["HubSyncError", "JobEnv", "HubSync", "CommitBatcher", "run_prefix", "
            "log_path", "commit_record", "main"]
 
 log = logging.getLogger(__name__)
+#: The log sidecar never uploads more often than this (the job's own batches carry the log in between).
+SIDECAR_MIN_EVERY_S = 60.0
 
 
 class HubSyncError(HFJobsError):
@@ -269,7 +271,7 @@ class HubSync:
         return {"name": "hf-jobs", "job_id": job.id, "namespace": self.env.namespace, "url": job.url,
                 "flavor": str(job.flavor), "image": image, "image_digest": digest_of(image or ""),
                 "timeout_s": self.env.timeout_s, "attempt": self.env.attempt,
-                "hub_retries": getattr(job, "retry", None), "results_repo": self.env.results_repo,
+                "attempts_allowed": (getattr(job, "retry", None) or 0) + 1, "results_repo": self.env.results_repo,
                 "run_folder": self.prefix, "commit_every_s": self.env.commit_every_s,
                 "bundle": None if vol is None else {"repo": vol.source, "path": vol.path, "revision": vol.revision},
                 "hardware": None if hw is None else hardware_summary(hw)}
@@ -433,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
     env = JobEnv.from_environ()
-    return run_log_sidecar(HubSync(env), args.file, args.every or env.commit_every_s)
+    return run_log_sidecar(HubSync(env), args.file, args.every or max(env.commit_every_s, SIDECAR_MIN_EVERY_S))
 
 
 if __name__ == "__main__":

@@ -34,13 +34,13 @@ from .errors import HFJobsError
 from .fetch import download_run
 from .hubsync import commit_record
 from .query import hub_api, hub_call, jobs_of_run, namespace_of, read_json
-from .submit import (PLACEHOLDER_NAMESPACE, Plan, SubmitRequest, _check_repo_id, _image, _secret_names, committed_job,
+from .runs import (PLACEHOLDER_NAMESPACE, Plan, SubmitRequest, _check_repo_id, _image, _secret_names, committed_job,
                      refuse_public_repo)
 from .prices import live_price, offline_price
 from .spec import job_gate, label_value, make_request, parse_duration
 
 __all__ = ["t_interval", "plan_cells", "aggregate_group", "SweepRequest", "plan_sweep", "sweep_commit_every",
-           "aggregate_sweep", "AggregateResult", "CI_LEVEL", "COMMIT_BUDGET_PER_HOUR"]
+           "aggregate_sweep", "AggregateResult", "run_sweep", "CI_LEVEL", "COMMIT_BUDGET_PER_HOUR"]
 
 CI_LEVEL = 0.95
 #: Periodic commits (token-bank batches, logs) a whole sweep may make per hour in its shared results repo:
@@ -303,3 +303,13 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
                     f"{every:g} s (at most {COMMIT_BUDGET_PER_HOUR} periodic commits per hour together)")
     return Plan(requests=tuple(reqs), price=price, warnings=tuple(warnings), bundle=bundle, state=state,
                 extra_files={f"sweeps/{sweep_id}.json": dumps_strict(plan).encode()}, offline=offline), plan
+
+
+def run_sweep(req: SweepRequest, *, api: Any = None) -> tuple[str, list]:
+    """Plan and launch every cell of a sweep (no confirmation: the caller has priced it); returns the sweep id
+    and the cells' :class:`~covtoken.hfjobs.runs.RunHandle`."""
+    from .runs import launch
+
+    api = api or hub_api()
+    plan, doc = plan_sweep(req, api=api)
+    return doc["sweep_id"], launch(plan, secrets=req.base.secrets, public=req.base.public, api=api)

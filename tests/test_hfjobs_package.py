@@ -24,7 +24,7 @@ from conftest import REPO_ROOT
 from covtoken.hfjobs import fetch as fetch_mod
 from covtoken.hfjobs.errors import HFJobsError
 from covtoken.hfjobs.images import IMAGES, image_warning
-from covtoken.hfjobs.submit import ensure_private_repo
+from covtoken.hfjobs.runs import ensure_private_repo
 from hfjobs_support import G1, NS, covtoken, fake_token, hf_cache, hf_cli, jobs_of, new_repo, snapshot  # noqa: F401
 from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
 
@@ -52,7 +52,7 @@ def _intra_imports(path: Path) -> set[str]:
 
 def test_backend_package_has_no_import_cycle_and_argparse_only_in_its_cli() -> None:
     mods = {p.stem: p for p in PKG.glob("*.py") if p.stem != "__init__"}
-    assert {"submit", "spec", "bundle", "launcher", "hubsync", "fetch", "sweep", "cli"} <= set(mods)
+    assert {"runs", "spec", "bundle", "launcher", "hubsync", "fetch", "sweep", "cli"} <= set(mods)
     graph = {m: _intra_imports(p) - {m, "__init__"} for m, p in mods.items()}
     state: dict[str, int] = {}
 
@@ -68,6 +68,10 @@ def test_backend_package_has_no_import_cycle_and_argparse_only_in_its_cli() -> N
         if m not in state:
             visit(m, [])
     assert not any("cli" in deps for m, deps in graph.items() if m != "cli"), graph  # the CLI sits on top
+    # public names of the library that are also submodule names would be shadowed by the submodule
+    import covtoken.hfjobs as pkg
+
+    assert not set(pkg.__all__) & set(mods), set(pkg.__all__) & set(mods)
     assert graph["launcher"] == set()  # shipped as a standalone stdlib file
     for m, p in mods.items():
         text = p.read_text()
