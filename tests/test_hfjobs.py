@@ -235,7 +235,11 @@ def test_launcher_installs_the_wheel_with_the_constraints(tmp_path: Path, monkey
                           "print(m.version('covtoken-fakedep'), covtoken_fakekit.__file__)"],
                          capture_output=True, text=True, check=True).stdout.split()
     assert got[0] == "1.0" and str(tmp_path / "venv") in got[1]
-    assert "--constraint" in (tmp_path / "install.log").read_text()
+    text = (tmp_path / "install.log").read_text()
+    assert "--constraint" in text and "--system-site-packages" in text  # the image's own packages are kept
+    done = json.loads(next(ln for ln in text.splitlines() if '"event": "install_done"' in ln).split(" ", 1)[1])
+    assert done["installed"] == ["covtoken_fakedep-1.0", "covtoken_fakekit-1.0"] and done["bytes"] > 0
+    assert f"installed 2 distribution(s), {done['bytes']} bytes" in text
 
 
 def test_a_job_refuses_to_record_code_that_is_not_the_bundle(tmp_path: Path, monkeypatch) -> None:

@@ -346,3 +346,38 @@ def test_fetch_survives_a_rejected_card_and_an_interruption(hub: HubEmulator, fa
     assert again.rc == 0 and f"run {rid}: already in" in again.err
     assert "dataset card regenerated" in again.err  # validation passes now: the card is written
     shutil.rmtree(dest)
+
+
+def test_env_and_secret_flags_parse_like_hf_jobs(tmp_path: Path, monkeypatch) -> None:
+    from covtoken.hfjobs.cli import parse_env, parse_labels, parse_secrets
+
+    f = tmp_path / "job.env"
+    f.write_text('# comment\nexport A=1\nB="two words"  # trailing\nC=\'x#y\'\nFROM_HERE\n')
+    monkeypatch.setenv("FROM_HERE", "local-value")
+    monkeypatch.setenv("MY_SECRET", "s3cret")
+    assert parse_env(["B=override", "D=4"], str(f)) == {"A": "1", "B": "override", "C": "x#y",
+                                                         "FROM_HERE": "local-value", "D": "4"}
+    assert parse_secrets(["MY_SECRET", "HF_TOKEN", "OTHER=v"], None) == {"MY_SECRET": "s3cret", "OTHER": "v"}
+    monkeypatch.delenv("FROM_HERE")
+    with pytest.raises(HFJobsError, match="-e/--env FROM_HERE: no value given"):
+        parse_env(None, str(f))
+    with pytest.raises(HFJobsError, match="--secrets-file .*not found"):
+        parse_secrets(None, str(tmp_path / "missing.env"))
+    with pytest.raises(HFJobsError, match="-l team: expected KEY=VALUE"):
+        parse_labels(["team"])
+    # the kit's own variables and the token are not the user's to set
+    from covtoken.hfjobs.spec import make_request
+
+    base = dict(run_id="g1-20260101t000000-abcdef", attempt=0, namespace=NS, results_repo=f"{NS}/r", job=G1,
+                job_args=[], commit="a" * 40, image="img")
+    with pytest.raises(HFJobsError, match="COVTOKEN_RUN_ID: set by the kit"):
+        make_request(**base, env={"COVTOKEN_RUN_ID": "x"})
+    with pytest.raises(HFJobsError, match="HF_TOKEN: a token never goes in the environment"):
+        make_request(**base, env={"HF_TOKEN": "hf_x"})
+    with pytest.raises(HFJobsError, match="-l/--label run: set by the kit"):
+        make_request(**base, labels={"run": "x"})
+    req = make_request(**base, env={"E": "1"}, secret_names=("HF_TOKEN", "MY_SECRET"), name="nice-name", attempts=3)
+    assert req.labels["name"] == "nice-name" and req.spec("r")["attempts"] == 3
+    assert req.spec("r", placeholder="<s>")["secrets"] == {"HF_TOKEN": "<s>", "MY_SECRET": "<s>"}
+    with pytest.raises(HFJobsError, match="secrets"):
+        req.run_job_kwargs("r", {"HF_TOKEN": "t"})  # every named secret needs its value
