@@ -163,6 +163,11 @@ class CommitBatcher:
                 return None
             return self._commit_now()
 
+    def commit_pending(self) -> str | None:
+        """Commit whatever is pending now, whatever the interval (used on SIGTERM); None when nothing is."""
+        with self._lock:
+            return self._commit_now() if self._pending else None
+
     def _commit_now(self) -> str:
         ops = list(self._pending.values()) + (self._extra() if self._extra else [])
         names = self._names
@@ -238,7 +243,26 @@ class HubSync:
         disable_progress_bars()
         sync = cls(env)
         sync.batcher.start()
+        sync.flush_on_sigterm()
         return sync
+
+    def flush_on_sigterm(self) -> Any:
+        """On SIGTERM (cancel, timeout, a graceful preemption) commit the pending shards, then exit 143.
+
+        Only from the main thread (where Python runs signal handlers); returns the previous handler.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return None
+
+        def on_term(signum: int, _frame: Any) -> None:
+            self.batcher.stop()
+            try:
+                self.batcher.commit_pending()
+            except Exception as exc:  # exiting anyway; the next attempt recomputes what did not land
+                log.warning("flush on SIGTERM failed: %s: %s", type(exc).__name__, exc)
+            raise SystemExit(128 + signum)
+
+        return signal.signal(signal.SIGTERM, on_term)
 
     # ------------------------------------------------------------------ identity
     def claim_run_id(self, run_id: str | None) -> str:

@@ -167,12 +167,27 @@ class Tee:
         self.fh.close()
 
 
+_CHILDREN: list[subprocess.Popen] = []
+
+
 def run_logged(tee: Tee, cmd: list[str], **kw) -> int:
     """Run ``cmd`` with its merged output going through ``tee``; returns the exit code."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
-    assert proc.stdout is not None
-    tee.pump(proc.stdout)
-    return proc.wait()
+    _CHILDREN.append(proc)
+    try:
+        assert proc.stdout is not None
+        tee.pump(proc.stdout)
+        return proc.wait()
+    finally:
+        _CHILDREN.remove(proc)
+
+
+def forward_sigterm(signum: int, _frame: object) -> None:
+    """The container's stop signal reaches the launcher (PID 1) only: pass it to the job, which commits its
+    pending shards and exits; the launcher then uploads the log and ends with the job's exit code."""
+    for proc in list(_CHILDREN):
+        if proc.poll() is None:
+            proc.send_signal(signum)
 
 
 def installed_distributions(venv: Path) -> dict[str, int]:
@@ -263,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = work / "logs" / f"attempt-{attempt}.log"
     tee = Tee(log_path, [os.environ.get("HF_TOKEN", "")])
     sidecar = None
+    signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         info = verify(bundle)
         tee.say(f"bundle {bundle}: commit {info['commit']} dirty={info.get('dirty')} job {info['job']} "

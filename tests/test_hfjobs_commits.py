@@ -138,3 +138,39 @@ def test_429_storm_every_shard_lands(hub: HubEmulator, fake_token: str, tmp_path
     manifest = json.loads(Path(api.hf_hub_download(repo, f"runs/{env.run_id}/bank/bank-x/manifest.json",
                                                    repo_type="dataset")).read_text())
     assert len(manifest["shards"]) == 6
+
+
+def test_sigterm_commits_the_pending_shards_before_exiting(tmp_path: Path) -> None:
+    """A cancel, a timeout or a graceful preemption sends SIGTERM: the shards waiting for their interval are
+    committed first, so a stop loses nothing that was finished."""
+    import os
+    import signal
+
+    class _Api:
+        def __init__(self) -> None:
+            self.commits: list[list[str]] = []
+
+        def create_commit(self, *, operations, **_kw):  # noqa: ANN001, ANN003, ANN201
+            self.commits.append([o.path_in_repo for o in operations])
+            return type("Info", (), {"oid": "0" * 40})()
+
+    api = _Api()
+    env = JobEnv(run_id="g1-20260101t000000-sigter", results_repo=f"{NS}/r", namespace=NS, attempt=0,
+                 timeout_s=None, commit_every_s=3600.0, kit_dir=None)
+    sync = HubSync(env, api=api)
+    bank = tmp_path / "bank-y"
+    (bank / "shard-00000").mkdir(parents=True)
+    (bank / "shard-00000" / "block-00.npy").write_bytes(b"x")
+    (bank / "manifest.json").write_text("{}")
+    sync.bank_uploader(bank)(bank / "shard-00000")
+    assert api.commits == []  # waiting for its interval
+    previous = sync.flush_on_sigterm()
+    try:
+        with pytest.raises(SystemExit) as stop:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 143
+    assert api.commits == [[f"runs/{env.run_id}/bank/bank-y/shard-00000/block-00.npy",
+                            f"runs/{env.run_id}/bank/bank-y/manifest.json"]]
