@@ -267,7 +267,7 @@ def _register_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands that live in their own modules (HF Jobs backend, paper) register themselves here."""
     import importlib
 
-    for module in ("covtoken.hfjobs", "covtoken.paper.cli", "covtoken.reproduce"):
+    for module in ("covtoken.hfjobs.cli", "covtoken.paper.cli", "covtoken.reproduce"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

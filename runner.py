@@ -238,7 +238,7 @@ class Run:
         # HF Jobs backend (set by `covtoken submit`): the run id is the submitted one, results are uploaded as made
         self.hub: Any = None
         if backend is None and os.environ.get("COVTOKEN_BACKEND") == "hf-jobs":
-            from .hubsync import HubSync
+            from .hfjobs.hubsync import HubSync
 
             self.hub = HubSync.from_environment()
             run_id = self.hub.claim_run_id(run_id)

@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G4 - a conformal retention certificate keeps the lesion tokens at exactly the promised rate.
