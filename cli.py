@@ -104,17 +104,25 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- audit
 def cmd_audit(args: argparse.Namespace) -> int:
-    folder = Path(args.folder)
-    lock_path = Path(args.lock) if args.lock else default_lock_path()
-    report = audit_folder(folder, lock_path=lock_path, allow_unproven_prereg=args.allow_unproven_prereg,
-                          allow_dirty=args.allow_dirty, allow_missing_records=args.allow_missing_records)
+    return audit_command(args.folder, args.lock, check=args.check, allow_unproven_prereg=args.allow_unproven_prereg,
+                         allow_dirty=args.allow_dirty, allow_missing_records=args.allow_missing_records)
+
+
+def audit_command(folder: str | Path, lock: str | Path | None = None, *, check: bool = False,
+                  allow_unproven_prereg: bool = False, allow_dirty: bool = False,
+                  allow_missing_records: bool = False) -> int:
+    """Audit ``folder``, print the problems or the table, and write (or ``check``) its summaries; exit status."""
+    folder = Path(folder)
+    lock_path = Path(lock) if lock else default_lock_path()
+    report = audit_folder(folder, lock_path=lock_path, allow_unproven_prereg=allow_unproven_prereg,
+                          allow_dirty=allow_dirty, allow_missing_records=allow_missing_records)
     if not report.ok:
         for p in report.all_problems():
             console.print(f"[red]FAIL[/red] {p}", soft_wrap=True)
         console.print(f"[red]audit failed: {len(report.all_problems())} problem(s) in {folder}[/red]")
         return 1
     summary, negative = render_summary(report), render_negative(report)
-    if args.check:
+    if check:
         stale = [n for n, text in ((SUMMARY, summary), (NEGATIVE, negative))
                  if not (folder / n).is_file() or (folder / n).read_text() != text]
         if stale:
