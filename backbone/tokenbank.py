@@ -208,16 +208,17 @@ class TokenBank:
 
         from ..progress import progress
 
-        with ThreadPoolExecutor(1, thread_name_prefix="bank-prep") as prep, \
+        workers = max(1, min(4, (os.cpu_count() or 2) // 2))  # PIL transforms release the GIL
+        with ThreadPoolExecutor(workers, thread_name_prefix="bank-prep") as prep, \
                 ThreadPoolExecutor(1, thread_name_prefix="bank-write") as writer, \
                 progress(f"tokens {backbone.spec.name}", sum(b1 - b0 for _, b0, b1 in batches), unit="images") as step:
             writes: list[Future] = []
-            nxt = prep.submit(prepare, *batches[0][1:]) if batches else None
+            ahead = [prep.submit(prepare, b0, b1) for _, b0, b1 in batches[:workers + 1]]
             buffers: dict[int, np.ndarray] = {}
             for i, (s, b0, b1) in enumerate(batches):
-                pixels = nxt.result()
-                if i + 1 < len(batches):
-                    nxt = prep.submit(prepare, *batches[i + 1][1:])
+                pixels = ahead.pop(0).result()
+                if i + len(ahead) + 1 < len(batches):
+                    ahead.append(prep.submit(prepare, *batches[i + len(ahead) + 1][1:]))
                 start, stop = s * shard_size, min((s + 1) * shard_size, len(items))
                 if b0 == start:
                     buffers = {b: np.empty((stop - start, n, d), dtype=dtype) for b in blocks}
