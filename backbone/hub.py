@@ -318,7 +318,7 @@ def _vit_b(**kwargs: object) -> dict[str, object]:
 
 
 MEDDINOV3 = register(BackboneSpec(
-    name="meddinov3-vitb16-ct", library="timm", hub_id="ricklisz123/MedDINOv3-ViTB-16-CT-3M",
+    name="meddinov3-vitb16-ct", licence="Apache-2.0", library="timm", hub_id="ricklisz123/MedDINOv3-ViTB-16-CT-3M",
     # A commit of the repository seen on a Hub mirror (blame view of README.md at 20d233b, whose content equals the
     # current main README); that model.pth is present at this commit could not be checked offline.
     revision="20d233b0ce1b1f93c46550787cf4b409a6f4a95e",
@@ -333,7 +333,7 @@ MEDDINOV3 = register(BackboneSpec(
 ))
 
 DINOV2_BASE = register(BackboneSpec(
-    name="dinov2-base", library="transformers", hub_id="facebook/dinov2-base",
+    name="dinov2-base", licence="Apache-2.0", library="transformers", hub_id="facebook/dinov2-base",
     revision="f9e44c814b77203eaa57a6bdbbd535f21ede1415",  # pinned by mteb's ModelMeta for facebook/dinov2-base
     **_vit_b(patch_size=14), mean=IMAGENET_MEAN, std=IMAGENET_STD, builder=build_dinov2,
     notes="DINOv2 ViT-B/14 (Oquab et al. 2023), Apache-2.0; 224 px -> 16x16 grid (position embeddings "
@@ -341,7 +341,7 @@ DINOV2_BASE = register(BackboneSpec(
 ))
 
 DINOV2_BASE_REG = register(BackboneSpec(
-    name="dinov2-base-reg", library="transformers", hub_id="facebook/dinov2-with-registers-base",
+    name="dinov2-base-reg", licence="Apache-2.0", library="transformers", hub_id="facebook/dinov2-with-registers-base",
     revision="a1d738ccfa7ae170945f210395d99dde8adb1805",
     weights_sha256="7a6f7b3b9fa4b8732e707476a03cd6cdce210048582f21aafb7991c17d98e362",  # model.safetensors
     **_vit_b(patch_size=14, num_prefix_tokens=5, num_registers=4), mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -351,7 +351,7 @@ DINOV2_BASE_REG = register(BackboneSpec(
 ))
 
 DERMLIP = register(BackboneSpec(
-    name="dermlip-vitb16", library="open_clip", hub_id="hf-hub:redlessone/DermLIP_ViT-B-16",
+    name="dermlip-vitb16", licence="see model card (sibling DermLIP: CC-BY-NC-ND-4.0)", library="open_clip", hub_id="hf-hub:redlessone/DermLIP_ViT-B-16",
     revision=None, revision_pinned=False,  # no commit sha of this repository could be found offline
     **_vit_b(), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, builder=build_open_clip_vision, modality="dermoscopy",
     notes="DermLIP ViT-B/16 (Derm1M, Yan et al., arXiv:2503.14911); check the licence on the model card "
@@ -360,7 +360,7 @@ DERMLIP = register(BackboneSpec(
 ))
 
 BIOMEDCLIP = register(BackboneSpec(
-    name="biomedclip", library="open_clip", hub_id="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+    name="biomedclip", licence="MIT", library="open_clip", hub_id="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
     revision="9f341de24bfb00180f1b847274256e9b65a3a32e",
     **_vit_b(), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, builder=build_open_clip_vision,
     notes="BiomedCLIP (Zhang et al., NEJM AI 2024), MIT; image tower = timm vit_base_patch16_224 trunk "
@@ -368,7 +368,7 @@ BIOMEDCLIP = register(BackboneSpec(
 ))
 
 CLIP_OPENAI = register(BackboneSpec(
-    name="clip-vitb16-openai", library="open_clip", hub_id="hf-hub:timm/vit_base_patch16_clip_224.openai",
+    name="clip-vitb16-openai", licence="MIT", library="open_clip", hub_id="hf-hub:timm/vit_base_patch16_clip_224.openai",
     revision="977e3dd0ec55ab8da155f2fbeb6b5f54948b6e3d",
     weights_sha256="4b8699299b1e8997753c64b052ba32031449d5d853f55a039148560ee02b820f",  # open_clip_model.safetensors
     **_vit_b(), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, builder=build_open_clip_vision,

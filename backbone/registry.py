@@ -56,6 +56,7 @@ class BackboneSpec:
         weights_sha256: optional hex prefix the weight file must match.
         modality: the images this backbone is meant for (documentation only).
         notes: free text (licence, paper).
+        licence: the weights' licence as the model card states it (listed by ``covtoken backbones``).
         revision_pinned: False for a Hub entry whose current commit sha could not be established when it was
             registered: ``revision`` is then None and loading needs an explicit ``revision=`` (a job's
             ``--revision``); the commit actually served is recorded either way.
@@ -78,6 +79,7 @@ class BackboneSpec:
     modality: str = "any"
     notes: str = ""
     revision_pinned: bool = True
+    licence: str = ""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
