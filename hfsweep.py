@@ -49,17 +49,15 @@ def t_interval(values: Sequence[float], level: float = CI_LEVEL) -> dict[str, An
         ``{"k", "mean", "sd", "df", "t_quantile", "ci"}``; ``sd``, ``df``, ``t_quantile`` and ``ci`` are None
         for fewer than two values, and ``mean`` too for none.
     """
-    from scipy import stats
+    from covtoken.eval.change_metrics import t_interval as t_ci  # the kit's one t interval
 
     x = np.asarray(list(values), dtype=float)
     k = int(x.size)
     out_: dict[str, Any] = {"k": k, "mean": float(x.mean()) if k else None, "sd": None, "df": None,
                             "t_quantile": None, "ci": None}
     if k >= 2:
-        sd = float(x.std(ddof=1))
-        q = float(stats.t.ppf(0.5 + level / 2, df=k - 1))
-        half = q * sd / np.sqrt(k)
-        out_.update(sd=sd, df=k - 1, t_quantile=q, ci=[out_["mean"] - half, out_["mean"] + half])
+        ti = t_ci(x, level=level)
+        out_.update(mean=ti.mean, sd=ti.sd, df=ti.n - 1, t_quantile=ti.t_crit, ci=list(ti.ci))
     return out_
 
 
