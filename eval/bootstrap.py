@@ -145,15 +145,19 @@ def draw_cluster_counts(strata: Sequence[np.ndarray], n_clusters: int, n_boot: i
     Returns:
         (B, K) int32 counts; ``counts[b, k]`` = times cluster k was drawn in resample b.
     """
+    from ..progress import progress
+
     rng = np.random.default_rng(seed)
     counts = np.zeros((n_boot, n_clusters), dtype=np.int32)
-    for start in range(0, n_boot, _RNG_BLOCK):
-        rows = min(_RNG_BLOCK, n_boot - start)
-        offset = (np.arange(rows, dtype=np.int64) * n_clusters)[:, None]
-        for members in strata:
-            draws = rng.integers(0, members.size, size=(_RNG_BLOCK, members.size))[:rows]
-            flat = (np.asarray(members, dtype=np.int64)[draws] + offset).ravel()
-            counts[start:start + rows] += np.bincount(flat, minlength=rows * n_clusters).reshape(rows, n_clusters)
+    with progress("bootstrap resamples", n_boot) as step:
+        for start in range(0, n_boot, _RNG_BLOCK):
+            rows = min(_RNG_BLOCK, n_boot - start)
+            offset = (np.arange(rows, dtype=np.int64) * n_clusters)[:, None]
+            for members in strata:
+                draws = rng.integers(0, members.size, size=(_RNG_BLOCK, members.size))[:rows]
+                flat = (np.asarray(members, dtype=np.int64)[draws] + offset).ravel()
+                counts[start:start + rows] += np.bincount(flat, minlength=rows * n_clusters).reshape(rows, n_clusters)
+            step(rows)
     return counts
 
 
