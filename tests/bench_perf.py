@@ -47,6 +47,17 @@ def best_of(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
+def interleaved(fns: dict[str, object], repeats: int) -> dict[str, float]:
+    """Best time of each function, run in alternating rounds so that drifting load hits all of them alike."""
+    best = {k: np.inf for k in fns}
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
 def line(label: str, t: float, base: float, base_label: str, goal: str = "") -> float:
     ratio = t / base
     print(f"  {label:<34s} {t:8.3f} s   baseline {base_label} {base:8.3f} s   ratio {ratio:5.2f}x {goal}")
@@ -60,12 +71,12 @@ def bench_density(n: int, d: int, n_fit: int, n_knn: int, repeats: int) -> dict[
     q = (rng.standard_normal((n, d)) @ mix).astype(np.float32)
     g, p = GaussianDensity().fit(fit), PCAResidual(explained_variance=0.9).fit(fit)
     x, w = torch.from_numpy(q), torch.randn(d, d)
+    sys.stdout.flush()
     print(f"(1) density scoring: {n} x {d} float32 tokens (fit on {n_fit}, float64); torch threads "
           f"{torch.get_num_threads()}")
-    t_mm, _ = best_of(lambda: x @ w, repeats)
-    out = {"gauss": line("GaussianDensity.score", best_of(lambda: g.score(q), repeats)[0], t_mm, "fp32 matmul",
-                         f"(goal <= {GOALS['gauss']})"),
-           "pca": line(f"PCAResidual.score (k={p.k})", best_of(lambda: p.score(q), repeats)[0], t_mm, "fp32 matmul",
+    t = interleaved({"mm": lambda: x @ w, "gauss": lambda: g.score(q), "pca": lambda: p.score(q)}, repeats)
+    out = {"gauss": line("GaussianDensity.score", t["gauss"], t["mm"], "fp32 matmul", f"(goal <= {GOALS['gauss']})"),
+           "pca": line(f"PCAResidual.score (k={p.k})", t["pca"], t["mm"], "fp32 matmul",
                        f"(goal <= {GOALS['pca']})")}
     knn = KNNDensity(k=5).fit(fit)
     qk = q[:n_knn]
@@ -74,9 +85,9 @@ def bench_density(n: int, d: int, n_fit: int, n_knn: int, repeats: int) -> dict[
     def exact() -> torch.Tensor:
         return torch.cdist(torch.from_numpy(qk), bank).topk(5, dim=1, largest=False).values.mean(dim=1)
 
-    t_ex, ref = best_of(exact, repeats)
-    t_knn, got = best_of(lambda: knn.score(qk), repeats)
-    np.testing.assert_allclose(got, ref.double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(knn.score(qk), exact().double().numpy(), rtol=1e-5)
+    tk = interleaved({"exact": exact, "knn": lambda: knn.score(qk)}, repeats)
+    t_ex, t_knn = tk["exact"], tk["knn"]
     out["knn"] = line(f"KNNDensity.score ({n_knn} q, {n_fit} bank)", t_knn, t_ex, "cdist+topk", "(reported)")
     return out
 
@@ -109,8 +120,8 @@ def bench_bank(bb: FrozenBackbone, n_images: int, size: int, repeats: int, dtype
             TokenBank.build(Path(tmp) / "bank", bb, items, blocks=blocks, batch_size=batch, shard_size=64, dtype=dtype)
 
     bare()  # warm-up
-    t_bare, _ = best_of(bare, repeats)
-    t_build, _ = best_of(build, repeats)
+    tb = interleaved({"bare": bare, "build": build}, repeats)
+    t_bare, t_build = tb["bare"], tb["build"]
     throughput = t_bare / t_build
     print(f"  {bb.spec.name:<14s} {n_images} images {size}px -> {bb.spec.image_size}px, {len(blocks)} blocks, "
           f"{dtype}: build {t_build:7.3f} s, bare forward_intermediates {t_bare:7.3f} s, "
