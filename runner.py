@@ -73,6 +73,8 @@ def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    if os.environ.get("COVTOKEN_DEBUG_HTTP") != "1":  # httpx logs every Hub request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     cfg = load_config(cls, args)
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, **smoke)

@@ -1,8 +1,9 @@
 """One registry from backbone names to frozen-model builders, with their preprocessing and pinned revision.
 
 Every backbone the kit can use is a :class:`BackboneSpec` registered here under a short name. A spec says
-where the weights come from (library, Hub id, pinned revision), how images are prepared (square input size,
-mean/std, resize without crop, so lesions at the border are never cut away), and the token geometry (patch
+where the weights come from (library, Hub id, pinned revision), how images are prepared (square input size and
+the mean/std the library's own data config must agree with; the transform itself is the library's, squashed without
+crop so lesions at the border are never cut away, see :mod:`covtoken.backbone.preprocess`), and the token geometry (patch
 size, depth, width, how many CLS/register tokens precede the patch tokens). Registering a name twice is an
 error; looking up an unknown name raises with the list of choices.
 """
@@ -56,6 +57,7 @@ class BackboneSpec:
         weights_sha256: optional hex prefix the weight file must match.
         modality: the images this backbone is meant for (documentation only).
         notes: free text (licence, paper).
+        licence: the weights' licence as the model card states it (listed by ``covtoken backbones``).
         revision_pinned: False for a Hub entry whose current commit sha could not be established when it was
             registered: ``revision`` is then None and loading needs an explicit ``revision=`` (a job's
             ``--revision``); the commit actually served is recorded either way.
@@ -78,6 +80,7 @@ class BackboneSpec:
     modality: str = "any"
     notes: str = ""
     revision_pinned: bool = True
+    licence: str = ""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -115,6 +118,7 @@ class BackboneSpec:
             "num_registers": self.num_registers,
             "block_index_base": 0,
             "preprocess": {"resize": "square, no crop", "mean": list(self.mean), "std": list(self.std)},
+            # FrozenBackbone.provenance replaces this block with the library transform actually resolved
         }
 
 

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..data.layout import EvalMasks, unseal_labels
 from .change_baselines import pair_pixel_scores
+from .bootstrap import percentile_ci
 from .change_metrics import auroc_w, eer_threshold, lesion_bootstrap, t_interval
 
 __all__ = ["EvalLesions", "ChangePairs", "build_pairs", "lesion_clusters", "score_pairs", "G7Result",
@@ -192,9 +193,7 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
 
 
 def _ci(samples: np.ndarray, level: float) -> list[float]:
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(samples, [a, 1.0 - a])
-    return [float(lo), float(hi)]
+    return list(percentile_ci(samples, level))
 
 
 def evaluate_g7(*, val: ChangePairs, test: ChangePairs, val_scores: Mapping[str, np.ndarray],

@@ -23,17 +23,15 @@ def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
         ``{"k", "mean", "sd", "df", "t_quantile", "ci"}``; ``sd``, ``df``, ``t_quantile`` and ``ci`` are None
         for fewer than two values, and ``mean`` too for none.
     """
-    from scipy import stats
+    from .change_metrics import t_interval as t_ci  # the kit's one t interval
 
     x = np.asarray(list(values), dtype=float)
     k = int(x.size)
     out: dict[str, Any] = {"k": k, "mean": float(x.mean()) if k else None, "sd": None, "df": None,
                            "t_quantile": None, "ci": None}
     if k >= 2:
-        sd = float(x.std(ddof=1))
-        q = float(stats.t.ppf(0.5 + level / 2, df=k - 1))
-        half = q * sd / np.sqrt(k)
-        out.update(sd=sd, df=k - 1, t_quantile=q, ci=[out["mean"] - half, out["mean"] + half])
+        ti = t_ci(x, level=level)
+        out.update(mean=ti.mean, sd=ti.sd, df=ti.n - 1, t_quantile=ti.t_crit, ci=list(ti.ci))
     return out
 
 

@@ -63,13 +63,13 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
         validation then test tokens, and ``(n_images, N)`` token brightness. ``on_shard`` is called with each
         finished bank shard (the HF Jobs backend uploads it).
     """
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.eval.baselines import token_intensity
     from covtoken.subspace import score_blocks
 
     items = data.items
     blocks = list(range(bb.spec.depth))
-    bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     scores = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions),

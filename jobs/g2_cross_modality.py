@@ -66,11 +66,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
         (row-major over test images); ``extras`` the fraction of high-norm tokens among them.
     """
     from covtoken.backbone.attention import cls_attention_maps, high_norm_tokens
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import score_blocks
 
     block = int(P["block"])
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=[block], final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=[block], final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     dens = score_blocks(bank.tokens, blocks=[block], constructions=["A_gauss"], fit_rows=rows["train"],

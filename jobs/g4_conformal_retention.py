@@ -59,11 +59,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
         ``(bank, rows, scores)``: the token bank, image rows per split, and ``(n_pool_images, N)`` scores of the
         calibration then test images (rows ``rows["calib"]`` then ``rows["test"]``).
     """
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import build_scorer, fit_subsample
 
     block = int(P["score_block"])
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     fit = bank.tokens(block, rows["train"]).reshape(-1, bb.spec.width)

@@ -64,11 +64,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
     """
     from covtoken.arch.flops import MacCounter
     from covtoken.arch.routed_depth import RoutedDepth, make_router
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import build_scorer, fit_subsample
 
     depth = bb.spec.depth
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(depth)), final_norm=False, batch_size=cfg.batch_size, on_shard=on_shard)
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(depth)), final_norm=False, dtype=bank_dtype(P), batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     scores, scorers = {}, {}
     for k in range(depth - 1):

@@ -62,11 +62,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None) -> tuple
     Returns:
         ``(bank, rows, membership)``; ``membership[arm]`` is ``(n_val + n_test, N)``.
     """
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import score_blocks
 
     blocks = list(range(bb.spec.depth))
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     scored = np.concatenate([rows["val"], rows["test"]])
