@@ -105,6 +105,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, evaluate_g1, mid_layer_blocks
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -144,12 +145,15 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     val, test = split_scores("val", slice(0, n_val)), split_scores("test", slice(n_val, None))
     base = {"bright": (bright[rows["val"]].reshape(-1), bright[rows["test"]].reshape(-1)),
             "dark": (-bright[rows["val"]].reshape(-1), -bright[rows["test"]].reshape(-1))}
+    role_output("fit", "scores", (scores, base))  # what evaluation reads: every arm and the baselines
     with stage("evaluate"):
         res = evaluate_g1(val=val, test=test, constructions=list(cfg.constructions),
                           mid_blocks=mid_blocks,
                           final_block=final_block, baseline=base, n_boot=int(P["n_boot"]),
                           ci_level=float(P["ci_level"]), seed=cfg.seed)
 
+    role_output("select", "selection", res.selection)
+    role_output("judge", "metrics", res.metrics)
     backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     manifest = split.to_dict()

@@ -90,6 +90,7 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, paired_auroc_metrics
+    from covtoken.roles import role_output
     from covtoken.runner import Run, load_gate_dataset, stage
 
     get_spec(cfg.backbone)
@@ -122,6 +123,7 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
         n_tok = bank.grid[0] * bank.grid[1]
         test = SplitScores(scores, labels, np.repeat(np.array(bank.patient_ids)[rows["test"]], n_tok),
                            np.repeat(np.array(bank.image_ids)[rows["test"]], n_tok))
+        role_output("fit", f"scores:{m}", (test.scores, extras))
         with stage("evaluate", modality=m):
             mm = paired_auroc_metrics(test, arms={f"auroc_density_{m}": "density", f"auroc_saliency_{m}": "saliency"},
                                       diffs={f"delta_density_saliency_{m}": (f"auroc_density_{m}", f"auroc_saliency_{m}")},
@@ -129,7 +131,7 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
         mm[f"high_norm_fraction_{m}"] = {"value": extras["high_norm_fraction"], "ci": None, "ci_method": None,
                                          "n": {"tokens": int(test.labels.size)}, "unit": "fraction of test tokens",
                                          "description": "tokens with a norm above 4x their image's median (artefact check)"}
-        metrics.update(mm)
+        metrics.update(role_output("judge", f"metrics:{m}", mm))
         per_modality[m] = {"dataset": data.provenance, "splits": SplitManifest(cfg.seed, dict(P["split_fractions"]),
                                                                                splits).to_dict()}
         dataset_prov[m] = {**{k: v for k, v in data.provenance.items() if k in ("id", "revision")},

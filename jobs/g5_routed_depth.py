@@ -106,6 +106,7 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.bootstrap import draw_cluster_counts
     from covtoken.eval.labels import lesion_components
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -130,6 +131,7 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     rd = routed["model"]
     bank_kept = top_keep(scores[rd.exit_after], rd.n_keep)
 
+    role_output("fit", "routing", (scores, routed["kept"], bank_kept, routed["macs"]))
     # Masks are opened only here, inside covtoken.eval, after every keep set exists.
     test_ids = [bank.image_ids[i] for i in rows["test"]]
     components = lesion_components(data.masks, test_ids, bank.grid)
@@ -142,6 +144,7 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
                               areas=areas, patients=patients, patient_order=sorted(splits["test"]), counts=counts,
                               macs=routed["macs"], timing=timing, P=P, device=str(bb.device))
 
+    role_output("judge", "metrics", {k: v for k, v in res.metrics.items() if "wallclock" not in k})  # timing varies
     backbone_prov = bb.provenance(blocks=sorted(scores), final_norm=False)
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     manifest = split.to_dict()

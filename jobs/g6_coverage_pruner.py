@@ -231,6 +231,7 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet, best_rank, select_lowest_miss
     from covtoken.gate.keep import keep_count, token_ranks
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -253,6 +254,7 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     n_val = len(rows["val"])
     small_max = float(P["small_max_area_tokens"])
 
+    role_output("fit", "membership", membership)
     # Masks are opened only here, inside covtoken.eval, after every score exists.
     lesions = {}
     for sp in ("val", "test"):
@@ -265,6 +267,8 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     test_tokens = bank.tokens(block, rows["test"])
     with stage("prune", images=len(rows["test"]), block=block):
         pruned = prune_stage(test_tokens, P, cfg.seed, cfg.device)
+    role_output("select", "selection", (arm, val_miss))
+    role_output("select", "pruner", (pruned.kept, pruned.log_alpha, pruned.lam, pruned.ratio))  # after selection
     with stage("evaluate"):
         metrics, per_image = evaluate_g6(tokens=test_tokens, membership=membership[arm][n_val:], pruned=pruned,
                                          lesions=lesions["test"], small_max=small_max, P=P, seed=cfg.seed)
@@ -272,6 +276,7 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
                                    "n": {"patients": int(len(np.unique(val_small.patient)))},
                                    "unit": "0-based block index", "description": f"{arm} chosen on validation"}
 
+    role_output("judge", "metrics", (metrics, per_image))
     backbone_prov = bb.provenance(blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]))
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     manifest = split.to_dict()
