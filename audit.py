@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .calibration_check import calibration_overlaps
 from .lock import LockError, ThresholdLock, entry_digest, judge
 from .provenance import git, repo_root
 from .record import RecordError, iter_record_paths, loads_strict, read_record, sha256_file
@@ -211,6 +212,7 @@ def audit_folder(folder: str | Path, *, lock_path: str | Path) -> AuditReport:
         ra.prereg = preregistration(ra.record, lock_path)
         if ra.prereg[0] == "not-registered":
             ra.fail("lock/entry_digest", f"thresholds were not pre-registered: {ra.prereg[1]}")
+    report.problems += calibration_overlaps(lock, [(str(r.path), r.record) for r in report.records if r.record])
     return report
 
 

@@ -87,7 +87,7 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
     from covtoken.backbone.registry import get_spec
     from covtoken.backbone.tokenbank import TokenBank
     from covtoken.data.catalog import is_embedded
-    from covtoken.data.splits import SplitManifest, split_patients, validate_splits
+    from covtoken.data.splits import SplitManifest, patient_digests, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, paired_auroc_metrics
     from covtoken.roles import role_output
@@ -135,7 +135,8 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
         per_modality[m] = {"dataset": data.provenance, "splits": SplitManifest(cfg.seed, dict(P["split_fractions"]),
                                                                                splits).to_dict()}
         dataset_prov[m] = {**{k: v for k, v in data.provenance.items() if k in ("id", "revision")},
-                           "n_patients": {k: len(v) for k, v in splits.items()}}
+                           "n_patients": {k: len(v) for k, v in splits.items()},
+                           "patient_digests": patient_digests(data.provenance, splits)}
 
     backbone_prov = bb.provenance(blocks=[int(P["block"])], final_norm=bool(P["final_norm"]))
     dataset = {"id": "+".join(f"{m}:{dataset_prov[m]['id']}" for m in P["modalities"]),
