@@ -60,11 +60,9 @@ def _job_gate(job: Path) -> str:
 def cmd_run(args: argparse.Namespace) -> int:
     job = Path(args.job)
     if not job.is_file():
-        console.print(f"[red]{job}: job script not found[/red]")
-        return 2
+        raise UserError(f"{job}: job script not found")
     if args.backend != "local":
-        console.print("[red]only the local backend runs from `covtoken run`; use `covtoken submit` for HF Jobs[/red]")
-        return 2
+        raise UserError("--backend: only the local backend runs from `covtoken run`; use `covtoken submit` for HF Jobs")
     run_id = new_run_id(_job_gate(job))
     staging = Path(args.staging)
     cmd = [sys.executable, str(job), "--results", str(staging), "--run-id", run_id, *args.job_args]

@@ -147,6 +147,10 @@ def write_json_atomic(path: str | Path, obj: Any, *, overwrite: bool = False) ->
             os.replace(tmp, path)
         else:
             os.link(tmp, path)  # fails with FileExistsError when the target exists
+    except OSError as exc:
+        if exc.filename is None:  # a full disk says nothing about where: name the file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

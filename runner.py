@@ -218,7 +218,10 @@ def load_config(cls: type[C], args: argparse.Namespace) -> C:
         path = Path(args.config)
         if not path.is_file():
             raise ConfigError(f"--config {path}: no such file")
-        doc = loads_strict(path.read_text(), source=str(path))
+        try:
+            doc = loads_strict(path.read_text(encoding="utf-8"), source=str(path))
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path}: not UTF-8 JSON text") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: an experiment file must be a JSON object")
         unknown = sorted(set(doc) - set(fields))

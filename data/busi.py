@@ -71,6 +71,8 @@ def load_busi(root: str | Path, *, index: str = "index.csv", modality: str = "US
             patient_id = image_id
         image = pil_to_grey(open_image(img_path), str(img_path))
         if "h" in columns and "w" in columns and row.get("h") and row.get("w"):
+            if not (row["h"].strip().isdigit() and row["w"].strip().isdigit()):
+                raise ValueError(f"{where}: columns h, w must be whole numbers, got {row['h']!r}, {row['w']!r}")
             if image.shape != (int(row["h"]), int(row["w"])):
                 raise ValueError(f"{img_path}: shape {image.shape} but {where} says h={row['h']}, w={row['w']}")
         mask = pil_to_mask(open_image(mask_path), str(mask_path))
