@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .calibration_check import calibration_overlaps
 from .evidence import audit_evidence
 from .lock import LockError, ThresholdLock, criterion_signature, entry_digest, judge
 from .provenance import git, repo_root
@@ -231,6 +232,7 @@ def audit_folder(folder: str | Path, *, lock_path: str | Path, allow_unproven_pr
     from .audit_integrity import check_store
 
     report.missing = check_store(folder, report.records, report.problems, allow_missing=allow_missing_records)
+    report.problems += calibration_overlaps(lock, [(str(r.path), r.record) for r in report.records if r.record])
     return report
 
 

@@ -23,9 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .audit import NEGATIVE, SUMMARY, audit_folder, render_negative, render_summary
+from .errors import OneLineParser, UserError, report_errors
 from .lock import (LockError, ThresholdLock, carry_thresholds, gate_template, lock_entry, propose_thresholds,
-                   write_lock)
-from .record import RecordError, loads_strict, new_run_id, read_record, sha256_file, utc_now, write_json_atomic
+                   read_calibration_input, write_lock)
+from .record import loads_strict, new_run_id, read_record, utc_now, write_json_atomic
 from .runner import default_lock_path
 
 __all__ = ["main", "fetch_local_run"]
@@ -59,18 +60,16 @@ def fetch_local_run(src: Path, run_id: str, dest: Path) -> Path:
 def _job_gate(job: Path) -> str:
     stem = job.stem.split("_", 1)[0].upper()
     if not stem.startswith("G"):
-        raise SystemExit(f"{job}: job scripts are named g<N>_<name>.py")
+        raise UserError(f"{job}: job scripts are named g<N>_<name>.py")
     return stem
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     job = Path(args.job)
     if not job.is_file():
-        console.print(f"[red]{job}: job script not found[/red]")
-        return 2
+        raise UserError(f"{job}: job script not found")
     if args.backend != "local":
-        console.print("[red]only the local backend runs from `covtoken run`; use `covtoken submit` for HF Jobs[/red]")
-        return 2
+        raise UserError("--backend: only the local backend runs from `covtoken run`; use `covtoken submit` for HF Jobs")
     if {"-h", "--help"} & set(args.job_args):
         return _job_help(job, args.job_args)
     run_id = new_run_id(_job_gate(job))
@@ -169,14 +168,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     key = f"{args.gate}/{args.entry}"
     runs, inputs = [], []
     for f in args.calibration_files:
-        doc = loads_strict(Path(f).read_text(), source=f)
-        if doc.get("kind") != "covtoken.calibration_run" or doc.get("entry") != key:
-            raise LockError(f"{f}: not a calibration run of {key} (kind={doc.get('kind')!r}, entry={doc.get('entry')!r})")
-        if doc["dataset"]["splits"].get("role") != "calibration":
-            raise LockError(f"{f}: field dataset/splits/role: thresholds are calibrated on calibration splits only")
+        doc, entry_input = read_calibration_input(f, key)  # refuses judged records and unproven patients
         runs.append(doc["metrics"])
-        inputs.append({"file": Path(f).name, "sha256": sha256_file(f), "run_id": doc["run_id"],
-                       "code_commit": doc["code"]["commit"]})
+        inputs.append(entry_input)
     rules = {c.get("calibration_rule", "fixed") for c in entry["criteria"]}
     carried = {}
     if getattr(args, "carry_locked_thresholds", False):
@@ -243,8 +237,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="covtoken", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="covtoken", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
     _register_listing_commands(sub)
 
@@ -402,11 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and args.command != "run":
         build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     args.job_args = unknown + passthrough
-    try:
-        return int(args.fn(args) or 0)
-    except (LockError, RecordError, FileExistsError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 1
+    # an expected error (bad flag, key, file or row; a full disk) is one line and exit status 2; --debug: traceback
+    return report_errors(lambda: args.fn(args), debug=args.debug)
 
 
 if __name__ == "__main__":

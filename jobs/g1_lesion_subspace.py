@@ -104,6 +104,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, mid_layer_blocks
     from covtoken.eval.recipes import pack_split
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -146,6 +147,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     val, test = split_scores("val", slice(0, n_val)), split_scores("test", slice(n_val, None))
     base = {"bright": (bright[rows["val"]].reshape(-1), bright[rows["test"]].reshape(-1)),
             "dark": (-bright[rows["val"]].reshape(-1), -bright[rows["test"]].reshape(-1))}
+    role_output("fit", "scores", (scores, base))  # what evaluation reads: every arm and the baselines
     inputs = {**pack_split("val", val), **pack_split("test", test),
               **{f"baseline.{k}.{s}": v[i] for k, v in base.items() for i, s in enumerate(("val", "test"))}}
     with stage("evaluate"):  # through the recipe the audit recomputes from the stored inputs
@@ -153,6 +155,8 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
             "constructions": list(cfg.constructions), "mid_blocks": mid_blocks, "final_block": final_block,
             "n_boot": int(P["n_boot"]), "ci_level": float(P["ci_level"]), "seed": cfg.seed})
     table, selection = res.extras["table"], res.extras["selection"]
+    role_output("select", "selection", selection)
+    role_output("judge", "metrics", res.metrics)
 
     manifest = split.to_dict()
     if cfg.calibration:

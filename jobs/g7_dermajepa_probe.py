@@ -141,6 +141,7 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.change import EvalLesions, build_pairs, score_pairs
     from covtoken.eval.gate_g7 import g7_inputs
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     log = logging.getLogger("covtoken.g7")
@@ -166,6 +167,7 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
         pairs = {name: build_pairs(les, data.masks, seed=cfg.seed) for name, les in lesions.items()}
         predictors = {f"{h}/seed{t.seed}": partial(predict, t.kind, t.params) for h, ts in lf.trained.items()
                       for t in ts}
+        role_output("fit", "predictors", (lf.keys, lf.embeddings, predictors))  # what the pair scores read
         scores = {name: score_pairs(p, embeddings=lf.embeddings, row_of=row, predictors=predictors,
                                     images=lf.eval_pixels, pixel_size=int(P["pixel_size"]))
                   for name, p in pairs.items()}
@@ -174,6 +176,8 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
                                                   ci_level=float(P["ci_level"]), seed=cfg.seed))  # audit recomputes
         res = SimpleNamespace(metrics=ev.metrics, **ev.extras)
 
+    role_output("select", "selection", res.selection)
+    role_output("judge", "metrics", res.metrics)
     backbone_prov = {**bb.provenance(blocks=[bb.spec.depth - 1], final_norm=True),
                      "embedding": "pooled image embedding (covtoken.backbone.embed), L2-normalised",
                      "input_embedding_model_id": embedding_model_id(bb.spec)}
