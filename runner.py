@@ -72,7 +72,7 @@ def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list
     """
     from .errors import OneLineParser, report_errors
 
-    parser = OneLineParser(prog=script, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineParser(prog=Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, cls)
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -119,7 +119,7 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
                                                         seed=cfg.seed))  # the audit recomputes it from the inputs
     res_details = res.extras["details"]
 
-    role_output("calibrate", "thresholds", {k: res.details[k] for k in ("crc_threshold", "allkept_threshold",
+    role_output("calibrate", "thresholds", {k: res_details[k] for k in ("crc_threshold", "allkept_threshold",
                                                                        "n_cal_effective")})
     role_output("judge", "metrics", res.metrics)
     backbone_prov = bb.provenance(blocks=[int(P["score_block"])], final_norm=bool(P["final_norm"]))

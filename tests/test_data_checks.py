@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sealed_access import mask_array, mask_labels
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -266,7 +267,7 @@ def test_busi_original_layout_merges_mask_1_as_a_union(tmp_path: Path) -> None:
     d = load_dataset("busi", root=tmp_path)
     assert [i.image_id for i in d.items] == ["benign_7", "normal_1"]
     assert d.provenance["n_lesion_free_images"] == 1
-    got = d.masks["benign_7"]._array  # test-only look inside the sealed mask
+    got = mask_array(d.masks["benign_7"])  # test-only look inside the sealed mask
     np.testing.assert_array_equal(got, (m0 > 0) | (m1 > 0))
     Image.fromarray(m1).save(root / "malignant" / "malignant (3)_mask.png")
     with pytest.raises(DataError, match=r"malignant \(3\)_mask\.png: mask without its image"):
@@ -285,7 +286,6 @@ def _folder_dataset(root: Path, *, info: dict | None, index: list[list[str]] | N
 
 
 def test_generic_folder_adapter_keeps_labels_patients_name_and_licence(tmp_path: Path) -> None:
-    from covtoken.data.layout import unseal_labels  # noqa: F401 (the data layer reads labels; tests peek below)
 
     index = [["file", "mask", "patient_id", "dx"], ["images/im0.png", "masks/im0_mask.png", "A", "mel"],
              ["images/im1.png", "", "A", "nv"], ["images/im2.png", "masks/im2_mask.png;masks/im1_mask.png", "B", "nv"]]
@@ -294,7 +294,7 @@ def test_generic_folder_adapter_keeps_labels_patients_name_and_licence(tmp_path:
     d = load_dataset("folder", root=root)
     assert d.provenance["id"] == "folder:my-us" and d.provenance["licence"] == "CC-BY-4.0"
     assert [i.patient_id for i in d.items] == ["A", "A", "B"] and d.provenance["n_lesion_free_images"] == 1
-    assert d.masks["im0"]._labels == {"dx": "mel"}
+    assert mask_labels(d.masks["im0"]) == {"dx": "mel"}
     index[2][2] = ""
     (root / "index.csv").write_text("\n".join(",".join(r) for r in index) + "\n")
     with pytest.raises(DataError, match=r"index\.csv:3: empty patient_id"):

@@ -115,15 +115,19 @@ def test_entries_judge_only_their_tiers():
                             revision="b" * 40) == "flow-check"
 
 
-def test_job_refuses_a_flow_check_under_the_real_entry_before_any_work(tmp_path):
+def test_job_refuses_a_flow_check_under_the_real_entry_before_any_work(tmp_path, capsys):
     root = busi_folder(tmp_path / "busi", 30)
     lock = copy_lock(tmp_path / "cfg")
     job = load_job("g1_lesion_subspace")
     args = ["--dataset", "busi", "--data-root", str(root), "--results", str(tmp_path / "r"),
             "--work-dir", str(tmp_path / "w"), "--lock", str(lock)]
-    with pytest.raises(EvidenceError, match="cannot be judged under G1/real"):
-        job.main([*args, "--lock-entry", "G1/real"])
+    assert job.main([*args, "--lock-entry", "G1/real"]) == 2  # a user error: one line, exit 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "cannot be judged under G1/real" in errors[0], errors
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()  # refused before any work
+    assert job.main([*args, "--lock-entry", "G1/real", "--debug"]) == 2  # --debug adds the traceback
+    err = capsys.readouterr().err
+    assert "Traceback" in err and f"{EvidenceError.__name__}: " in err
     with pytest.raises(SystemExit):  # the flag that used to decide the tier is gone
         job.main([*args, "--sample-run"])
 
