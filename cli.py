@@ -105,8 +105,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     lock_path = Path(args.lock) if args.lock else default_lock_path()
-    report = audit_folder(folder, lock_path=lock_path, allow_unproven_prereg=args.allow_unproven_prereg,
-                          allow_dirty=args.allow_dirty, allow_missing_records=args.allow_missing_records)
+    report = audit_folder(folder, lock_path=lock_path, **{k: bool(getattr(args, k, False)) for k in (
+        "allow_unproven_prereg", "allow_dirty", "allow_missing_records")})
     if not report.ok:
         for p in report.all_problems():
             console.print(f"[red]FAIL[/red] {p}", soft_wrap=True)
