@@ -461,7 +461,6 @@ class Run:
             self.hub.publish_file(path, f"calibration/{self.run_id}.json")
         return path
 
-
     # ------------------------------------------------------------- evaluation inputs, staging, ledger
     def evaluate(self, recipe: str, arrays: Mapping[str, Any], args: Mapping[str, Any]) -> Any:
         """Compute metrics through the named recipe and keep its inputs as an eval-only artefact.
@@ -529,14 +528,17 @@ class Run:
         if orphan.exists():
             raise FileExistsError(f"{orphan}: artefacts of run {self.run_id} exist without a record (written outside "
                                   "staging); remove the folder to rerun it")
-        if self.staging.exists():
+        resumed = self.staging.exists()
+        if resumed:
             shutil.rmtree(self.staging)  # a killed attempt: its partial artefacts are recomputed
-            return True
-        return False
+        self.staging.mkdir(parents=True)  # visible to the audit as an unfinished run until the commit
+        return resumed
 
     def _ledger(self, event: str, lock_entry: str) -> None:
-        from .runstore import append_ledger, config_digest
+        from .runstore import append_ledger, config_digest, read_ledger
 
+        if event == "start" and any(e["run_id"] == self.run_id for e in read_ledger(self.results_dir)):
+            event = "resume"  # killed before anything was staged: still the same run
         append_ledger(self.results_dir, {
             "event": event, "run_id": self.run_id, "gate_id": self.gate_id, "entry": lock_entry,
             "time": self.started_at, "commit": self.code["commit"], "calibration": self.calibration,

@@ -166,7 +166,8 @@ def test_covtoken_run_cli_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     records = list((tmp_path / "reports").glob("g1-*.json"))
     assert len(records) == 1
-    a = subprocess.run(cli + ["audit", str(tmp_path / "reports"), "--lock", str(lock)], capture_output=True,
+    a = subprocess.run(cli + ["audit", str(tmp_path / "reports"), "--lock", str(lock), "--allow-unproven-prereg",
+                              "--allow-dirty"], capture_output=True,
                        text=True, env=env, cwd=tmp_path)
     assert a.returncode == 0, a.stdout + a.stderr
     assert records[0].stem in (tmp_path / "reports" / "SUMMARY.md").read_text()
