@@ -22,7 +22,8 @@ from typing import Any, Literal, Mapping
 
 __all__ = ["TIERS", "Tier", "EvidenceError", "EvidenceFacts", "derive_tier", "facts_of", "tier_of",
            "entry_tier", "allowed_entry", "check_entry", "weights_verified", "registered_sample", "is_phantom",
-           "upper_bound_tier", "default_entry_name", "is_evidence", "audit_evidence"]
+           "upper_bound_tier", "default_entry_name", "is_evidence", "audit_evidence",
+           "tier_marker", "tier_caption"]
 
 Tier = Literal["flow-check", "sample", "real"]
 TIERS: tuple[Tier, ...] = ("flow-check", "sample", "real")
@@ -247,3 +248,14 @@ def audit_evidence(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     if not allowed_entry(facts.tier, entry):
         out.append(("lock/entry", f"a {facts.tier} run judged under {entry}, which judges {entry_tier(entry)} runs"))
     return out
+
+
+def tier_marker(tier: str) -> str:
+    """The tag a paper puts on every number from a record below ``real`` (empty for ``real``)."""
+    return "" if tier == "real" else f"<sup>{tier}</sup>"
+
+
+def tier_caption(tiers: list[str] | tuple[str, ...]) -> str:
+    """The prefix of a figure caption drawn from records of ``tiers`` (the lowest tier speaks)."""
+    low = min(tiers, key=lambda t: _RANK.get(t, -1)) if tiers else "flow-check"
+    return "" if low == "real" else f"**[{low}: not evidence]** "
