@@ -90,13 +90,17 @@ def _components(dataset: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def registered_sample(dataset: Mapping[str, Any]) -> bool:
     """Is this dataset (its provenance block) a registered small sample?
 
-    Uses ``covtoken.data.catalog.is_registered_sample`` when the catalog provides it; otherwise the minimal
-    rule below: a catalog entry with a registered sample size, and no more patients than that in total.
+    Uses the data package's ``is_registered_sample(provenance)`` (``covtoken.data.identity``: the catalog name
+    and content digest of a registered sample) when it exists; otherwise the minimal rule below: a catalog entry
+    with a registered sample size, and no more patients than that in total.
     """
     try:
-        from .data.catalog import is_registered_sample  # type: ignore[attr-defined]
+        from .data.identity import is_registered_sample  # type: ignore[import-not-found]
     except ImportError:
-        is_registered_sample = _fallback_registered_sample
+        try:
+            from .data.catalog import is_registered_sample  # type: ignore[attr-defined,no-redef]
+        except ImportError:
+            is_registered_sample = _fallback_registered_sample
     return bool(is_registered_sample(dataset))
 
 

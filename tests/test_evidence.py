@@ -95,9 +95,19 @@ def test_random_backbone_on_real_layout_data_is_a_flow_check(tmp_path):
     assert facts_of(backbone=forged, dataset=ds).tier == "flow-check"
 
 
-def test_registered_sample_is_the_sample_tier():
+def test_registered_sample_is_the_sample_tier(monkeypatch):
+    import covtoken.evidence as ev
+
+    # the plumbing: whatever the data package says is a registered sample gives the sample tier
+    monkeypatch.setattr(ev, "registered_sample", lambda ds: ds.get("id") == "lidc-idri")
     assert facts_of(backbone=verified_clip_provenance(), dataset=dataset_provenance("lidc-idri", 5)).tier == "sample"
-    assert facts_of(backbone=verified_clip_provenance(), dataset=dataset_provenance("lidc-idri", 400)).tier == "real"
+    assert facts_of(backbone=verified_clip_provenance(), dataset=dataset_provenance("busi", 5)).tier == "real"
+    assert facts_of(backbone=load_backbone("tiny-vit").provenance(blocks=[0], final_norm=False),
+                    dataset=dataset_provenance("lidc-idri", 5)).tier == "flow-check"  # weights still decide first
+    # the minimal rule used until the data package registers samples by content
+    assert ev._fallback_registered_sample(dataset_provenance("lidc-idri", 5))
+    assert not ev._fallback_registered_sample(dataset_provenance("lidc-idri", 400))
+    assert not ev._fallback_registered_sample(dataset_provenance("some-folder", 5))
 
 
 def test_entries_judge_only_their_tiers():
