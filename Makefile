@@ -30,11 +30,12 @@ paper: install
 	$(BIN)/covtoken paper verify
 
 # G1 on the small real-data samples beside the repository (../shared/realdata); with the tiny ViT these are
-# flow checks on real files (evidence tier derived from the facts), judged under G1/sample
+# flow checks on real files (evidence tier derived from the facts), judged under G1/sample; --sample-run only
+# asserts that the data are a registered sample
 REALDATA ?= ../shared/realdata
 samples: install
-	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --results gate_reports/samples -- --dataset busi --data-root $(REALDATA)/busi
-	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --results gate_reports/samples -- --dataset lidc --data-root $(REALDATA)/lidc_idri
+	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --results gate_reports/samples -- --dataset busi --data-root $(REALDATA)/busi --sample-run
+	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --results gate_reports/samples -- --dataset lidc --data-root $(REALDATA)/lidc_idri --sample-run
 	$(BIN)/covtoken audit gate_reports
 
 bench: install

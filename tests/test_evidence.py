@@ -134,8 +134,13 @@ def test_job_refuses_a_flow_check_under_the_real_entry_before_any_work(tmp_path)
     with pytest.raises(EvidenceError, match="cannot be judged under G1/real"):
         job.main([*args, "--lock-entry", "G1/real"])
     assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()  # refused before any work
-    with pytest.raises(SystemExit):  # the flag that used to decide the tier is gone
-        job.main([*args, "--sample-run"])
+    # --sample-run decides nothing any more: it only asserts a fact about the data, and stops when it is false
+    big = busi_folder(tmp_path / "busi70", 70)
+    args70 = ["--dataset", "busi", "--data-root", str(big), "--results", str(tmp_path / "r"),
+              "--work-dir", str(tmp_path / "w"), "--lock", str(lock)]
+    with pytest.raises(EvidenceError, match="--sample-run: busi .* is not a registered small sample"):
+        job.main([*args70, "--sample-run"])
+    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
 
 
 def test_default_entry_follows_the_tier(tmp_path):
