@@ -181,7 +181,9 @@ def upper_bound_tier(*, datasets: list[str], backbone: str, weights: str | None,
     if any(is_phantom(d) for d in datasets):
         return "flow-check"
     spec = get_spec(backbone)
-    if not (spec.weights_sha256 and spec.revision and spec.revision_pinned):
+    if not spec.weights_sha256:
+        return "flow-check"
+    if weights is None and not (spec.revision and spec.revision_pinned):
         return "flow-check"
     if revision is not None and revision != spec.revision:
         return "flow-check"

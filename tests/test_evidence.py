@@ -74,6 +74,16 @@ def test_weights_are_verified_only_when_pinned_and_digest_matches():
     plain = get_spec("dinov2-base")
     assert not pinned_digest_verified(plain, origin="hub", resolved_revision=plain.revision,
                                       files={"model.safetensors": "sha256:" + "1" * 64})[0]
+    # a checkpoint the kit trained and registered by digest (no Hub revision) is verified from its local file only
+    import dataclasses
+
+    local = dataclasses.replace(get_spec("tiny-vit"), name="trained-vit", weights_sha256="ab" * 32)
+    assert pinned_digest_verified(local, origin="override:/ckpt.safetensors", resolved_revision=None,
+                                  files={"ckpt.safetensors": "sha256:" + "ab" * 32})[0]
+    assert not pinned_digest_verified(local, origin="hub", resolved_revision=None,
+                                      files={"ckpt.safetensors": "sha256:" + "ab" * 32})[0]
+    assert not pinned_digest_verified(local, origin="override:/ckpt.safetensors", resolved_revision=None,
+                                      files={"ckpt.safetensors": "sha256:" + "cd" * 32})[0]
     tiny = load_backbone("tiny-vit")
     assert tiny.weights_verified is False
     assert tiny.provenance(blocks=[0], final_norm=False)["weights_verified"] is False
