@@ -163,9 +163,10 @@ def pinned_digest_verified(spec: BackboneSpec, *, origin: str, resolved_revision
                            files: dict[str, str]) -> tuple[bool, str]:
     """Are a model's weights a pinned pretrained checkpoint whose file digest matches the registry?
 
-    The fact the evidence tier rests on. True only when the registry entry pins a revision and the sha256 of its
-    weight file, the weights came from the Hub at exactly that revision (``origin == "hub"``) or from a local file
-    (``override:<path>``), and a weight file read has the registry's digest. A random initialisation (no files),
+    The fact the evidence tier rests on. True only when the registry entry records the sha256 of its weight file,
+    the weights came from the Hub at exactly the pinned revision (``origin == "hub"``) or from a local file
+    (``override:<path>``, e.g. a checkpoint the kit trained and registered by digest), and a weight file read has
+    the registry's digest. A random initialisation (no files),
     an entry without a recorded digest, another revision or other bytes are not verified.
 
     Args:
@@ -179,9 +180,9 @@ def pinned_digest_verified(spec: BackboneSpec, *, origin: str, resolved_revision
     """
     if not spec.weights_sha256:
         return False, f"{spec.name}: the registry records no sha256 of its weight file"
-    if not (spec.revision and spec.revision_pinned):
-        return False, f"{spec.name}: the registry pins no revision"
     if origin == "hub":
+        if not (spec.revision and spec.revision_pinned):
+            return False, f"{spec.name}: the registry pins no revision"
         if resolved_revision != spec.revision:
             return False, f"{spec.name}: weights served at {resolved_revision}, the pinned revision is {spec.revision}"
     elif not origin.startswith("override:"):

@@ -45,6 +45,9 @@ class G1Config(JobConfig):
     data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (busi, lidc)"})
     work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
     constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
+    sample_run: bool = field(default=False, metadata={
+        "help": "assert that the data are a registered small sample (stops otherwise); decides nothing: the lock "
+                "entry and the evidence tier follow from the facts"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +108,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.eval.localisation import SplitScores, mid_layer_blocks
     from covtoken.eval.recipes import pack_split
     from covtoken.roles import role_output
+    from covtoken.evidence import EvidenceError, registered_sample
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -118,6 +122,9 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "select": "val", "judge": "test"},
                                             calibration=cfg.calibration)
+    if cfg.sample_run and not registered_sample(dataset_prov):
+        raise EvidenceError(f"--sample-run: {data.provenance['id']} at {cfg.data_root or cfg.dataset} is not a "
+                            "registered small sample; drop the flag (the tier and entry follow from the facts)")
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
     blocks = list(range(bb.spec.depth))

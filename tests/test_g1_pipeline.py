@@ -195,7 +195,7 @@ def test_g1_sample_runs_on_real_files_are_audited(realdata, tmp_path, dataset, f
 
     lock = copy_lock(tmp_path / "cfg")
     job = load_job("g1_lesion_subspace")
-    rc = job.main(["--dataset", dataset, "--data-root", str(realdata / folder), "--results",
+    rc = job.main(["--dataset", dataset, "--data-root", str(realdata / folder), "--sample-run", "--results",
                    str(tmp_path / "r"), "--work-dir", str(tmp_path / "w"), "--lock", str(lock)])
     assert rc == 0
     (record,) = list((tmp_path / "r").glob("g1-*.json"))

@@ -52,7 +52,7 @@ def test_build_renders_numbers_and_figures_from_the_record(paper, g1_record):
     root, draft, out, _ = paper
     rec = json.loads(g1_record[0].read_text())
     built = (out / "working_draft.md").read_text()
-    assert f"{rec['metrics']['mid_auroc']['value']:.3f}" in built and f"**{rec['decision']}**" in built
+    assert f"{rec['metrics']['mid_auroc']['value']:.3f}" in built and f"**{rec['decision']}" in built
     assert "{{" not in built
     for ext in ("png", "pdf"):
         assert (out / "figures" / f"g1_auroc_per_block.{ext}").stat().st_size > 1000
@@ -132,3 +132,24 @@ def test_committed_paper_is_current(repo_root):
     probs = verify_paper(repo_root / "paper" / "working_draft.md", root=repo_root, out_dir=repo_root / "paper" / "build",
                          lock_path=repo_root / "configs" / "thresholds.lock.json")
     assert probs == []
+
+
+def test_flow_checks_are_tagged_in_every_reference_and_caption(g1_record, tmp_path):
+    """A record below `real` never reads as evidence: every number and every figure caption carries its tier."""
+    record, lock = g1_record
+    root = tmp_path / "repo"
+    (root / "gate_reports").mkdir(parents=True)
+    shutil.copy(record, root / "gate_reports" / record.name)
+    shutil.copytree(record.parent / "artefacts" / record.stem, root / "gate_reports" / "artefacts" / record.stem)
+    draft = root / "paper" / "d.md"
+    draft.parent.mkdir(parents=True)
+    draft.write_text(f"---\nrecords:\n  g1: gate_reports/{record.name}\n---\n"
+                     "AUROC {{g1:metrics.mid_auroc.value|.3f}} ({{g1:decision}}).\n\n{{figure:g1_auroc_per_block}}\n")
+    built = build_paper(draft, root=root, out_dir=root / "paper" / "build", lock_path=lock).read_text()
+    rec = json.loads(record.read_text())
+    assert rec["evidence"] == "flow-check"
+    assert f"AUROC {rec['metrics']['mid_auroc']['value']:.3f}<sup>flow-check</sup> " \
+           f"({rec['decision']}<sup>flow-check</sup>)" in built
+    assert "*Figure (g1_auroc_per_block).* **[flow-check: not evidence]**" in built
+    assert "`g1` flow-check" in built
+    assert verify_paper(draft, root=root, out_dir=root / "paper" / "build", lock_path=lock) == []
