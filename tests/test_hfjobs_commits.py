@@ -174,3 +174,12 @@ def test_sigterm_commits_the_pending_shards_before_exiting(tmp_path: Path) -> No
     assert stop.value.code == 143
     assert api.commits == [[f"runs/{env.run_id}/bank/bank-y/shard-00000/block-00.npy",
                             f"runs/{env.run_id}/bank/bank-y/manifest.json"]]
+    # and a job that ends (even by an exception) with a shard still waiting commits it at exit
+    (bank / "shard-00001").mkdir()
+    (bank / "shard-00001" / "block-00.npy").write_bytes(b"y")
+    sync.bank_uploader(bank)(bank / "shard-00001")
+    assert len(api.commits) == 1
+    sync._flush_at_exit()
+    assert f"runs/{env.run_id}/bank/bank-y/shard-00001/block-00.npy" in api.commits[-1]
+    sync._flush_at_exit()  # nothing pending: no empty commit
+    assert len(api.commits) == 2
