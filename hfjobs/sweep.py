@@ -274,7 +274,6 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
     gate = job_gate(rel)
     image, warnings = _image(base.flavor, base.image)
     every = sweep_commit_every(len(cells), base.commit_every_s)
-    bundle = build_bundle(state, rel, state.root / "results" / "bundles")
     reqs = []
     for cell in cells:
         cell["run_id"] = new_run_id(gate)
@@ -287,6 +286,7 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
                                  secret_names=_secret_names(base.secrets), name=base.name))
     price = (offline_price if offline else lambda *a, **k: live_price(api, *a, **k))(
         base.flavor, timeout_s, n_jobs=len(reqs), attempts=base.attempts)
+    bundle = build_bundle(state, rel, state.root / "results" / "bundles")  # the expensive step, after every check
     plan = {"kind": "covtoken.sweep", "sweep_id": sweep_id, "job": rel, "job_args": list(base.job_args),
             "namespace": ns, "results_repo": repo, "created_at": utc_now(), "code": state.commit,
             "commit_every_s": every, "cells": cells}
