@@ -18,10 +18,12 @@ from typing import Any, Callable
 import hashlib
 from pathlib import Path
 
+from .identity import is_registered_sample
 from .layout import EvalMasks, ImageItem
 from .phantoms import ct_phantoms, derm_phantoms, kidney_phantoms, us_phantoms
 
-__all__ = ["LoadedDataset", "load_dataset", "list_datasets", "register_dataset", "is_embedded"]
+__all__ = ["LoadedDataset", "load_dataset", "list_datasets", "register_dataset", "is_embedded",
+           "is_registered_sample"]
 
 
 @dataclass(frozen=True)

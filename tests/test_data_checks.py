@@ -23,6 +23,7 @@ from covtoken.data.errors import DataError, DatasetIdentityError, TooFewPatients
 from covtoken.data.identity import content_digest, is_registered_sample
 from covtoken.data.layout import EvalMasks, ImageItem, SealedMask
 from covtoken.data.splits import SplitLeakError, split_patients
+from sealed_access import mask_array, mask_labels
 
 
 def _smooth(seed: int, size: int = 64) -> np.ndarray:
@@ -348,3 +349,16 @@ def test_one_patient_judged_split_stops_g1_before_any_backbone_or_token_work(tmp
     assert "judged split" in err and "patient(s)" in err and "min_patients_per_judged_split" in err
     assert not work.exists() or not any(work.rglob("*"))  # no token bank folder
     assert not results.exists() or not list(results.rglob("*.json"))  # no record
+
+
+def test_catalog_exposes_is_registered_sample_and_a_claim_without_content_is_not_trusted() -> None:
+    from covtoken.data.catalog import is_registered_sample as from_catalog
+    from covtoken.evidence import registered_sample
+
+    digest = "sha256:" + "1" * 64
+    assert not from_catalog({"catalog_name": "busi", "content_digest": digest, "id": "busi",
+                             "n_patients": {"train": 3, "test": 2}})  # digest given: exact match only
+    assert not registered_sample({"id": "busi", "registered_sample": "busi-sample", "n_patients": {"a": 500}})
+    # no digest (hand-built or older provenance): at most the sample's patient count, never a larger tier
+    assert from_catalog({"id": "lidc-idri", "n_patients": {"train": 3, "test": 2}})
+    assert not from_catalog({"id": "lidc-idri", "n_patients": {"train": 300, "test": 200}})

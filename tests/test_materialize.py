@@ -11,6 +11,7 @@ from covtoken.data.catalog import load_dataset
 from covtoken.data.materialize import (NotDeidentifiedError, check_publishable, dataset_card, load_hub_layout,
                                        push_dataset, write_hub_layout)
 from g1_helpers import load_job
+from sealed_access import mask_array, mask_labels
 
 hub_emulator = pytest.importorskip("hub_emulator", reason="tests/hub_emulator.py (the local Hub emulator) is absent")
 hub = hub_emulator.hub
@@ -93,7 +94,6 @@ def test_materialize_busi_sample_round_trip(realdata, tmp_path):
 def test_materialize_keeps_dx_labels_spdx_licence_and_says_what_was_deidentified(tmp_path):
     """HAM10000-like data: the 'dx' label reaches the eval-only config (G7 needs it), CC BY-NC stays CC-BY-NC-4.0."""
     from test_data_ham10000 import make
-
 
     job = load_job("materialize_dataset")
     src = make(tmp_path / "ham")
