@@ -28,7 +28,9 @@ def open_g9_run(cfg: Any, *, command: list[str]) -> tuple[Any, dict]:
     run = Run.for_gate("G9", cfg, command=command, default_entry="embedded" if embedded else "real")
     P = run.parameters
     configured = ClassifierConfig.load(cfg.classifier_config or P["classifier_config"])
-    if cfg.backbone != configured.backbone["name"] and cfg.backbone not in ("tiny-vit",):
+    overridden = bool(cfg.classifier_config)
+    if cfg.backbone != configured.backbone["name"] and cfg.backbone not in ("tiny-vit",):  # tiny-vit: JobConfig default
+        overridden = True
         configured = ClassifierConfig.from_dict({**configured.doc, "backbone": {**configured.backbone,
                                                                                 "name": cfg.backbone}},
                                                 source=configured.source, base=Path(configured.source).parent)
@@ -37,7 +39,33 @@ def open_g9_run(cfg: Any, *, command: list[str]) -> tuple[Any, dict]:
     if configured.feature_schema is not None:
         configured.feature_schema.check_subset_of(full.feature_schema)
     baseline = ClassifierConfig.load(P["baseline_config"])
-    return run, {"configured": configured, "full": full, "baseline": baseline}
+    arms = {"configured": configured, "full": full, "baseline": baseline}
+    check_config_digests(P, arms, overridden=overridden)
+    if overridden:
+        run.notes.append(f"configured arm overridden on the command line: {configured.doc['name']} with backbone "
+                         f"{configured.backbone['name']} (config digest {configured.digest})")
+    return run, arms
+
+
+def config_digests(arms: dict) -> dict[str, str]:
+    """Digests of the three arm configs (each with its feature schema inlined), as locked in the gate entry."""
+    return {name: arm.digest for name, arm in sorted(arms.items())}
+
+
+def check_config_digests(params: Any, arms: dict, *, overridden: bool) -> None:
+    """The arm configs must be the ones the lock entry was locked with (unless the run overrides the config, which
+    is then recorded); a config edited after locking fails before any data is read."""
+    locked = params.get("config_digests")
+    if locked is None:
+        return  # calibration runs read the gate template, which carries no digests yet
+    now = config_digests(arms)
+    bad = sorted(k for k in locked if now.get(k) != locked[k] and not (overridden and k in ("configured", "full")))
+    if bad or set(locked) != set(now):
+        from ..lock import LockError
+
+        raise LockError(f"classifier config(s) {bad or sorted(set(locked) ^ set(now))} differ from the digests "
+                        f"locked in parameters/config_digests; re-lock through covtoken thresholds, or pass "
+                        f"--classifier-config explicitly (recorded)")
 
 
 def load_arms(cfg: Any, run: Any, data: Any, arms: dict) -> tuple[Any, dict]:
