@@ -24,16 +24,16 @@ def open_g9_run(cfg: Any, *, command: list[str]) -> tuple[Any, dict]:
     from .backbones import get_classifier_spec
     from .config import ClassifierConfig
 
+    from ..runner import ConfigError, JobConfig
+
+    if cfg.backbone != JobConfig.backbone:
+        raise ConfigError(f"--backbone {cfg.backbone}: G9 takes its backbone from the classifier config "
+                          "(--classifier-config; backbones: covtoken.classifier.backbones)")
     embedded = is_embedded(cfg.dataset)
     run = Run.for_gate("G9", cfg, command=command, default_entry="embedded" if embedded else "real")
     P = run.parameters
     configured = ClassifierConfig.load(cfg.classifier_config or P["classifier_config"])
     overridden = bool(cfg.classifier_config)
-    if cfg.backbone != configured.backbone["name"] and cfg.backbone not in ("tiny-vit",):  # tiny-vit: JobConfig default
-        overridden = True
-        configured = ClassifierConfig.from_dict({**configured.doc, "backbone": {**configured.backbone,
-                                                                                "name": cfg.backbone}},
-                                                source=configured.source, base=Path(configured.source).parent)
     get_classifier_spec(configured.backbone["name"])  # unknown names fail here
     full = configured.with_feature_schema(P["full_feature_schema"])
     if configured.feature_schema is not None:
@@ -85,7 +85,7 @@ def load_arms(cfg: Any, run: Any, data: Any, arms: dict) -> tuple[Any, dict]:
 def finish_g9(cfg: Any, run: Any, data: Any, fit: Any, splits: dict) -> Path:
     from ..data.splits import SplitManifest
     from ..eval.classification import open_class_labels
-    from ..eval.g9 import evaluate_g9
+    from ..eval.g9 import G9Result, g9_arrays
     from .calibrate import conformal_sets
     from .predictor import save_model_dir
     from .backbones import get_classifier_spec
@@ -109,12 +109,16 @@ def finish_g9(cfg: Any, run: Any, data: Any, fit: Any, splits: dict) -> Path:
         raise RuntimeError(f"crepes prediction sets and the stored conformal quantile disagree on "
                            f"{int((sets != qsets).any(axis=1).sum())} test images; the served sets would differ")
     y_test = open_class_labels(data.masks, fit.ids["test"], key=cls["label_key"], classes=labels, other=labels[-1])
-    res = evaluate_g9(logits={a: arm.logits["test"] for a, arm in fit.arms.items()},
-                      tta_logits=[head.logits[f"test/{v}"] for v in ccfg.doc["tta"]], y=y_test,
-                      patients=fit.patients["test"], labels=labels, temperature=cal.temperature,
-                      abstain_threshold=cal.abstain_threshold, prediction_sets=sets, alpha=alpha,
-                      n_calibration=cal.n_images, top_k=int(ccfg.doc["top_k"]), n_boot=int(P["n_boot"]),
-                      ci_level=float(P["ci_level"]), seed=cfg.seed)
+    # every record metric comes out of the named recipe; its inputs are stored for the audit to recompute
+    ev = run.evaluate("g9.classifier", g9_arrays(
+        logits={a: arm.logits["test"] for a, arm in fit.arms.items()},
+        tta_logits=[head.logits[f"test/{v}"] for v in ccfg.doc["tta"]], y=y_test, patients=fit.patients["test"],
+        prediction_sets=sets), {
+        "labels": labels, "temperature": cal.temperature,
+        "abstain_threshold": cal.abstain_threshold if np.isfinite(cal.abstain_threshold) else None,
+        "alpha": alpha, "n_calibration": cal.n_images, "top_k": int(ccfg.doc["top_k"]), "n_boot": int(P["n_boot"]),
+        "ci_level": float(P["ci_level"]), "seed": cfg.seed})
+    res = G9Result(ev.metrics, ev.extras)
     model = head.trained.model
     spec = get_classifier_spec(ccfg.backbone["name"])
     bb = model.backbone
@@ -143,7 +147,7 @@ def finish_g9(cfg: Any, run: Any, data: Any, fit: Any, splits: dict) -> Path:
         return run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
     run.artefacts.json("calibration.json", cal.as_dict(),
                        description="temperature, conformal quantile and abstain threshold (calibration patients)")
-    run.artefacts.json("evaluation.json", res.tables,
+    run.artefacts.json("g9_tables.json", res.tables,
                        description="per-class recall, confusion matrix and risk-coverage curve on test patients")
     run.artefacts.json("training.json", {a: arm.trained.history for a, arm in fit.arms.items()},
                        description="loss per epoch of every arm (frozen-head then fine-tune stages)")

@@ -11,10 +11,11 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .recompute import Evaluation, recipe
 from .classification import (aurc_with_ci, clustered_mean, clustered_paired_difference, confusion,
                              conformal_coverage_band, ece_with_ci, per_class_recall, risk_coverage, softmax, topk_hits)
 
-__all__ = ["G9Result", "evaluate_g9"]
+__all__ = ["G9Result", "evaluate_g9", "g9_arrays", "g9_classifier_recipe"]
 
 
 @dataclass
@@ -101,5 +102,30 @@ def evaluate_g9(*, logits: Mapping[str, np.ndarray], tta_logits: Sequence[np.nda
               "confusion": confusion(y, pred, len(labels)).tolist(),
               "risk_coverage": {"coverage": rc["coverage"].tolist(), "risk": rc["risk"].tolist(),
                                 "threshold": rc["threshold"].tolist()},
-              "abstain_threshold": abstain_threshold, "conformal_in_band": bool(lo <= covered.mean() <= hi)}
+              "abstain_threshold": abstain_threshold if np.isfinite(abstain_threshold) else None,
+              "conformal_in_band": bool(lo <= covered.mean() <= hi)}
     return G9Result(m, tables)
+
+
+def g9_arrays(*, logits: Mapping[str, np.ndarray], tta_logits: Sequence[np.ndarray], y: np.ndarray,
+              patients: Sequence[str], prediction_sets: np.ndarray) -> dict[str, np.ndarray]:
+    """The evaluation inputs of recipe ``g9.classifier`` (stored as ``eval_inputs-<k>.npz`` by the runner)."""
+    return {**{f"logits_{a}": np.asarray(z, dtype=np.float32) for a, z in logits.items()},
+            "tta_logits": np.stack([np.asarray(z, dtype=np.float32) for z in tta_logits]),
+            "y": np.asarray(y, dtype=np.int64), "patients": np.asarray(list(patients)).astype(str),
+            "prediction_sets": np.asarray(prediction_sets, dtype=np.int8)}
+
+
+@recipe("g9.classifier")
+def g9_classifier_recipe(a: Mapping[str, np.ndarray], args: Mapping[str, object]) -> Evaluation:
+    """Recipe form of :func:`evaluate_g9` (the audit recomputes G9's metrics through it)."""
+    logits = {k.removeprefix("logits_"): v.astype(np.float64) for k, v in a.items() if k.startswith("logits_")}
+    res = evaluate_g9(logits=logits, tta_logits=list(a["tta_logits"].astype(np.float64)), y=a["y"],
+                      patients=[str(p) for p in a["patients"]], labels=list(args["labels"]),
+                      temperature=float(args["temperature"]),
+                      abstain_threshold=float("inf") if args["abstain_threshold"] is None
+                      else float(args["abstain_threshold"]),
+                      prediction_sets=a["prediction_sets"], alpha=float(args["alpha"]),
+                      n_calibration=int(args["n_calibration"]), top_k=int(args["top_k"]), n_boot=int(args["n_boot"]),
+                      ci_level=float(args["ci_level"]), seed=int(args["seed"]))
+    return Evaluation(metrics=res.metrics, extras=res.tables)

@@ -49,7 +49,7 @@ class G9Config(JobConfig):
 
 def main(argv: list[str] | None = None) -> int:
     return job_main(G9Config, run_g9, script="jobs/g9_classifier.py", doc=__doc__, argv=argv,
-                    smoke={"dataset": "phantom-derm-classes", "backbone": "siglip-mini", "device": "cpu"})
+                    smoke={"dataset": "phantom-derm-classes", "device": "cpu"})
 
 
 def run_g9(cfg: G9Config, *, command: list[str]) -> int:

@@ -274,7 +274,7 @@ def g7_probe(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
 def g9_risk_coverage(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
     """G9: selective top-1 accuracy against coverage of the temperature-scaled classifier on test patients."""
     (inp,) = inputs
-    tables, art_path = artefact(inp, "evaluation.json")
+    tables, art_path = artefact(inp, "g9_tables.json")
     rc = tables["risk_coverage"]
     m = inp.record["metrics"]
     fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.2), layout="constrained")

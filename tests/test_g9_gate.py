@@ -284,6 +284,6 @@ def test_paper_section_and_risk_coverage_figure_render_from_the_record(smoke_run
     body, used = render(draft, {"g9": rec}, figure=lambda name, where: f"[figure {name}]")
     assert f"{rec['metrics']['top1']['value']:.3f}" in body and "[figure g9_risk_coverage(g9)]" in body
     fig, caption, inputs = FIGURES["g9_risk_coverage"]([RecordInput("g9", path, rec)])
-    assert rec["run_id"] in caption and inputs and inputs[0].name == "evaluation.json"
+    assert rec["run_id"] in caption and inputs and inputs[0].name == "g9_tables.json"
     ax = fig.axes[0]
     assert len(ax.lines[0].get_xdata()) == len(json.loads(inputs[0].read_text())["risk_coverage"]["coverage"])
