@@ -78,7 +78,8 @@ class ClassifierConfig:
         if isinstance(ref, str):
             p = Path(ref)
             if not p.is_absolute():
-                p = (base or CONFIG_DIR) / p
+                # next to the config file; else one of the kit's own schemas (configs/classifier/)
+                p = (base or CONFIG_DIR) / p if ((base or CONFIG_DIR) / p).is_file() else CONFIG_DIR / p
             if not p.is_file():
                 raise ClassifierConfigError(f"{source}: metadata/feature_schema: {p} does not exist")
             schema = FeatureSchema.load(p)
