@@ -64,6 +64,7 @@ samples: install
 bench: install
 	$(BIN)/python tests/bench_perf.py
 	$(BIN)/python tests/bench_stats.py
+	$(BIN)/python tests/bench_classifier.py
 
 lock: install
 	$(BIN)/python -m pip freeze --exclude-editable | sed '1i # Pinned versions every install and every job uses (pip install -c constraints.txt ...).\n# Regenerate with: make lock' > constraints.txt

@@ -223,6 +223,19 @@ register_dataset("phantom-kidney", _phantom("kidney", kidney_phantoms, "slices_p
 register_dataset("phantom-us", _phantom("us", us_phantoms, "images_per_patient"))
 register_dataset("phantom-derm", _phantom("derm", derm_phantoms, "lesions_per_patient"))
 register_dataset("folder", _generic_folder)
+
+
+def _load_derm_classes(*, seed: int = 0, n_patients: int = 200, per_patient: int = 2, size: int = 64) -> LoadedDataset:
+    from .derm_classes import derm_class_phantoms
+
+    items, masks = derm_class_phantoms(n_patients=n_patients, lesions_per_patient=per_patient, size=size, seed=seed)
+    return LoadedDataset(items, masks, {"id": "phantom-derm-classes", "revision": f"generator-seed-{seed}",
+                                        "source": "covtoken.data.derm_classes.derm_class_phantoms",
+                                        "n_patients": n_patients, "images_per_patient": per_patient, "size": size,
+                                        **content_facts("phantom-derm-classes", items, masks, root=None)})
+
+
+register_dataset("phantom-derm-classes", _load_derm_classes)
 for _name, (_module, _function, _info) in _FOLDER_DATASETS.items():
     register_dataset(_name, _folder_dataset(_name, _module, _function, _info))
 

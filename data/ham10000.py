@@ -79,8 +79,22 @@ def load_ham10000(root: str | Path, *, metadata: str = "HAM10000_metadata.csv", 
         if mask.all():
             raise ValueError(f"{mask_path}: mask covers the whole image")
         items.append(ImageItem(image=image.astype(np.float32), image_id=iid, patient_id=lid, modality="dermoscopy",
-                               source=str(img_path), meta={"lesion_id": lid, "site": row["localization"].strip()}))
+                               source=str(img_path), meta={"lesion_id": lid, "site": row["localization"].strip(),
+                                     **_questionnaire(row)}))
         masks[iid] = SealedMask(mask, source=str(mask_path),
                                 labels={"dx": dx, "dx_type": row.get("dx_type", "").strip()})
     log.info("%s: %d images of %d lesions", root, len(items), len({i.patient_id for i in items}))
     return items, EvalMasks(masks, items)
+
+
+def _questionnaire(row: dict) -> dict:
+    """Age (float, or None when empty/'unknown') and sex (None when empty/'unknown') of a metadata row, when present:
+    inputs of the classifier's metadata branch (G9), not labels."""
+    out: dict = {}
+    if "age" in row:
+        raw = (row["age"] or "").strip().lower()
+        out["age"] = None if raw in ("", "unknown", "nan") else float(raw)
+    if "sex" in row:
+        raw = (row["sex"] or "").strip().lower()
+        out["sex"] = None if raw in ("", "unknown", "nan") else raw
+    return out

@@ -270,6 +270,30 @@ def g7_probe(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
     return fig, caption, []
 
 
+@register_figure("g9_risk_coverage")
+def g9_risk_coverage(inputs: list[RecordInput]) -> tuple[Figure, str, list[Path]]:
+    """G9: selective top-1 accuracy against coverage of the temperature-scaled classifier on test patients."""
+    (inp,) = inputs
+    tables, art_path = artefact(inp, "g9_tables.json")
+    rc = tables["risk_coverage"]
+    m = inp.record["metrics"]
+    fig, ax = plt.subplots(figsize=(COLUMN_IN, 2.2), layout="constrained")
+    ax.plot(rc["coverage"], [1 - r for r in rc["risk"]], color="C0", lw=1.2, label="configured model")
+    ans = 1 - m["abstain_rate"]["value"]
+    if "selective_top1" in m:
+        ax.plot([ans], [m["selective_top1"]["value"]], "o", color="C3", ms=4,
+                label="calibrated abstain threshold")
+    ax.axhline(m["top1"]["value"], color="0.5", ls=":", lw=0.8, label="top-1 without abstaining")
+    ax.set_xlim(0, 1.01)
+    ax.set_xlabel("coverage (fraction of test images answered)")
+    ax.set_ylabel("selective top-1 accuracy")
+    ax.legend(loc="lower left", frameon=False)
+    caption = (f"Risk-coverage of the G9 classifier on test patients (AURC {m['aurc']['value']:.3f}, patient-clustered "
+               f"95% CI {m['aurc']['ci'][0]:.3f}-{m['aurc']['ci'][1]:.3f}); the abstain threshold was fitted on "
+               f"calibration patients only. Drawn from record {_runs(inputs)}.")
+    return fig, caption, [art_path]
+
+
 def _coverage_fraction(record: dict) -> float:
     """The locked coverage constraint c of G6 (F(kept) >= c * F(all)), from the record's protocol parameters."""
     try:

@@ -11,7 +11,6 @@ from covtoken.data.catalog import load_dataset
 from covtoken.data.materialize import (NotDeidentifiedError, check_publishable, dataset_card, load_hub_layout,
                                        push_dataset, write_hub_layout)
 from g1_helpers import load_job
-from sealed_access import mask_array, mask_labels
 
 hub_emulator = pytest.importorskip("hub_emulator", reason="tests/hub_emulator.py (the local Hub emulator) is absent")
 hub = hub_emulator.hub
