@@ -184,19 +184,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="smaller sizes")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip", nargs="*", default=[], choices=["density", "bank", "precision"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's). On a machine shared with other jobs, 2-thread "
+                         "OpenMP barriers can stall tiny-model forwards by 10x or more; --threads 1 avoids that")
+    ap.add_argument("--bank-images", type=int, nargs=2, default=None, metavar=("VITB", "TINY"),
+                    help="images for the ViT-B and tiny token-bank runs")
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"covtoken bench, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, torch {torch.__version__}, "
-          f"{os.cpu_count()} CPUs, device cpu")
+          f"{os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, device cpu, "
+          f"load average {os.getloadavg()[0]:.1f}")
     res: dict[str, float] = {}
     if "density" not in args.skip:
         res.update(bench_density(n=20_000 if args.quick else 100_000, d=768, n_fit=20_000,
                                  n_knn=2_000 if args.quick else 10_000, repeats=args.repeats))
     if "bank" not in args.skip:
         print("(2) token-bank extraction, TokenBank.build vs bare forward_intermediates (same run):")
-        res["bank_vitb"] = bench_bank(vitb_backbone(), 16 if args.quick else 64, 256, max(1, args.repeats - 1),
-                                      "float16", "bank_vitb")
-        res["bank_tiny"] = bench_bank(load_backbone("tiny-vit"), 128 if args.quick else 512, 128, args.repeats,
-                                      "float16", "bank_tiny")
+        n_vitb, n_tiny = args.bank_images or ((16, 128) if args.quick else (64, 512))
+        res["bank_vitb"] = bench_bank(vitb_backbone(), n_vitb, 256, max(1, args.repeats - 1), "float16", "bank_vitb")
+        res["bank_tiny"] = bench_bank(load_backbone("tiny-vit"), n_tiny, 128, args.repeats, "float16", "bank_tiny")
     if "precision" not in args.skip:
         res.update(bench_precision())
     missed = [k for k, goal in GOALS.items() if k in res and

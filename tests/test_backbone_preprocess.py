@@ -181,4 +181,4 @@ def test_registry_mean_must_agree_with_the_library() -> None:
     spec = get_spec("tiny-vit")
     wrong = dataclasses.replace(spec, name="test-wrong-mean", mean=(0.485, 0.456, 0.406))
     with pytest.raises(ValueError, match="mean"):
-        FrozenBackbone(wrong, spec.builder(spec=spec))
+        FrozenBackbone(wrong, spec.builder(spec=spec)).preprocess([np.zeros((8, 8), np.float32)])
