@@ -175,8 +175,9 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
         res = evaluate_g7(val=pairs["val"], test=pairs["test"], val_scores=scores["val"], test_scores=scores["test"],
                           heads=heads, n_boot=int(P["n_boot"]), ci_level=float(P["ci_level"]), seed=cfg.seed)
 
-    role_output("select", "selection", res.selection)
-    role_output("judge", "metrics", res.metrics)
+    # the choices made on validation; the rest of res.selection (EER, inversions, means on test) is judge-role
+    role_output("select", "selection", {k: res.selection[k] for k in ("baseline", "probe_head")})
+    role_output("judge", "metrics", (res.metrics, res.selection))
     backbone_prov = {**bb.provenance(blocks=[bb.spec.depth - 1], final_norm=True),
                      "embedding": "pooled image embedding (covtoken.backbone.embed), L2-normalised",
                      "input_embedding_model_id": embedding_model_id(bb.spec)}

@@ -131,7 +131,8 @@ def run_perturbed(ref: Reference, role: str, how: str, tag: str = "") -> tuple[R
     """Rerun the job with the labels role ``role`` may not see perturbed; stop after the first later-role output."""
     results = ref.base / f"run-{role}-{how}{tag}"
     exc: BaseException | None = None
-    with perturbed_loading(ref, perturbed_splits(ref, role), how) as counts, recording(stop_after=role) as log:
+    with perturbed_loading(ref, perturbed_splits(ref, role), how) as counts, \
+            recording(stop_after=role, need=set(ref.log.upto(role))) as log:
         try:
             ref.loader().main(_args(ref.job, results, ref.work, ref.lock))
         except RoleStop:
