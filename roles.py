@@ -85,11 +85,12 @@ class RoleStop(BaseException):
 class RoleLog:
     """Digests of the quantities each role handed on, in the order they were marked."""
 
-    def __init__(self, stop_after: str | None = None) -> None:
+    def __init__(self, stop_after: str | None = None, need: set[str] | None = None) -> None:
         if stop_after is not None and stop_after not in ROLES:
             raise ValueError(f"unknown role {stop_after!r}; roles are {', '.join(ROLES)}")
         self.entries: dict[str, dict[str, str]] = {r: {} for r in ROLES}
         self.stop_after = stop_after
+        self.need = set(need or ())
 
     def add(self, role: str, name: str, value: Any) -> None:
         if role not in ROLES:
@@ -99,7 +100,8 @@ class RoleLog:
             n += 1
             key = f"{name}#{n}"
         self.entries[role][key] = digest(value)
-        if self.stop_after is not None and ROLES.index(role) > ROLES.index(self.stop_after):
+        if (self.stop_after is not None and ROLES.index(role) > ROLES.index(self.stop_after)
+                and self.need <= set(self.upto(self.stop_after))):
             raise RoleStop(f"{role}:{key}")
 
     def upto(self, role: str) -> dict[str, str]:
@@ -128,13 +130,16 @@ def role_output(role: str, name: str, value: Any) -> Any:
 
 
 @contextmanager
-def recording(stop_after: str | None = None) -> Iterator[RoleLog]:
+def recording(stop_after: str | None = None, need: set[str] | None = None) -> Iterator[RoleLog]:
     """Collect the role outputs of everything run inside the block.
 
     Args:
-        stop_after: raise :class:`RoleStop` as soon as a role after this one hands on its first value.
+        stop_after: raise :class:`RoleStop` once a role after this one hands on a value and every key of ``need``
+            (``"<role>:<name>"``, roles up to ``stop_after``) has been handed on (a job may interleave roles, e.g.
+            one modality's judge before the next modality's fit).
+        need: see ``stop_after``.
     """
-    log = RoleLog(stop_after)
+    log = RoleLog(stop_after, need)
     token = _ACTIVE.set(log)
     try:
         yield log

@@ -211,8 +211,9 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
                                                   reported=("published",) if published is not None else ()))
         res = SimpleNamespace(metrics=ev.metrics, **ev.extras)  # the audit recomputes it from the stored inputs
 
-    role_output("select", "selection", res.selection)
-    role_output("judge", "metrics", res.metrics)
+    # the choices made on validation; the rest of res.selection (EER, inversions, means on test) is judge-role
+    role_output("select", "selection", {k: res.selection[k] for k in ("baseline", "probe_head")})
+    role_output("judge", "metrics", (res.metrics, res.selection))
     manifest = split.to_dict()
     if cfg.calibration:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)

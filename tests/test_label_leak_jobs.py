@@ -46,6 +46,13 @@ def test_role_log_orders_roles_and_stops_after():
         role_output("select", "s", 2)
         role_output("judge", "never", 3)
     assert list(log2.after("fit")) == ["select:s"]
+    # roles interleaved (G2: one modality's judge before the next one's fit): no stop before every needed key
+    with pytest.raises(RoleStop, match="judge:m#2"), recording(stop_after="fit", need={"fit:a", "fit:b"}) as log3:
+        role_output("fit", "a", 1)
+        role_output("judge", "m", 2)
+        role_output("fit", "b", 3)
+        role_output("judge", "m", 4)
+    assert list(log3.upto("fit")) == ["fit:a", "fit:b"]
     assert role_output("fit", "outside", 5) == 5  # a no-op outside recording
     with pytest.raises(ValueError, match="unknown role"):
         role_output("train", "x", 1)
