@@ -1,11 +1,15 @@
-# Two entry points for a fresh clone with only Python 3.11 and pip: `make demo` and `make test`.
-# Both create .venv (reused when present) and install the kit from constraints.txt.
+# Entry points for a fresh clone with only Python 3.11 and pip: `make demo`, `make test-fast`, `make test`.
+# All create .venv (reused when present) and install the kit from constraints.txt.
+# Your runs go to results/ (untracked); the committed gate_reports/ change only when asked
+# (`covtoken run ... --results gate_reports`, `covtoken fetch`). RESULTS=gate_reports make demo does that here.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test bench paper samples lock clean-venv
+RESULTS ?= results
+
+.PHONY: install demo test test-fast bench paper samples lock clean-venv
 
 install: $(STAMP)
 
@@ -18,12 +22,20 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $(STAMP)
 
 demo: install
-	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --smoke --results gate_reports
-	$(BIN)/covtoken audit gate_reports
+	$(BIN)/covtoken run jobs/g1_lesion_subspace.py --smoke --results $(RESULTS)
+	$(BIN)/covtoken audit $(RESULTS)
+	@echo
+	@echo "Record and SUMMARY.md are in $(RESULTS)/. To put covtoken on your PATH in this shell:"
+	@echo "    source $(VENV)/bin/activate && covtoken --help"
 
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# the suite without the end-to-end job runs marked `slow` (a few minutes on two cores)
+test-fast: install
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q -m "not slow"
 
 paper: install
 	$(BIN)/covtoken paper build
@@ -34,8 +46,8 @@ paper: install
 # stops before any backbone work with one clear line (exit 2: e.g. LIDC's 5 patients cannot give every judged
 # split the locked minimum); any other failure stops make.
 REALDATA ?= ../shared/realdata
-SAMPLES  ?= gate_reports/samples
-AUDIT    ?= gate_reports
+SAMPLES  ?= $(RESULTS)/samples
+AUDIT    ?= $(RESULTS)
 SAMPLE_SETS := busi:$(REALDATA)/busi lidc:$(REALDATA)/lidc_idri
 samples: install
 	@for spec in $(SAMPLE_SETS); do \
@@ -48,7 +60,9 @@ samples: install
 	done
 	$(BIN)/covtoken audit $(AUDIT)
 
+# each ratio is printed with its baseline measured in the same run (other load on the machine distorts seconds)
 bench: install
+	$(BIN)/python tests/bench_perf.py
 	$(BIN)/python tests/bench_stats.py
 	$(BIN)/python tests/bench_classifier.py
 

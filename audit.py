@@ -16,6 +16,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .calibration_check import calibration_overlaps
 from .evidence import audit_evidence
 from .lock import LockError, ThresholdLock, criterion_signature, entry_digest, judge
 from .provenance import git, repo_root
@@ -86,11 +87,11 @@ def _check_lock(ra: RecordAudit, lock: ThresholdLock) -> None:
                 break
         return
     decision, judged, reason = judge(entry.criteria, rec["metrics"])
-    recorded = rec.get("decision_reason")
-    # a sweep aggregate may name the cells it could not aggregate after the recomputed reason; nothing else
-    if recorded is not None and recorded != reason and not str(recorded).startswith(
-            reason + "; failed cells not aggregated: "):
-        ra.fail("decision_reason", f"recorded {recorded!r}, recomputed {reason!r}")
+    got_reason = rec.get("decision_reason")
+    if got_reason is not None and rec["provenance"]["backend"].get("aggregate_of"):
+        got_reason = got_reason.split("; failed cells not aggregated: ")[0]  # the sweep names its failed cells
+    if got_reason is not None and got_reason != reason:
+        ra.fail("decision_reason", f"recorded {rec['decision_reason']!r}, recomputed {reason!r}")
     for i, (want, got) in enumerate(zip(judged, rec["criteria"])):
         for key in ("observed", "point", "outcome", "bar"):
             if want.get(key) != got.get(key):
@@ -231,6 +232,7 @@ def audit_folder(folder: str | Path, *, lock_path: str | Path, allow_unproven_pr
     from .audit_integrity import check_store
 
     report.missing = check_store(folder, report.records, report.problems, allow_missing=allow_missing_records)
+    report.problems += calibration_overlaps(lock, [(str(r.path), r.record) for r in report.records if r.record])
     return report
 
 

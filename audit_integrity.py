@@ -81,6 +81,8 @@ def check_recompute(ra: Any) -> dict | None:
     """Recompute every metric of ``ra.record`` from its stored inputs; returns the evaluation document."""
     from .eval.recompute import RecipeError, compare_metrics, evaluate, unpack_arrays
 
+    if _aggregate_of(ra.record):
+        return None  # a sweep aggregate is recomputed from its cells' records (check_aggregates)
     doc = _evaluation_doc(ra)
     if doc is None:
         return None
@@ -239,6 +241,7 @@ def check_store(folder: Path, records: list[Any], problems: list[str], *, allow_
         by_dir.setdefault(ra.path.parent, []).append(ra)
     missing: list[MissingRun] = []
     seen: dict[str, str] = {}
+    check_aggregates(records)
     for d, ras in sorted(by_dir.items()):
         missing += _check_store_dir(d, ras, problems, allow_missing=allow_missing)
     for ra in sorted((r for r in records if r.record is not None), key=lambda r: r.record["run_id"]):
@@ -292,3 +295,34 @@ def _check_store_dir(folder: Path, records: list[Any], problems: list[str], *, a
         for d in sorted(staging.iterdir()) if staging.is_dir() else [staging]:
             problems.append(f"{d}: staging leftover of an unfinished run; resume it with --run-id {d.name} or remove it")
     return missing
+
+
+def _aggregate_of(record: dict) -> list[str] | None:
+    agg = record["provenance"]["backend"].get("aggregate_of")
+    return list(agg) if isinstance(agg, list) and agg else None
+
+
+def check_aggregates(records: list[Any]) -> None:
+    """A sweep aggregate's metrics must be the t-interval of its cells' values; the cells must be audited here."""
+    from .hfsweep import t_interval
+    from .eval.recompute import FLOAT_TOLERANCE
+
+    by_id = {ra.record["run_id"]: ra for ra in records if ra.record is not None}
+    for ra in records:
+        if ra.record is None or not _aggregate_of(ra.record):
+            continue
+        cells = _aggregate_of(ra.record)
+        absent = [c for c in cells if c not in by_id]
+        if absent:
+            ra.fail("provenance/backend/aggregate_of", f"cell record(s) {absent} are not in the audited folder; "
+                                                       "the aggregate cannot be recomputed")
+            continue
+        for name, m in ra.record["metrics"].items():
+            vals = [by_id[c].record["metrics"][name]["value"] for c in cells if name in by_id[c].record["metrics"]
+                    and by_id[c].record["metrics"][name]["value"] is not None]
+            st = t_interval(vals, float(m.get("ci_level") or 0.95))
+            got = [m["value"], *(m["ci"] or [None, None])]
+            want = [st["mean"], *(st["ci"] or [None, None])]
+            if any((a is None) != (b is None) or (a is not None and abs(a - b) > FLOAT_TOLERANCE)
+                   for a, b in zip(got, want)):
+                ra.fail(f"metrics/{name}", f"recorded {got}, recomputed {want} from cells {cells}")

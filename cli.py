@@ -1,7 +1,9 @@
 """The ``covtoken`` command line: run jobs, audit records, calibrate and lock thresholds.
 
-    covtoken run jobs/g1_lesion_subspace.py --smoke            # local backend, record fetched into gate_reports/
+    covtoken run jobs/g1_lesion_subspace.py --smoke            # local backend, record fetched into results/
+    covtoken run jobs/g1_lesion_subspace.py -- --help          # the job's own options
     covtoken audit [gate_reports/]                             # recompute every decision; non-zero on any problem
+    covtoken backbones | datasets [--json]                     # what can be run: ids, revisions, licences
     covtoken thresholds calibrate --gate G1 --entry embedded results/calibration/calibration/*.json --out P.json
     covtoken thresholds lock P.json [--supersede]
     covtoken thresholds verify | show
@@ -21,9 +23,10 @@ from rich.console import Console
 from rich.table import Table
 
 from .audit import NEGATIVE, SUMMARY, audit_folder, render_negative, render_summary
+from .errors import OneLineParser, UserError, report_errors
 from .lock import (LockError, ThresholdLock, carry_thresholds, gate_template, lock_entry, propose_thresholds,
-                   write_lock)
-from .record import RecordError, loads_strict, new_run_id, read_record, sha256_file, utc_now, write_json_atomic
+                   read_calibration_input, write_lock)
+from .record import loads_strict, new_run_id, read_record, utc_now, write_json_atomic
 from .runner import default_lock_path
 
 __all__ = ["main", "fetch_local_run"]
@@ -57,23 +60,23 @@ def fetch_local_run(src: Path, run_id: str, dest: Path) -> Path:
 def _job_gate(job: Path) -> str:
     stem = job.stem.split("_", 1)[0].upper()
     if not stem.startswith("G"):
-        raise SystemExit(f"{job}: job scripts are named g<N>_<name>.py")
+        raise UserError(f"{job}: job scripts are named g<N>_<name>.py")
     return stem
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     job = Path(args.job)
     if not job.is_file():
-        console.print(f"[red]{job}: job script not found[/red]")
-        return 2
+        raise UserError(f"{job}: job script not found")
     if args.backend != "local":
-        console.print("[red]only the local backend runs from `covtoken run`; use `covtoken submit` for HF Jobs[/red]")
-        return 2
+        raise UserError("--backend: only the local backend runs from `covtoken run`; use `covtoken submit` for HF Jobs")
+    if {"-h", "--help"} & set(args.job_args):
+        return _job_help(job, args.job_args)
     run_id = new_run_id(_job_gate(job))
     staging = Path(args.staging)
     cmd = [sys.executable, str(job), "--results", str(staging), "--run-id", run_id, *args.job_args]
     console.print(f"[bold]covtoken run[/bold] {' '.join(cmd)}")
-    stage = "starting"
+    stage = "starting: importing torch and the backbone libraries"
     with console.status(f"{run_id}: {stage}") as status:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -99,22 +102,44 @@ def cmd_run(args: argparse.Namespace) -> int:
     target = fetch_local_run(staging, run_id, Path(args.results))
     rec = read_record(target)
     console.print(f"[bold]{rec['gate_id']}[/bold] {rec['decision'].upper()} -> {target}")
+    return _exit_for_decision(rec["decision"], getattr(args, "fail_on", None))
+
+
+def _exit_for_decision(decision: str, fail_on: str | None) -> int:
+    """0 whenever a record was written; 1 with ``--fail-on`` when the decision is at or below that level."""
+    failing = {None: set(), "fail": {"fail"}, "inconclusive": {"fail", "inconclusive"}}[fail_on]
+    if decision.lower() in failing:
+        console.print(f"[yellow]--fail-on {fail_on}: decision {decision.upper()}, exit status 1[/yellow]")
+        return 1
     return 0
+
+
+def _job_help(job: Path, job_args: list[str]) -> int:
+    """``covtoken run job -- --help``: the job's own help, nothing run, no record expected."""
+    return subprocess.call([sys.executable, str(job), "--help"])
 
 
 # --------------------------------------------------------------------------------------------------- audit
 def cmd_audit(args: argparse.Namespace) -> int:
-    folder = Path(args.folder)
-    lock_path = Path(args.lock) if args.lock else default_lock_path()
-    report = audit_folder(folder, lock_path=lock_path, allow_unproven_prereg=args.allow_unproven_prereg,
-                          allow_dirty=args.allow_dirty, allow_missing_records=args.allow_missing_records)
+    return audit_command(args.folder, args.lock, check=args.check, allow_unproven_prereg=args.allow_unproven_prereg,
+                         allow_dirty=args.allow_dirty, allow_missing_records=args.allow_missing_records)
+
+
+def audit_command(folder: str | Path, lock: str | Path | None = None, *, check: bool = False,
+                  allow_unproven_prereg: bool = False, allow_dirty: bool = False,
+                  allow_missing_records: bool = False) -> int:
+    """Audit ``folder``, print the problems or the table, and write (or ``check``) its summaries; exit status."""
+    folder = Path(folder)
+    lock_path = Path(lock) if lock else default_lock_path()
+    report = audit_folder(folder, lock_path=lock_path, allow_unproven_prereg=allow_unproven_prereg,
+                          allow_dirty=allow_dirty, allow_missing_records=allow_missing_records)
     if not report.ok:
         for p in report.all_problems():
             console.print(f"[red]FAIL[/red] {p}", soft_wrap=True)
         console.print(f"[red]audit failed: {len(report.all_problems())} problem(s) in {folder}[/red]")
         return 1
     summary, negative = render_summary(report), render_negative(report)
-    if args.check:
+    if check:
         stale = [n for n, text in ((SUMMARY, summary), (NEGATIVE, negative))
                  if not (folder / n).is_file() or (folder / n).read_text() != text]
         if stale:
@@ -143,14 +168,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     key = f"{args.gate}/{args.entry}"
     runs, inputs = [], []
     for f in args.calibration_files:
-        doc = loads_strict(Path(f).read_text(), source=f)
-        if doc.get("kind") != "covtoken.calibration_run" or doc.get("entry") != key:
-            raise LockError(f"{f}: not a calibration run of {key} (kind={doc.get('kind')!r}, entry={doc.get('entry')!r})")
-        if doc["dataset"]["splits"].get("role") != "calibration":
-            raise LockError(f"{f}: field dataset/splits/role: thresholds are calibrated on calibration splits only")
+        doc, entry_input = read_calibration_input(f, key)  # refuses judged records and unproven patients
         runs.append(doc["metrics"])
-        inputs.append({"file": Path(f).name, "sha256": sha256_file(f), "run_id": doc["run_id"],
-                       "code_commit": doc["code"]["commit"]})
+        inputs.append(entry_input)
     rules = {c.get("calibration_rule", "fixed") for c in entry["criteria"]}
     carried = {}
     if getattr(args, "carry_locked_thresholds", False):
@@ -217,14 +237,26 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="covtoken", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="covtoken", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = p.add_subparsers(dest="command", required=True)
+    _register_listing_commands(sub)
 
-    r = sub.add_parser("run", help="run a job script with the local backend and fetch its record")
+    r = sub.add_parser("run", help="run a job script with the local backend and fetch its record",
+                       description="Run a job script locally and fetch its record. Exit status: 0 when a record is "
+                                   "written, whatever the decision (see --fail-on); 2 for a usage error; the job's "
+                                   "own status when it fails. Options after -- go to the job (-- --help shows them).")
     r.add_argument("job", help="jobs/<gate>_<name>.py")
     r.add_argument("--backend", default="local", choices=["local"], help="local subprocess (HF Jobs: covtoken submit)")
-    r.add_argument("--results", default="gate_reports", help="where the record is fetched to")
-    r.add_argument("--staging", default="results/local", help="the job's own results folder")
+    r.add_argument("--results", default="results",
+                   help="where the record is fetched to (default results/, untracked; --results gate_reports adds it "
+                        "to the committed records)")
+    r.add_argument("--fail-on", choices=["fail", "inconclusive"], default=None,
+                   help="exit 1 when the decision is FAIL (fail), or FAIL or INCONCLUSIVE (inconclusive); without it "
+                        "the exit status is 0 whenever a record is written, whatever the decision")
+    r.add_argument("--staging", default=".cache/covtoken/staging",
+                   help="the job's own results folder (untracked; the record is then fetched to --results)")
     r.set_defaults(fn=cmd_run)
 
     a = sub.add_parser("audit", help="recompute every decision and regenerate SUMMARY.md / NEGATIVE_RESULT.md")
@@ -239,7 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
         "accept ledger runs without a record (they stay listed in NEGATIVE_RESULT.md)"))
     a.set_defaults(fn=cmd_audit)
 
-    t = sub.add_parser("thresholds", help="calibrate, lock, verify or show the threshold lock")
+    t = sub.add_parser("thresholds", help="calibrate, lock, verify or show the threshold lock",
+                       description="Calibrate, lock, verify or show the threshold lock (subcommands below; "
+                                   "`covtoken thresholds <subcommand> --help` for each).")
     tsub = t.add_subparsers(dest="thresholds_command", required=True)
     c = tsub.add_parser("calibrate", help="propose thresholds from calibration-split runs")
     c.add_argument("--gate", required=True)
@@ -255,12 +289,87 @@ def build_parser() -> argparse.ArgumentParser:
     lk.add_argument("--lock", help="lock file (default configs/thresholds.lock.json)")
     lk.add_argument("--supersede", action="store_true", help="replace an existing entry (its digest is kept)")
     lk.set_defaults(fn=cmd_lock)
-    for name, fn in (("verify", cmd_verify), ("show", cmd_show)):
-        v = tsub.add_parser(name)
+    for name, fn, text in (("verify", cmd_verify, "check the lock's digests and structure"),
+                           ("show", cmd_show, "print the locked thresholds")):
+        v = tsub.add_parser(name, help=text)
         v.add_argument("--lock")
         v.set_defaults(fn=fn)
     _register_optional_commands(sub)
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("covtoken")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+# -------------------------------------------------------------------------------------- backbones / datasets
+def _backbone_rows() -> list[dict]:
+    from .backbone.registry import get_spec, list_backbones
+
+    rows = []
+    for name in list_backbones():
+        spec = get_spec(name)
+        rows.append({"name": name, "library": spec.library, "hub_id": spec.hub_id, "revision": spec.revision,
+                     "revision_pinned": spec.revision_pinned, "image_size": spec.image_size,
+                     "patch_size": spec.patch_size, "depth": spec.depth, "width": spec.width,
+                     "modality": spec.modality, "licence": spec.licence, "notes": spec.notes})
+    return rows
+
+
+def _dataset_rows() -> list[dict]:
+    from .data.catalog import dataset_info, list_datasets
+
+    return [dataset_info(name) for name in list_datasets()]
+
+
+def _print_rows(rows: list[dict], columns: list[str], title: str, as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, overflow="fold")
+    for row in rows:
+        table.add_row(*["" if row[c] is None else str(row[c]) for c in columns])
+    Console().print(table)
+    return 0
+
+
+def cmd_backbones(args: argparse.Namespace) -> int:
+    rows = _backbone_rows()
+    if args.json:
+        return _print_rows(rows, [], "", True)
+    shown = [{"name": r["name"], "library": r["library"], "hub id": (r["hub_id"] or "(embedded)").removeprefix("hf-hub:"),
+              "revision": r["revision"] or ("pass --revision" if r["hub_id"] else "seeded"), "licence": r["licence"]}
+             for r in rows]
+    return _print_rows(shown, ["name", "library", "hub id", "revision", "licence"],
+                       "backbones (--json for geometry and notes)", False)
+
+
+def cmd_datasets(args: argparse.Namespace) -> int:
+    return _print_rows(_dataset_rows(), ["name", "kind", "id", "revision", "licence"],
+                       "datasets (or a local folder / org/name / hf://datasets/... source)", args.json)
+
+
+def _register_listing_commands(sub: argparse._SubParsersAction) -> None:
+    b = sub.add_parser("backbones", help="list the registered backbones (library, Hub id, pinned revision, notes)")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.set_defaults(fn=cmd_backbones)
+    d = sub.add_parser("datasets", help="list the catalog's datasets (id, revision rule, licence)")
+    d.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    d.set_defaults(fn=cmd_datasets)
+
+
+def _quiet_libraries() -> None:
+    """httpx logs every request at INFO; keep those lines out unless COVTOKEN_DEBUG_HTTP=1."""
+    if os.environ.get("COVTOKEN_DEBUG_HTTP") != "1":
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _register_optional_commands(sub: argparse._SubParsersAction) -> None:
@@ -279,6 +388,7 @@ def _register_optional_commands(sub: argparse._SubParsersAction) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     # Everything after "--", and any option `covtoken run` does not know, goes to the job script.
     passthrough = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -287,11 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown and args.command != "run":
         build_parser().error(f"unrecognized arguments: {' '.join(unknown)}")
     args.job_args = unknown + passthrough
-    try:
-        return int(args.fn(args) or 0)
-    except (LockError, RecordError, FileExistsError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
-        return 1
+    # an expected error (bad flag, key, file or row; a full disk) is one line and exit status 2; --debug: traceback
+    return report_errors(lambda: args.fn(args), debug=args.debug)
 
 
 if __name__ == "__main__":

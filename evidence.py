@@ -22,7 +22,8 @@ from typing import Any, Literal, Mapping
 
 __all__ = ["TIERS", "Tier", "EvidenceError", "EvidenceFacts", "derive_tier", "facts_of", "tier_of",
            "entry_tier", "allowed_entry", "check_entry", "weights_verified", "registered_sample", "is_phantom",
-           "upper_bound_tier", "default_entry_name", "is_evidence", "audit_evidence"]
+           "upper_bound_tier", "default_entry_name", "is_evidence", "audit_evidence",
+           "tier_marker", "tier_caption"]
 
 Tier = Literal["flow-check", "sample", "real"]
 TIERS: tuple[Tier, ...] = ("flow-check", "sample", "real")
@@ -89,13 +90,17 @@ def _components(dataset: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def registered_sample(dataset: Mapping[str, Any]) -> bool:
     """Is this dataset (its provenance block) a registered small sample?
 
-    Uses ``covtoken.data.catalog.is_registered_sample`` when the catalog provides it; otherwise the minimal
-    rule below: a catalog entry with a registered sample size, and no more patients than that in total.
+    Uses the data package's ``is_registered_sample(provenance)`` (``covtoken.data.identity``: the catalog name
+    and content digest of a registered sample) when it exists; otherwise the minimal rule below: a catalog entry
+    with a registered sample size, and no more patients than that in total.
     """
     try:
-        from .data.catalog import is_registered_sample  # type: ignore[attr-defined]
+        from .data.identity import is_registered_sample  # type: ignore[import-not-found]
     except ImportError:
-        is_registered_sample = _fallback_registered_sample
+        try:
+            from .data.catalog import is_registered_sample  # type: ignore[attr-defined,no-redef]
+        except ImportError:
+            is_registered_sample = _fallback_registered_sample
     return bool(is_registered_sample(dataset))
 
 
@@ -176,7 +181,9 @@ def upper_bound_tier(*, datasets: list[str], backbone: str, weights: str | None,
     if any(is_phantom(d) for d in datasets):
         return "flow-check"
     spec = get_spec(backbone)
-    if not (spec.weights_sha256 and spec.revision and spec.revision_pinned):
+    if not spec.weights_sha256:
+        return "flow-check"
+    if weights is None and not (spec.revision and spec.revision_pinned):
         return "flow-check"
     if revision is not None and revision != spec.revision:
         return "flow-check"
@@ -247,3 +254,14 @@ def audit_evidence(record: Mapping[str, Any]) -> list[tuple[str, str]]:
     if not allowed_entry(facts.tier, entry):
         out.append(("lock/entry", f"a {facts.tier} run judged under {entry}, which judges {entry_tier(entry)} runs"))
     return out
+
+
+def tier_marker(tier: str) -> str:
+    """The tag a paper puts on every number from a record below ``real`` (empty for ``real``)."""
+    return "" if tier == "real" else f"<sup>{tier}</sup>"
+
+
+def tier_caption(tiers: list[str] | tuple[str, ...]) -> str:
+    """The prefix of a figure caption drawn from records of ``tiers`` (the lowest tier speaks)."""
+    low = min(tiers, key=lambda t: _RANK.get(t, -1)) if tiers else "flow-check"
+    return "" if low == "real" else f"**[{low}: not evidence]** "

@@ -40,6 +40,7 @@ from typing import Any, Callable, Mapping
 from .record import loads_strict, write_json_atomic
 
 __all__ = [
+    "read_calibration_input",
     "LockError",
     "ThresholdLock",
     "judge",
@@ -470,3 +471,63 @@ def gate_template_entry(key: str, *, root: str | Path | None = None) -> dict:
         return doc["entries"][name]
     except KeyError:
         raise LockError(f"gate template {gid} has no entry {name!r}; have {sorted(doc.get('entries', {}))}") from None
+
+
+# ------------------------------------------------------------------------------------------ calibration inputs
+def _input_patients(dataset: Mapping[str, Any]) -> list[str] | None:
+    """Union of the patient digests of a calibration run (per split; G2: per modality); None when absent."""
+    splits = dataset.get("splits") or {}
+    groups = [splits.get("patient_digests")] + [m.get("patient_digests")
+                                                for m in (splits.get("per_modality") or {}).values()]
+    groups = [g for g in groups if g is not None]
+    if not groups or not all(isinstance(g, dict) for g in groups):
+        return None
+    return sorted({d for g in groups for ds in g.values() for d in ds})
+
+
+def read_calibration_input(path: str | Path, key: str) -> tuple[dict, dict]:
+    """Read one input of ``covtoken thresholds calibrate`` and refuse anything but a calibration run of ``key``.
+
+    Refused: a gate record (a judged run), another kind of file or entry, a run whose config is not a calibration
+    run, splits whose role is not ``calibration``, a run without patient digests (its disjointness from judged
+    patients could not be proven later), and - on a generated dataset - patients not drawn from the run's seed
+    plus the locked ``calibration_seed_offset``.
+
+    Returns:
+        ``(doc, input)``: the calibration run and its entry for the proposal's ``calibration.inputs`` (file,
+        sha256, run id, code commit, patient digests).
+
+    Raises:
+        LockError: naming the file and the field.
+    """
+    from .record import sha256_file
+
+    path = Path(path)
+    doc = loads_strict(path.read_text(encoding="utf-8"), source=str(path))
+    if not isinstance(doc, dict):
+        raise LockError(f"{path}: not a calibration run (not a JSON object)")
+    if doc.get("record_type") == "covtoken.gate_record":
+        raise LockError(f"{path}: a judged gate record ({doc.get('run_id')}); thresholds are calibrated on "
+                        "calibration runs only, never on judged patients")
+    if doc.get("kind") != "covtoken.calibration_run" or doc.get("entry") != key:
+        raise LockError(f"{path}: not a calibration run of {key} (kind={doc.get('kind')!r}, entry={doc.get('entry')!r})")
+    config, dataset = doc.get("config") or {}, doc.get("dataset") or {}
+    if config.get("calibration") is not True:
+        raise LockError(f"{path}: field config/calibration is {config.get('calibration')!r}: not a calibration run")
+    if (dataset.get("splits") or {}).get("role") != "calibration":
+        raise LockError(f"{path}: field dataset/splits/role: thresholds are calibrated on calibration splits only")
+    patients = _input_patients(dataset)
+    if not patients:
+        raise LockError(f"{path}: field dataset/splits/patient_digests is missing; without it the calibration "
+                        "patients cannot be proven disjoint from judged patients (rerun the calibration job)")
+    offset = gate_template_entry(key)["parameters"].get("calibration_seed_offset")
+    rev = str(dataset.get("revision") or "")
+    if rev.startswith("generator-seed-") and offset is not None:
+        revisions = set(rev.split("+"))  # G2: one generated dataset per modality
+        want = f"generator-seed-{int(config.get('seed', 0)) + int(offset)}"
+        if revisions != {want} or not int(offset):
+            raise LockError(f"{path}: field dataset/revision is {rev!r}, expected {want!r}: a calibration run draws "
+                            f"its patients from seed + calibration_seed_offset ({offset}), apart from judged runs")
+    entry = {"file": path.name, "sha256": sha256_file(path), "run_id": doc["run_id"],
+             "code_commit": (doc.get("code") or {}).get("commit"), "patient_digests": patients}
+    return doc, entry

@@ -49,11 +49,13 @@ class JobConfig:
     lock_entry: str | None = dataclasses.field(default=None, metadata={
         "help": "lock entry; default <gate>/embedded on the embedded default, <gate>/real otherwise"})
     run_id: str | None = dataclasses.field(default=None, metadata={"help": "fixed run id (resume); new one otherwise"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the data generator, splits and subsamples"})
-    batch_size: int = dataclasses.field(default=32, metadata={"help": "images per forward pass"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the data generator, splits and subsamples",
+                                                       "min": 0})
+    batch_size: int = dataclasses.field(default=32, metadata={"help": "images per forward pass", "min": 1})
     calibration: bool = dataclasses.field(default=False, metadata={
         "help": "calibration run on separate patients; never judged"})
-    smoke: bool = dataclasses.field(default=False, metadata={"help": "the embedded default: phantoms + tiny ViT on CPU"})
+    smoke: bool = dataclasses.field(default=False, metadata={
+        "help": "the embedded default: phantoms + tiny ViT on CPU (flags given explicitly take precedence)"})
 
 
 def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list[str] | None,
@@ -68,21 +70,59 @@ def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list
         argv: arguments (default ``sys.argv[1:]``).
         smoke: the config values ``--smoke`` sets (the embedded default).
     """
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .errors import OneLineParser, report_errors
+
+    parser = OneLineParser(prog=Path(script).name, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, cls)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
-    cfg = load_config(cls, args)
-    if cfg.smoke:
-        cfg = dataclasses.replace(cfg, **smoke)
-    from .data.errors import DataError
+    if os.environ.get("COVTOKEN_DEBUG_HTTP") != "1":  # httpx logs every Hub request at INFO
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+    command = [script, *[a for a in argv if a != "--debug"]]
 
-    try:
-        return int(run(cfg, command=[script, *argv]))
-    except DataError as exc:  # wrong data, too few patients: one line, exit 2, before any compute
-        print(f"error: {exc}", file=sys.stderr)
-        return int(exc.exit_status)
+    def body() -> int:
+        cfg = apply_smoke(load_config(cls, args), smoke, explicit=explicit_keys(cls, args))
+        validate_config(cfg)
+        return int(run(cfg, command=command))
+
+    return report_errors(body, debug=args.debug, writing=str(args.results or "the results folder"))
+
+
+def explicit_keys(cls: type, args: argparse.Namespace) -> set[str]:
+    """Config keys the user set: by a flag, or in the ``--config`` file."""
+    keys = {f.name for f in dataclasses.fields(cls) if getattr(args, f.name, None) is not None}
+    if getattr(args, "config", None):
+        doc = loads_strict(Path(args.config).read_text(), source=str(args.config))
+        keys |= set(doc) if isinstance(doc, dict) else set()
+    return keys
+
+
+def apply_smoke(cfg: C, smoke: Mapping[str, Any], *, explicit: set[str]) -> C:
+    """``--smoke`` sets the embedded default for every key the user did not set explicitly (explicit wins, and is
+    logged, so ``--smoke --backbone X`` runs X on the phantoms - and fails on an unknown X, never on tiny-vit)."""
+    if not getattr(cfg, "smoke", False):
+        return cfg
+    kept = sorted(k for k in smoke if k in explicit and getattr(cfg, k) != smoke[k])
+    if kept:
+        log.info("--smoke: keeping the explicit %s", ", ".join(f"--{k.replace('_', '-')} {getattr(cfg, k)}" for k in kept))
+    return dataclasses.replace(cfg, **{k: v for k, v in smoke.items() if k not in explicit})  # type: ignore[type-var]
+
+
+def validate_config(cfg: Any) -> None:
+    """Bounds from the fields' metadata (``min``) and the backbone name; raises ConfigError naming the flag."""
+    for f in dataclasses.fields(cfg):
+        v, lo = getattr(cfg, f.name), f.metadata.get("min")
+        if lo is not None and isinstance(v, (int, float)) and not isinstance(v, bool) and v < lo:
+            raise ConfigError(f"--{f.name.replace('_', '-')}: must be >= {lo}, got {v}")
+    if isinstance(getattr(cfg, "backbone", None), str):
+        from .backbone.registry import UnknownBackboneError, get_spec
+
+        try:
+            get_spec(cfg.backbone)
+        except UnknownBackboneError as exc:
+            raise ConfigError(f"--backbone: {exc}") from None
 
 
 def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str, root: str | None = None,
@@ -127,7 +167,25 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
                                 help=f.metadata.get("help"))
         else:
             parser.add_argument(flag, dest=f.name, default=None, help=f.metadata.get("help"),
-                                metavar=f.name.upper())
+                                metavar=f.name.upper(), type=_flag_type(f.name, f.default))
+
+
+def _flag_type(name: str, default: Any) -> Callable[[str], Any]:
+    """A parse-time check of a flag's value against its field's type (``--seed abc`` fails before any work)."""
+    def check(text: str) -> str:
+        if text.lower() != "none" or default is not None:
+            try:
+                if isinstance(default, int) and not isinstance(default, bool):
+                    int(text)
+                elif isinstance(default, float):
+                    float(text)
+            except ValueError:
+                kind = "an integer" if isinstance(default, int) else "a number"
+                raise argparse.ArgumentTypeError(f"expected {kind}, got {text!r}") from None
+        return text
+
+    check.__name__ = name
+    return check
 
 
 def _coerce(cls: type, name: str, value: Any, default: Any) -> Any:
@@ -136,10 +194,13 @@ def _coerce(cls: type, name: str, value: Any, default: Any) -> Any:
     if isinstance(value, str):
         if isinstance(default, bool):
             raise ConfigError(f"config key {name!r}: expected a boolean")
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
+        try:
+            if isinstance(default, int):
+                return int(value)
+            if isinstance(default, float):
+                return float(value)
+        except ValueError:
+            raise ConfigError(f"config key {name!r}: expected {type(default).__name__}, got {value!r}") from None
         if isinstance(default, (list, tuple)):
             return tuple(v for v in (x.strip() for x in value.split(",")) if v)
         return value
@@ -147,6 +208,8 @@ def _coerce(cls: type, name: str, value: Any, default: Any) -> Any:
         return tuple(value)
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, bool):
+        raise ConfigError(f"config key {name!r}: expected int, got bool")
     if default is not None and not isinstance(value, type(default)) and not (
             isinstance(default, tuple) and isinstance(value, tuple)):
         raise ConfigError(f"config key {name!r}: expected {type(default).__name__}, got {type(value).__name__}")
@@ -161,14 +224,22 @@ def load_config(cls: type[C], args: argparse.Namespace) -> C:
     merged = dict(defaults)
     if getattr(args, "config", None):
         path = Path(args.config)
-        doc = loads_strict(path.read_text(), source=str(path))
+        if not path.is_file():
+            raise ConfigError(f"--config {path}: no such file")
+        try:
+            doc = loads_strict(path.read_text(encoding="utf-8"), source=str(path))
+        except UnicodeDecodeError:
+            raise ConfigError(f"--config {path}: not UTF-8 JSON text") from None
         if not isinstance(doc, dict):
             raise ConfigError(f"{path}: an experiment file must be a JSON object")
         unknown = sorted(set(doc) - set(fields))
         if unknown:
             raise ConfigError(f"{path}: unknown config keys {unknown}; valid keys: {sorted(fields)}")
         for k, v in doc.items():
-            merged[k] = _coerce(cls, k, v, defaults[k])
+            try:
+                merged[k] = _coerce(cls, k, v, defaults[k])
+            except ConfigError as exc:
+                raise ConfigError(f"{path}: {exc}") from None
     for k in fields:
         v = getattr(args, k, None)
         if v is not None:
@@ -390,7 +461,6 @@ class Run:
             self.hub.publish_file(path, f"calibration/{self.run_id}.json")
         return path
 
-
     # ------------------------------------------------------------- evaluation inputs, staging, ledger
     def evaluate(self, recipe: str, arrays: Mapping[str, Any], args: Mapping[str, Any]) -> Any:
         """Compute metrics through the named recipe and keep its inputs as an eval-only artefact.
@@ -458,14 +528,17 @@ class Run:
         if orphan.exists():
             raise FileExistsError(f"{orphan}: artefacts of run {self.run_id} exist without a record (written outside "
                                   "staging); remove the folder to rerun it")
-        if self.staging.exists():
+        resumed = self.staging.exists()
+        if resumed:
             shutil.rmtree(self.staging)  # a killed attempt: its partial artefacts are recomputed
-            return True
-        return False
+        self.staging.mkdir(parents=True)  # visible to the audit as an unfinished run until the commit
+        return resumed
 
     def _ledger(self, event: str, lock_entry: str) -> None:
-        from .runstore import append_ledger, config_digest
+        from .runstore import append_ledger, config_digest, read_ledger
 
+        if event == "start" and any(e["run_id"] == self.run_id for e in read_ledger(self.results_dir)):
+            event = "resume"  # killed before anything was staged: still the same run
         append_ledger(self.results_dir, {
             "event": event, "run_id": self.run_id, "gate_id": self.gate_id, "entry": lock_entry,
             "time": self.started_at, "commit": self.code["commit"], "calibration": self.calibration,

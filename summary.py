@@ -180,7 +180,7 @@ def render_negative(report: Any) -> str:
         if not failed:
             lines += ["None.", ""]
         for r in sorted(failed, key=lambda r: r["run_id"]):
-            what = "Falsified claim" if tier == "real" else f"Claim tested ({_TIER_TAG[tier]})"
+            what = "Falsified claim" if tier == "real" else f"Claim tested ({tier}, not evidence)"
             lines += [f"### {r['gate_id']} — {claim_title(r)} — `{r['run_id']}`", "",
                       f"{what}: {r['claim']}", "", f"Lock entry `{r['lock']['entry']}`; binding criterion: "
                       f"{_binding_cell(r)}", ""]
@@ -202,6 +202,6 @@ def render_negative(report: Any) -> str:
     if open_:
         lines += ["## Inconclusive", ""]
         for r in sorted(open_, key=lambda r: r["run_id"]):
-            lines.append(f"- {r['gate_id']} `{r['run_id']}` ({_TIER_TAG.get(r.get('evidence', 'flow-check'))}): "
+            lines.append(f"- {r['gate_id']} `{r['run_id']}` ({_TIER_TAG.get(r.get('evidence', 'flow-check'), 'flow-check')}): "
                          f"{r.get('decision_reason', '')}")
     return "\n".join(lines).rstrip() + "\n"

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from ..gate.keep import keep_count  # the one keep-count rule (G3, G5, G6), re-exported here
+
 __all__ = ["block_macs", "vit_macs", "routed_speedup", "ViTGeometry", "MacCounter", "keep_count"]
 
 
@@ -58,13 +60,6 @@ def routed_speedup(*, depth: int, all_blocks: int, keep: float, n_tokens: int, w
         raise ValueError(f"need 0 <= all_blocks <= depth and 0 <= keep <= 1, got {all_blocks}, {depth}, {keep}")
     full = depth * block_macs(n_tokens, width)
     return full / (all_blocks * block_macs(n_tokens, width) + (depth - all_blocks) * block_macs(keep * n_tokens + 1, width))
-
-
-def keep_count(n_patches: int, keep: float) -> int:
-    """Patch tokens kept per image at keep fraction ``keep``: ``ceil(keep * n_patches)``, at least 1."""
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep fraction must lie in (0, 1], got {keep}")
-    return max(1, math.ceil(keep * n_patches - 1e-9))
 
 
 @dataclass(frozen=True)

@@ -268,16 +268,20 @@ def _train(zc_np: np.ndarray, zt_np: np.ndarray, head: HeadConfig, seed: int) ->
     losses = np.empty(head.epochs + 1)
     with torch.no_grad():
         losses[0] = float(_loss(head.kind, p, p0, zc, zt, 0.0)[1])
-    for epoch in range(head.epochs):
-        order = torch.randperm(n, generator=g)
-        for start in range(0, n, head.batch_size):
-            idx = order[start:start + head.batch_size]
-            loss, _ = _loss(head.kind, p, p0, zc[idx], zt[idx], head.anchor)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        with torch.no_grad():
-            losses[epoch + 1] = float(_loss(head.kind, p, p0, zc, zt, 0.0)[1])
+    from ..progress import progress
+
+    with progress(f"probe {head.name} seed {seed}", head.epochs, unit="epochs") as advance:
+        for epoch in range(head.epochs):
+            order = torch.randperm(n, generator=g)
+            for start in range(0, n, head.batch_size):
+                idx = order[start:start + head.batch_size]
+                loss, _ = _loss(head.kind, p, p0, zc[idx], zt[idx], head.anchor)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            with torch.no_grad():
+                losses[epoch + 1] = float(_loss(head.kind, p, p0, zc, zt, 0.0)[1])
+            advance()
     if not np.isfinite(losses).all():
         raise FloatingPointError(f"{head.name} (seed {seed}): the stable-pair loss diverged: {losses[-3:]}")
     params = {k: v.detach().numpy().astype(np.float32) for k, v in p.items()}

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ..subspace import GaussianDensity, PCAResidual
+from ..gate.keep import topk_keep
 from .flops import ViTGeometry, keep_count
 
 __all__ = ["GaussianRouter", "PCARouter", "make_router", "RoutedDepth", "RoutedOutput", "top_keep", "time_forwards",
@@ -87,7 +88,8 @@ def top_keep(scores: np.ndarray, n_keep: int) -> np.ndarray:
     s = np.asarray(scores)
     if s.ndim != 2 or not 1 <= n_keep <= s.shape[1]:
         raise ValueError(f"need (n, N) scores and 1 <= n_keep <= N, got shape {s.shape}, n_keep={n_keep}")
-    return np.sort(np.argsort(-s, axis=1, kind="stable")[:, :n_keep], axis=1).astype(np.int64)
+    mask = topk_keep(s, n_keep)  # the one top-k rule of the kit (gate.keep), as ascending indices
+    return np.nonzero(mask)[1].reshape(s.shape[0], n_keep).astype(np.int64)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,12 @@ registers a few background tokens carry ~10x the typical norm and soak up CLS at
 baseline can sit near chance for reasons unrelated to lesions. Use the registers-aware model where one
 exists (``dinov2-base-reg`` rather than ``dinov2-base``) and report :func:`high_norm_tokens` next to it.
 
+Public APIs and why they are not used here (tests/test_g3_attention.py shows the results are identical): timm's
+``timm.utils.AttentionExtract`` and transformers' ``output_attentions=True`` both need the non-fused/eager attention
+path and materialise the full ``(B, H, T, T)`` matrix of every block (MedDINOv3 at 512 px: ~50 MB per image and
+block); this module computes only the CLS row with the fused kernels left on. The test compares against
+AttentionExtract (timm), eager ``output_attentions`` (transformers) and ``need_weights`` (open_clip's MHA).
+
 Supported: timm ViTs (``Attention``, ``EvaAttention`` with RoPE), timm trunks of open_clip towers,
 transformers DINOv2 (+registers) attention (``q_proj``/``k_proj``), open_clip's own ViT
 (``nn.MultiheadAttention``).

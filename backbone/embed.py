@@ -9,8 +9,7 @@ G7 read the model's own image embedding instead:
   (unnormalised); for a timm trunk (BiomedCLIP) that is the trunk plus open_clip's projection head;
 * transformers (DINOv2): ``pooler_output`` - the CLS token after the final layernorm.
 
-:func:`preprocess_batch` gives the same tensor as :meth:`FrozenBackbone.preprocess`, resizing images of a
-common shape in one call instead of one call per image (the per-image path costs ~15 ms per image on CPU).
+:func:`preprocess_batch` is :meth:`FrozenBackbone.preprocess` (each library's own transform).
 """
 from __future__ import annotations
 
@@ -18,7 +17,6 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .frozen import FrozenBackbone
@@ -33,31 +31,16 @@ def embedding_model_id(spec: "BackboneSpec") -> str:
 
 
 def preprocess_batch(backbone: "FrozenBackbone", images: Sequence[np.ndarray]) -> torch.Tensor:
-    """Images in the common layout -> normalised ``(B, 3, S, S)`` float32, equal to ``backbone.preprocess``.
+    """Images in the common layout -> ``(B, 3, S, S)`` float32: ``backbone.preprocess`` (the library's transform).
 
     Args:
-        backbone: the frozen backbone (its spec gives size, mean, std).
+        backbone: the frozen backbone.
         images: ``(H, W)`` grey or ``(H, W, 3)`` RGB float arrays in [0, 1]; shapes may differ.
 
     Returns:
         ``(B, 3, S, S)`` tensor on the backbone's device, in the order of ``images``.
     """
-    spec = backbone.spec
-    side = spec.image_size
-    out = torch.empty((len(images), 3, side, side), dtype=torch.float32)
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, img in enumerate(images):
-        shape = tuple(np.shape(img))
-        if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] != 3):
-            raise ValueError(f"image {i} must be (H, W) or (H, W, 3), got {shape}")
-        groups.setdefault(shape, []).append(i)
-    for shape, idx in groups.items():
-        arr = torch.as_tensor(np.stack([np.asarray(images[i], dtype=np.float32) for i in idx]))
-        x = arr[:, None].expand(-1, 3, -1, -1) if len(shape) == 2 else arr.permute(0, 3, 1, 2)
-        out[idx] = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-    mean = torch.tensor(spec.mean).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std).view(1, 3, 1, 1)
-    return ((out - mean) / std).to(backbone.device)
+    return backbone.preprocess(images)
 
 
 def _timm_embed(model: torch.nn.Module, pixels: torch.Tensor) -> torch.Tensor:

@@ -7,9 +7,9 @@ The dispatcher picks the function from the spec's library.
 * timm: ``forward_intermediates`` (prefix tokens counted by the model itself, checked against the spec).
 * transformers: ``output_hidden_states=True``; ``hidden_states[b + 1]`` is the output of block ``b``
   (``hidden_states[0]`` is the embedding output); the final norm is the model's ``layernorm``.
-* open_clip: a timm trunk (``visual.trunk``) goes through the timm path; open_clip's own ViT is read with forward
-  hooks on ``visual.transformer.resblocks[b]`` (sequence-first outputs are transposed), the CLS token is
-  dropped and the final norm is ``visual.ln_post``.
+* open_clip: a timm trunk (``visual.trunk``) goes through the timm path; open_clip's own ViT through its public
+  ``forward_intermediates`` (``normalize_intermediates`` applies ``ln_post``; prefix tokens are dropped by
+  open_clip itself).
 """
 from __future__ import annotations
 
@@ -50,10 +50,6 @@ def _transformers_tokens(model: torch.nn.Module, pixels: torch.Tensor, blocks: S
     return out
 
 
-class _StopForward(Exception):
-    """Raised by the hook of the last requested block: later blocks are not needed."""
-
-
 def _open_clip_tokens(model: torch.nn.Module, pixels: torch.Tensor, blocks: Sequence[int], *, final_norm: bool,
                       num_prefix: int) -> dict[int, torch.Tensor]:
     trunk = getattr(model, "trunk", None)
@@ -61,33 +57,9 @@ def _open_clip_tokens(model: torch.nn.Module, pixels: torch.Tensor, blocks: Sequ
         return _timm_tokens(trunk, pixels, blocks, final_norm=final_norm, num_prefix=num_prefix)
     if num_prefix != 1:
         raise ValueError(f"open_clip ViTs have exactly one class token, the registry says {num_prefix} prefix tokens")
-    transformer = model.transformer
-    captured: dict[int, torch.Tensor] = {}
-    last = max(blocks)
-
-    def hook_for(b: int) -> Callable[..., None]:
-        def hook(module: torch.nn.Module, args: object, output: torch.Tensor) -> None:
-            captured[b] = output
-            if b == last:
-                raise _StopForward
-
-        return hook
-
-    handles = [transformer.resblocks[b].register_forward_hook(hook_for(b)) for b in blocks]
-    try:
-        model(pixels)
-    except _StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
-    out = {}
-    for b in blocks:
-        x = captured[b] if getattr(transformer, "batch_first", True) else captured[b].transpose(0, 1)
-        if final_norm:
-            x = model.ln_post(x)
-        out[b] = x[:, num_prefix:]
-    return out
+    out = model.forward_intermediates(pixels, indices=list(blocks), normalize_intermediates=final_norm,
+                                      intermediates_only=True, output_fmt="NLC")["image_intermediates"]
+    return dict(zip(blocks, out))
 
 
 _EXTRACTORS: dict[str, Callable[..., dict[int, torch.Tensor]]] = {

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from .preprocess import PREPROCESS_ATTR, LibraryTransform, timm_transform
 from .registry import BackboneSpec, get_spec
 
 __all__ = ["FrozenBackbone", "load_backbone", "state_dict_digest", "attach_source", "SOURCE_ATTR"]
@@ -66,6 +66,22 @@ class FrozenBackbone:
             p.requires_grad_(False)
         self.weights_digest = state_dict_digest(self.model)
         self.source = dict(getattr(model, SOURCE_ATTR, None) or {})
+        self._transform: LibraryTransform | None = getattr(model, PREPROCESS_ATTR, None)
+
+    @property
+    def transform(self) -> LibraryTransform:
+        """The library transform the builder attached; for a bare timm model, timm's own (resolved on first use).
+
+        Raises:
+            ValueError: a non-timm model whose builder attached none, or a library mean/std the spec disagrees with.
+        """
+        if self._transform is None:
+            if self.spec.library != "timm":
+                raise ValueError(f"{self.spec.name}: the builder attached no library transform "
+                                 "(covtoken.backbone.preprocess.attach_preprocess)")
+            self._transform = timm_transform(self.model, name=self.spec.name, image_size=self.spec.image_size,
+                                             mean=self.spec.mean, std=self.spec.std)
+        return self._transform
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -82,26 +98,16 @@ class FrozenBackbone:
                                       files=self.source.get("files", {}))[0]
 
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """Images in the common layout -> normalised ``(B, 3, S, S)`` float32 tensor.
+        """Images in the common layout -> ``(B, 3, S, S)`` float32 tensor, by the library's own transform.
 
-        Grey images are repeated to three channels; every image is resized to the square input with bilinear
-        interpolation (no crop), then normalised with the spec's mean/std.
+        See :mod:`covtoken.backbone.preprocess`: 8-bit PIL images (grey repeated to three channels) go through the
+        transform the model's library resolves from its data config, squashed to the square input (no crop).
         """
-        batch = []
-        for img in images:
-            t = torch.as_tensor(np.asarray(img, dtype=np.float32))
-            if t.ndim == 2:
-                t = t[None].expand(3, -1, -1)
-            elif t.ndim == 3 and t.shape[2] == 3:
-                t = t.permute(2, 0, 1)
-            else:
-                raise ValueError(f"image must be (H, W) or (H, W, 3), got {tuple(t.shape)}")
-            batch.append(F.interpolate(t[None], size=(self.spec.image_size,) * 2, mode="bilinear",
-                                       align_corners=False, antialias=True)[0])
-        x = torch.stack(batch)
-        mean = torch.tensor(self.spec.mean).view(1, 3, 1, 1)
-        std = torch.tensor(self.spec.std).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.device)
+        x = self.transform(images)
+        side = self.spec.image_size
+        if tuple(x.shape[1:]) != (3, side, side):
+            raise RuntimeError(f"{self.spec.name}: the library transform gave {tuple(x.shape)}, expected (B, 3, {side}, {side})")
+        return x.to(self.device)
 
     @torch.inference_mode()
     def patch_tokens(self, pixels: torch.Tensor, blocks: Sequence[int], *, final_norm: bool = False) -> dict[int, torch.Tensor]:
@@ -141,6 +147,7 @@ class FrozenBackbone:
         resolved = self.source.get("resolved_revision")
         prov.update({"weights_digest": self.weights_digest, "blocks": sorted(set(int(b) for b in blocks)),
                      "final_norm": bool(final_norm),
+                     "preprocess": self.transform.provenance(),
                      "revision": resolved or self.spec.revision,
                      "pinned_revision": self.spec.revision,
                      "resolved_revision": resolved,

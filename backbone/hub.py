@@ -10,10 +10,15 @@ Entries (revision sources are in the notes of each entry and in the module const
 * ``meddinov3-vitb16-ct`` - MedDINOv3 ViT-B/16 pretrained on CT-3M, timm ``vit_base_patch16_dinov3`` (see
   :mod:`covtoken.backbone.meddinov3` for the architecture choice and the key mapping).
 * ``dinov2-base`` / ``dinov2-base-reg`` - transformers ``Dinov2Model`` / ``Dinov2WithRegistersModel``.
-* ``dermlip-vitb16``, ``biomedclip``, ``clip-vitb16-openai`` - the image tower of open_clip models. Only the vision
-  tower is built (open_clip's own ``_build_vision_tower`` from the ``open_clip_config.json`` of the pinned
-  snapshot) and only the ``visual.*`` weights are loaded: ``open_clip.create_model`` cannot take a revision, and for
-  BiomedCLIP it would also fetch the config of its PubMedBERT text tower from another, unpinned repository.
+* ``dermlip-vitb16``, ``biomedclip``, ``clip-vitb16-openai`` - the image tower of open_clip models: open_clip's
+  public ``open_clip.CLIP`` is built from the ``vision_cfg`` of the pinned snapshot's ``open_clip_config.json`` with a
+  one-layer placeholder text tower, and its ``visual`` tower receives the ``visual.*`` weights strictly.
+  ``open_clip.create_model`` cannot take a revision, and for BiomedCLIP it would also fetch the config of its
+  PubMedBERT text tower from another, unpinned repository.
+
+Preprocessing is each library's own transform (:mod:`covtoken.backbone.preprocess`), resolved from the same
+snapshot (transformers: its ``preprocessor_config.json``; open_clip: the ``preprocess_cfg`` of its config; timm:
+the model's pretrained config) and attached to the model.
 
 Heavy libraries (transformers, open_clip, the Hub client) are imported inside the builders.
 """
@@ -22,13 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from .frozen import attach_source
+from .preprocess import attach_preprocess, open_clip_transform, timm_transform, transformers_transform
 from .meddinov3 import CHECKPOINT_FILENAME, CheckpointMismatchError, create_meddinov3_vit, load_meddinov3_checkpoint
 from .registry import COMMIT_SHA, BackboneSpec, register, weights_dir
 
@@ -49,6 +55,9 @@ MEDDINOV3_HU_WINDOW = (-1000.0, 1000.0)
 _HU_SPAN = MEDDINOV3_HU_WINDOW[1] - MEDDINOV3_HU_WINDOW[0]
 MEDDINOV3_MEAN = ((65.1084213256836 - MEDDINOV3_HU_WINDOW[0]) / _HU_SPAN,) * 3
 MEDDINOV3_STD = (178.01663208007812 / _HU_SPAN,) * 3
+#: timm pretrained-config entries of MedDINOv3 (its demo normalisation; timm's DINOv3 resize otherwise).
+MEDDINOV3_DATA_CONFIG = {"mean": MEDDINOV3_MEAN, "std": MEDDINOV3_STD}
+_PROCESSOR_CONFIG = "preprocessor_config.json"
 
 _OPEN_CLIP_CONFIG = "open_clip_config.json"
 #: Weight file of each open_clip repository, in order of preference (the first one found is used).
@@ -57,6 +66,8 @@ _OPEN_CLIP_WEIGHTS: dict[str, tuple[str, ...]] = {
     "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224": ("open_clip_pytorch_model.bin",),
 }
 _OPEN_CLIP_DEFAULT_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+#: Text tower of the CLIP the image tower is taken from: the smallest open_clip text transformer (discarded).
+_PLACEHOLDER_TEXT_CFG = {"context_length": 2, "vocab_size": 2, "width": 8, "heads": 1, "layers": 1}
 
 
 class RevisionRequiredError(ValueError):
@@ -195,10 +206,12 @@ def build_meddinov3(*, spec: BackboneSpec, weights: str | Path | None = None,
     path = fetched.files[CHECKPOINT_FILENAME]
     digests = _file_digests(spec, fetched, CHECKPOINT_FILENAME)
     model = create_meddinov3_vit(image_size=spec.image_size, patch_size=spec.patch_size, depth=spec.depth,
-                                 width=spec.width)
+                                 width=spec.width, data_config=MEDDINOV3_DATA_CONFIG)
     _check_geometry(spec, {"num_prefix_tokens": model.num_prefix_tokens})
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     load_meddinov3_checkpoint(model, checkpoint, source=str(path))
+    attach_preprocess(model, timm_transform(model, name=spec.name, image_size=spec.image_size, mean=spec.mean,
+                                            std=spec.std))
     return attach_source(model, origin=fetched.origin, resolved_revision=fetched.resolved_revision, files=digests)
 
 
@@ -217,11 +230,13 @@ def build_dinov2(*, spec: BackboneSpec, weights: str | Path | None = None,
     if spec.num_registers not in _TRANSFORMERS_TYPES:
         raise ValueError(f"{spec.name}: no transformers DINOv2 class with {spec.num_registers} registers")
     model_type, class_name = _TRANSFORMERS_TYPES[spec.num_registers]
-    fetched = _fetch(spec, [("config.json",), ("model.safetensors",)], revision=revision, weights=weights)
+    fetched = _fetch(spec, [("config.json",), ("model.safetensors",), (_PROCESSOR_CONFIG,)], revision=revision,
+                     weights=weights)
     digests = _file_digests(spec, fetched, "model.safetensors")
     folder = fetched.files["model.safetensors"].parent
-    if fetched.files["config.json"].parent != folder:
-        raise RuntimeError(f"{spec.name}: config.json and model.safetensors are in different folders")
+    if {p.parent for p in fetched.files.values()} != {folder}:
+        raise RuntimeError(f"{spec.name}: config.json, model.safetensors and {_PROCESSOR_CONFIG} are in different "
+                           "folders")
     config = json.loads(fetched.files["config.json"].read_text(encoding="utf-8"))
     if config.get("model_type") != model_type:
         raise ValueError(f"{spec.name}: config.json has model_type {config.get('model_type')!r}, "
@@ -234,6 +249,8 @@ def build_dinov2(*, spec: BackboneSpec, weights: str | Path | None = None,
     cfg = model.config
     _check_geometry(spec, {"depth": cfg.num_hidden_layers, "width": cfg.hidden_size, "patch_size": cfg.patch_size,
                            "num_prefix_tokens": 1 + int(getattr(cfg, "num_register_tokens", 0))})
+    attach_preprocess(model, transformers_transform(folder, name=spec.name, image_size=spec.image_size,
+                                                    mean=spec.mean, std=spec.std))
     return attach_source(model, origin=fetched.origin, resolved_revision=fetched.resolved_revision, files=digests)
 
 
@@ -241,14 +258,14 @@ def build_open_clip_vision(*, spec: BackboneSpec, weights: str | Path | None = N
                            revision: str | None = None) -> torch.nn.Module:
     """The image tower of an open_clip model: open_clip's ViT (``visual``) or its timm adapter (``visual.trunk``).
 
-    The tower is built by open_clip from the snapshot's ``open_clip_config.json`` (QuickGELU flag included, timm
-    trunks never fetch their own pretrained weights) and receives the ``visual.*`` entries of the checkpoint with
-    ``strict=True``. The config's preprocessing (mean, std, size) must agree with the registry entry.
+    The tower is built by open_clip's public ``open_clip.CLIP`` from the snapshot's ``open_clip_config.json`` (its
+    ``vision_cfg`` and QuickGELU flag; the text tower is a one-layer placeholder that is dropped, so BiomedCLIP never
+    fetches its PubMedBERT config; timm trunks never fetch their own pretrained weights) and receives the
+    ``visual.*`` entries of the checkpoint with ``strict=True``. The config's ``preprocess_cfg`` gives the library
+    transform; its mean, std and size must agree with the registry entry.
     """
     import open_clip
     from open_clip.factory import load_state_dict
-    from open_clip.model import _build_vision_tower
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
     candidates = _OPEN_CLIP_WEIGHTS.get(_repo_id(spec), _OPEN_CLIP_DEFAULT_WEIGHTS)
     fetched = _fetch(spec, [(_OPEN_CLIP_CONFIG,), candidates], revision=revision, weights=weights)
@@ -258,23 +275,14 @@ def build_open_clip_vision(*, spec: BackboneSpec, weights: str | Path | None = N
     if "model_cfg" not in config:
         raise ValueError(f"{spec.name}: {_OPEN_CLIP_CONFIG} has no 'model_cfg' (keys {sorted(config)})")
     model_cfg = config["model_cfg"]
-
-    preprocess = merge_preprocess_dict(asdict(PreprocessCfg()), config.get("preprocess_cfg", {}))
-    size = preprocess["size"] if isinstance(preprocess["size"], int) else tuple(preprocess["size"])
-    mismatch = {k: (tuple(preprocess[k]), v) for k, v in (("mean", spec.mean), ("std", spec.std))
-                if not torch.allclose(torch.tensor(preprocess[k], dtype=torch.float64),
-                                      torch.tensor(v, dtype=torch.float64))}
-    if size not in (spec.image_size, (spec.image_size, spec.image_size)):
-        mismatch["size"] = (size, spec.image_size)
-    if mismatch:
-        raise ValueError(f"{spec.name}: open_clip preprocessing disagrees with the registry "
-                         f"(config, registry): {mismatch}")
+    transform = open_clip_transform(config.get("preprocess_cfg", {}), name=spec.name, image_size=spec.image_size,
+                                    mean=spec.mean, std=spec.std)
 
     vision_cfg = dict(model_cfg["vision_cfg"])
     if vision_cfg.get("timm_model_name"):
         vision_cfg["timm_model_pretrained"] = False  # the checkpoint provides every weight
-    visual = _build_vision_tower(model_cfg["embed_dim"], vision_cfg,
-                                 quick_gelu=bool(model_cfg.get("quick_gelu", False)), cast_dtype=None)
+    visual = open_clip.CLIP(model_cfg["embed_dim"], vision_cfg, _PLACEHOLDER_TEXT_CFG,
+                            quick_gelu=bool(model_cfg.get("quick_gelu", False))).visual
     state = load_state_dict(str(fetched.files[weight_file]), device="cpu", weights_only=True)
     visual_state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
     if not visual_state:
@@ -300,6 +308,7 @@ def build_open_clip_vision(*, spec: BackboneSpec, weights: str | Path | None = N
     else:
         raise ValueError(f"{spec.name}: unsupported open_clip image tower {type(visual).__name__}")
     _check_geometry(spec, found)
+    attach_preprocess(visual, transform)
     return attach_source(visual, origin=fetched.origin, resolved_revision=fetched.resolved_revision, files=digests)
 
 
@@ -309,7 +318,7 @@ def _vit_b(**kwargs: object) -> dict[str, object]:
 
 
 MEDDINOV3 = register(BackboneSpec(
-    name="meddinov3-vitb16-ct", library="timm", hub_id="ricklisz123/MedDINOv3-ViTB-16-CT-3M",
+    name="meddinov3-vitb16-ct", licence="Apache-2.0", library="timm", hub_id="ricklisz123/MedDINOv3-ViTB-16-CT-3M",
     # A commit of the repository seen on a Hub mirror (blame view of README.md at 20d233b, whose content equals the
     # current main README); that model.pth is present at this commit could not be checked offline.
     revision="20d233b0ce1b1f93c46550787cf4b409a6f4a95e",
@@ -324,7 +333,7 @@ MEDDINOV3 = register(BackboneSpec(
 ))
 
 DINOV2_BASE = register(BackboneSpec(
-    name="dinov2-base", library="transformers", hub_id="facebook/dinov2-base",
+    name="dinov2-base", licence="Apache-2.0", library="transformers", hub_id="facebook/dinov2-base",
     revision="f9e44c814b77203eaa57a6bdbbd535f21ede1415",  # pinned by mteb's ModelMeta for facebook/dinov2-base
     **_vit_b(patch_size=14), mean=IMAGENET_MEAN, std=IMAGENET_STD, builder=build_dinov2,
     notes="DINOv2 ViT-B/14 (Oquab et al. 2023), Apache-2.0; 224 px -> 16x16 grid (position embeddings "
@@ -332,7 +341,7 @@ DINOV2_BASE = register(BackboneSpec(
 ))
 
 DINOV2_BASE_REG = register(BackboneSpec(
-    name="dinov2-base-reg", library="transformers", hub_id="facebook/dinov2-with-registers-base",
+    name="dinov2-base-reg", licence="Apache-2.0", library="transformers", hub_id="facebook/dinov2-with-registers-base",
     revision="a1d738ccfa7ae170945f210395d99dde8adb1805",
     weights_sha256="7a6f7b3b9fa4b8732e707476a03cd6cdce210048582f21aafb7991c17d98e362",  # model.safetensors
     **_vit_b(patch_size=14, num_prefix_tokens=5, num_registers=4), mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -342,7 +351,7 @@ DINOV2_BASE_REG = register(BackboneSpec(
 ))
 
 DERMLIP = register(BackboneSpec(
-    name="dermlip-vitb16", library="open_clip", hub_id="hf-hub:redlessone/DermLIP_ViT-B-16",
+    name="dermlip-vitb16", licence="see model card (sibling DermLIP: CC-BY-NC-ND-4.0)", library="open_clip", hub_id="hf-hub:redlessone/DermLIP_ViT-B-16",
     revision=None, revision_pinned=False,  # no commit sha of this repository could be found offline
     **_vit_b(), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, builder=build_open_clip_vision, modality="dermoscopy",
     notes="DermLIP ViT-B/16 (Derm1M, Yan et al., arXiv:2503.14911); check the licence on the model card "
@@ -351,7 +360,7 @@ DERMLIP = register(BackboneSpec(
 ))
 
 BIOMEDCLIP = register(BackboneSpec(
-    name="biomedclip", library="open_clip", hub_id="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
+    name="biomedclip", licence="MIT", library="open_clip", hub_id="hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224",
     revision="9f341de24bfb00180f1b847274256e9b65a3a32e",
     **_vit_b(), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, builder=build_open_clip_vision,
     notes="BiomedCLIP (Zhang et al., NEJM AI 2024), MIT; image tower = timm vit_base_patch16_224 trunk "
@@ -359,7 +368,7 @@ BIOMEDCLIP = register(BackboneSpec(
 ))
 
 CLIP_OPENAI = register(BackboneSpec(
-    name="clip-vitb16-openai", library="open_clip", hub_id="hf-hub:timm/vit_base_patch16_clip_224.openai",
+    name="clip-vitb16-openai", licence="MIT", library="open_clip", hub_id="hf-hub:timm/vit_base_patch16_clip_224.openai",
     revision="977e3dd0ec55ab8da155f2fbeb6b5f54948b6e3d",
     weights_sha256="4b8699299b1e8997753c64b052ba32031449d5d853f55a039148560ee02b820f",  # open_clip_model.safetensors
     **_vit_b(), mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD, builder=build_open_clip_vision,

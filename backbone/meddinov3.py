@@ -55,13 +55,15 @@ class CheckpointMismatchError(RuntimeError):
 
 
 def create_meddinov3_vit(*, image_size: int, patch_size: int = 16, depth: int = 12,
-                         width: int = 768) -> torch.nn.Module:
+                         width: int = 768, data_config: Mapping[str, object] | None = None) -> torch.nn.Module:
     """The MedDINOv3 backbone as a randomly initialised timm ``Eva`` (DINOv3 ViT with 4 registers and RoPE).
 
     Args:
         image_size: nominal square input (RoPE makes the model accept other sizes too).
         patch_size: must be 16, the DINOv3 patch size.
         depth, width: 12 and 768 for ViT-B; smaller values build the same architecture for tests.
+        data_config: entries of timm's pretrained config to replace (timm ``pretrained_cfg_overlay``), e.g. the
+            MedDINOv3 mean/std, so that ``timm.data.resolve_model_data_config`` returns them.
     """
     import timm
     from timm.layers import LayerNorm
@@ -72,7 +74,8 @@ def create_meddinov3_vit(*, image_size: int, patch_size: int = 16, depth: int = 
         raise ValueError(f"width {width} is not a multiple of the head dimension {HEAD_DIM}")
     return timm.create_model(TIMM_ARCH, pretrained=False, num_classes=0, img_size=image_size, depth=depth,
                              embed_dim=width, num_heads=width // HEAD_DIM,
-                             norm_layer=partial(LayerNorm, eps=LAYER_NORM_EPS))
+                             norm_layer=partial(LayerNorm, eps=LAYER_NORM_EPS),
+                             pretrained_cfg_overlay=dict(data_config or {}))
 
 
 def backbone_state_dict(checkpoint: Mapping[str, object], *, source: str = "checkpoint") -> dict[str, torch.Tensor]:

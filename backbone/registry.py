@@ -1,8 +1,9 @@
 """One registry from backbone names to frozen-model builders, with their preprocessing and pinned revision.
 
 Every backbone the kit can use is a :class:`BackboneSpec` registered here under a short name. A spec says
-where the weights come from (library, Hub id, pinned revision), how images are prepared (square input size,
-mean/std, resize without crop, so lesions at the border are never cut away), and the token geometry (patch
+where the weights come from (library, Hub id, pinned revision), how images are prepared (square input size and
+the mean/std the library's own data config must agree with; the transform itself is the library's, squashed without
+crop so lesions at the border are never cut away, see :mod:`covtoken.backbone.preprocess`), and the token geometry (patch
 size, depth, width, how many CLS/register tokens precede the patch tokens). Registering a name twice is an
 error; looking up an unknown name raises with the list of choices.
 """
@@ -56,6 +57,7 @@ class BackboneSpec:
         weights_sha256: optional hex prefix the weight file must match.
         modality: the images this backbone is meant for (documentation only).
         notes: free text (licence, paper).
+        licence: the weights' licence as the model card states it (listed by ``covtoken backbones``).
         revision_pinned: False for a Hub entry whose current commit sha could not be established when it was
             registered: ``revision`` is then None and loading needs an explicit ``revision=`` (a job's
             ``--revision``); the commit actually served is recorded either way.
@@ -78,6 +80,7 @@ class BackboneSpec:
     modality: str = "any"
     notes: str = ""
     revision_pinned: bool = True
+    licence: str = ""
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -115,6 +118,7 @@ class BackboneSpec:
             "num_registers": self.num_registers,
             "block_index_base": 0,
             "preprocess": {"resize": "square, no crop", "mean": list(self.mean), "std": list(self.std)},
+            # FrozenBackbone.provenance replaces this block with the library transform actually resolved
         }
 
 
@@ -159,9 +163,10 @@ def pinned_digest_verified(spec: BackboneSpec, *, origin: str, resolved_revision
                            files: dict[str, str]) -> tuple[bool, str]:
     """Are a model's weights a pinned pretrained checkpoint whose file digest matches the registry?
 
-    The fact the evidence tier rests on. True only when the registry entry pins a revision and the sha256 of its
-    weight file, the weights came from the Hub at exactly that revision (``origin == "hub"``) or from a local file
-    (``override:<path>``), and a weight file read has the registry's digest. A random initialisation (no files),
+    The fact the evidence tier rests on. True only when the registry entry records the sha256 of its weight file,
+    the weights came from the Hub at exactly the pinned revision (``origin == "hub"``) or from a local file
+    (``override:<path>``, e.g. a checkpoint the kit trained and registered by digest), and a weight file read has
+    the registry's digest. A random initialisation (no files),
     an entry without a recorded digest, another revision or other bytes are not verified.
 
     Args:
@@ -175,9 +180,9 @@ def pinned_digest_verified(spec: BackboneSpec, *, origin: str, resolved_revision
     """
     if not spec.weights_sha256:
         return False, f"{spec.name}: the registry records no sha256 of its weight file"
-    if not (spec.revision and spec.revision_pinned):
-        return False, f"{spec.name}: the registry pins no revision"
     if origin == "hub":
+        if not (spec.revision and spec.revision_pinned):
+            return False, f"{spec.name}: the registry pins no revision"
         if resolved_revision != spec.revision:
             return False, f"{spec.name}: weights served at {resolved_revision}, the pinned revision is {spec.revision}"
     elif not origin.startswith("override:"):

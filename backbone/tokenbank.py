@@ -10,6 +10,12 @@ A shard is written file by file through temporary names and only then entered in
 interrupted build loses at most the shard in progress; calling :meth:`TokenBank.build` again verifies the
 finished shards by hash and continues. Labels never enter a bank: per-token lesion fractions are kept
 apart by the evaluation code.
+
+Throughput: the forward pass runs on the calling thread while one worker prepares the next batch of pixels (the
+library transform) and another writes finished shards (hashing the bytes as they are written, fsync, manifest,
+``on_shard``), so I/O and preprocessing overlap with compute. Tokens are stored in the bank dtype
+(:data:`BANK_DTYPES`; a locked protocol parameter ``token_bank_dtype``, see :func:`bank_dtype`) straight from the
+forward output; readers always get float32.
 """
 from __future__ import annotations
 
@@ -18,8 +24,9 @@ import json
 import logging
 import os
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -27,10 +34,26 @@ from ..data.layout import ImageItem
 from ..record import loads_strict, sha256_file, write_json_atomic
 from .frozen import FrozenBackbone
 
-__all__ = ["TokenBank", "BankMismatchError"]
+__all__ = ["TokenBank", "BankMismatchError", "BANK_DTYPES", "DEFAULT_BANK_DTYPE", "bank_dtype"]
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+#: Storage dtypes a bank may use. float16 halves the bytes (ViT-B: ~3.5 MB instead of ~7 MB per image, all blocks).
+BANK_DTYPES = ("float32", "float16")
+#: The dtype every lock entry that does not name ``token_bank_dtype`` was calibrated and judged with.
+DEFAULT_BANK_DTYPE = "float32"
+
+
+def bank_dtype(params: Mapping[str, Any]) -> str:
+    """The token-bank storage dtype of a lock entry's protocol parameters (``token_bank_dtype``).
+
+    Entries locked before the parameter existed ran with float32 banks and keep them; a new or superseding entry
+    names its dtype. Any other value is an error.
+    """
+    value = params.get("token_bank_dtype", DEFAULT_BANK_DTYPE)
+    if value not in BANK_DTYPES:
+        raise ValueError(f"token_bank_dtype must be one of {list(BANK_DTYPES)}, got {value!r}")
+    return str(value)
 
 
 class BankMismatchError(ValueError):
@@ -41,17 +64,36 @@ def _ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+class _HashingFile:
+    """A write-only file wrapper that hashes the bytes on their way to disk (np.save writes through ``write``)."""
+
+    def __init__(self, fh: Any) -> None:
+        self.fh, self.sha = fh, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        return self.fh.write(data)
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> str:
+    """Write ``arr`` as ``.npy`` through a temporary name (fsync, rename); returns the file's sha256."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr)
+            hashing = _HashingFile(fh)
+            np.save(hashing, arr)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    return hashing.sha.hexdigest()
+
+
+def _preprocess_digest(backbone: FrozenBackbone) -> str:
+    """sha256 of the resolved library transform: a bank built with other preprocessing is never reused."""
+    return hashlib.sha256(json.dumps(backbone.transform.provenance(), sort_keys=True).encode()).hexdigest()
 
 
 class TokenBank:
@@ -69,7 +111,8 @@ class TokenBank:
         """A bank folder name unique to its inputs (dataset, revision, backbone weights, images, blocks, norm)."""
         key = hashlib.sha256(json.dumps({"ids": _ids_digest([it.image_id for it in items]),
                                          "blocks": sorted(set(int(b) for b in blocks)), "final_norm": bool(final_norm),
-                                         "weights": backbone.weights_digest}, sort_keys=True).encode()).hexdigest()[:12]
+                                         "weights": backbone.weights_digest, "preprocess": _preprocess_digest(backbone)},
+                                        sort_keys=True).encode()).hexdigest()[:12]
         safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{dataset}-{revision}")[:80]
         return Path(work_dir) / "banks" / f"{safe}-{backbone.spec.name}-{key}"
 
@@ -87,9 +130,11 @@ class TokenBank:
             final_norm: apply the final norm to block outputs.
             shard_size: images per shard.
             batch_size: images per forward pass.
-            dtype: ``"float32"`` or ``"float16"`` storage.
+            dtype: storage dtype, one of :data:`BANK_DTYPES` (jobs pass :func:`bank_dtype` of the locked parameters).
             on_shard: called with each finished shard folder (the HF backend uploads it).
         """
+        if dtype not in BANK_DTYPES:
+            raise ValueError(f"token bank dtype must be one of {list(BANK_DTYPES)}, got {dtype!r}")
         root = Path(root)
         root.mkdir(parents=True, exist_ok=True)
         blocks = sorted(set(int(b) for b in blocks))
@@ -104,6 +149,7 @@ class TokenBank:
             "image_ids_sha256": _ids_digest(ids),
             "shard_size": int(shard_size),
             "dtype": dtype,
+            "preprocess_sha256": _preprocess_digest(backbone),
         }
         mpath = root / MANIFEST
         if mpath.exists():
@@ -118,6 +164,7 @@ class TokenBank:
                         "shards": {}, "complete": False}
             write_json_atomic(mpath, manifest, overwrite=True)
         n_shards = (len(items) + shard_size - 1) // shard_size
+        todo = []
         for s in range(n_shards):
             key = f"{s:05d}"
             sdir = root / f"shard-{key}"
@@ -126,25 +173,70 @@ class TokenBank:
                 continue
             if done:
                 log.warning("shard %s failed verification; rebuilding it", sdir)
+            todo.append(s)
+        batches = [(s, b0, min(b0 + batch_size, (s + 1) * shard_size, len(items)))
+                   for s in todo for b0 in range(s * shard_size, min((s + 1) * shard_size, len(items)), batch_size)]
+        n, d = backbone.grid[0] * backbone.grid[1], backbone.spec.width
+
+        failed: list[BaseException] = []
+
+        def write_shard(s: int, start: int, stop: int, buffers: dict[int, np.ndarray]) -> None:
+            if failed:  # an earlier shard's write or on_shard failed: write nothing after it
+                return
+            try:
+                _write_shard(s, start, stop, buffers)
+            except BaseException as err:
+                failed.append(err)
+                raise
+
+        def _write_shard(s: int, start: int, stop: int, buffers: dict[int, np.ndarray]) -> None:
+            key = f"{s:05d}"
+            sdir = root / f"shard-{key}"
             sdir.mkdir(exist_ok=True)
-            start, stop = s * shard_size, min((s + 1) * shard_size, len(items))
-            per_block: dict[int, list[np.ndarray]] = {b: [] for b in blocks}
-            for b0 in range(start, stop, batch_size):
-                batch = items[b0:min(b0 + batch_size, stop)]
-                pixels = backbone.preprocess([it.image for it in batch])
-                toks = backbone.patch_tokens(pixels, blocks, final_norm=final_norm)
-                for b in blocks:
-                    per_block[b].append(toks[b].numpy().astype(dtype))
             files = {}
             for b in blocks:
                 f = sdir / f"block-{b:02d}.npy"
-                _save_npy_atomic(f, np.concatenate(per_block[b]))
-                files[f.name] = sha256_file(f)
+                files[f.name] = _save_npy_atomic(f, buffers[b])
             manifest["shards"][key] = {"start": start, "stop": stop, "files": files}
             write_json_atomic(mpath, manifest, overwrite=True)
             log.info(json.dumps({"event": "shard_done", "bank": str(root), "shard": key, "images": stop - start}))
             if on_shard is not None:
                 on_shard(sdir)
+
+        def prepare(b0: int, b1: int) -> Any:
+            return backbone.preprocess([it.image for it in items[b0:b1]])
+
+        from ..progress import progress
+
+        workers = max(1, min(4, (os.cpu_count() or 2) // 2))  # PIL transforms release the GIL
+        with ThreadPoolExecutor(workers, thread_name_prefix="bank-prep") as prep, \
+                ThreadPoolExecutor(1, thread_name_prefix="bank-write") as writer, \
+                progress(f"tokens {backbone.spec.name}", sum(b1 - b0 for _, b0, b1 in batches), unit="images") as step:
+            writes: list[Future] = []
+            ahead = [prep.submit(prepare, b0, b1) for _, b0, b1 in batches[:workers + 1]]
+            buffers: dict[int, np.ndarray] = {}
+            for i, (s, b0, b1) in enumerate(batches):
+                pixels = ahead.pop(0).result()
+                if i + len(ahead) + 1 < len(batches):
+                    ahead.append(prep.submit(prepare, *batches[i + len(ahead) + 1][1:]))
+                start, stop = s * shard_size, min((s + 1) * shard_size, len(items))
+                if b0 == start:
+                    buffers = {b: np.empty((stop - start, n, d), dtype=dtype) for b in blocks}
+                toks = backbone.patch_tokens(pixels, blocks, final_norm=final_norm)
+                for b in blocks:
+                    out = buffers[b][b0 - start:b1 - start]
+                    with np.errstate(over="ignore"):  # an overflow is checked just below and fails the build
+                        out[...] = toks[b].numpy()
+                    if dtype != "float32" and not np.isfinite(out).all():
+                        raise OverflowError(f"{backbone.spec.name}: block {b} tokens overflow {dtype} "
+                                            f"(images {b0}..{b1 - 1}); use token_bank_dtype float32")
+                step(b1 - b0)
+                if b1 == stop:
+                    while writes and (writes[0].done() or len(writes) >= 2):  # surface errors; at most 2 queued
+                        writes.pop(0).result()
+                    writes.append(writer.submit(write_shard, s, start, stop, buffers))
+            for w in writes:
+                w.result()
         manifest["complete"] = True
         write_json_atomic(mpath, manifest, overwrite=True)
         return cls(root)

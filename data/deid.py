@@ -1,22 +1,25 @@
-"""DICOM de-identification following the PS3.15 Annex E Basic Application Level Confidentiality Profile.
+"""DICOM de-identification on the maintained de-identifier ``dicognito``, wrapped by the kit's PS3.15 rules and checks.
 
-:func:`deidentify` applies :mod:`covtoken.data.deid_profile` to a copy of a dataset, recursing into sequences
-and the file meta:
+:func:`deidentify` works on a copy of a dataset, recursing into sequences and the file meta, in three steps:
 
-* identifying attributes are removed or emptied; PatientName/PatientID become keyed pseudonyms
-  (``Anon^<8 hex>`` / ``anon-<16 hex>``) so a patient's images stay together without revealing who it is;
-* instance UIDs become ``2.25.<int>`` from an HMAC-SHA256 of the original UID under ``key``: the same UID maps to
-  the same new UID in every file processed with the same key, so studies, series and references stay consistent;
-* dates (DA, DT) are shifted by ``date_shift_days`` (intervals preserved, Retain Longitudinal Temporal
-  Information with Modified Dates option), times of day kept; with ``date_shift_days=None`` they are removed
-  (emptied for the type 2 StudyDate/StudyTime/ContentDate/ContentTime). Dates are never replaced by words;
-* private tags, curves and overlays (groups 50xx, 60xx), and person names, free text and UN (uncheckable)
-  values not in the table are removed;
-* PatientIdentityRemoved=YES, DeidentificationMethod and its code sequence are added.
+1. the kit's PS3.15 Annex E Basic Profile table (:mod:`covtoken.data.deid_profile`) removes or empties what the
+   profile says to remove or empty (``X``/``Z``), and private tags, curves and overlays (groups 50xx, 60xx), person
+   names, free text and UN (uncheckable) values not in the table; with ``date_shift_days=None`` dates are removed
+   (emptied for the type 2 StudyDate/StudyTime/ContentDate/ContentTime); a date that cannot be shifted is removed,
+   never replaced by words;
+2. ``dicognito.anonymizer.Anonymizer`` (seeded with an HMAC of ``key``) replaces what remains: instance UIDs
+   (``2.<40 digits>``, the same UID maps to the same new UID in every file processed with the same key, so studies,
+   series and references stay consistent), IDs, and DA/DT values, shifted by ``date_shift_days`` whole days with
+   dicognito's ``DateTimeAnonymizer`` (intervals and times of day preserved: Retain Longitudinal Temporal
+   Information with Modified Dates option);
+3. PatientName/PatientID become the kit's keyed pseudonyms (``Anon^<8 hex>`` / ``anon-<16 hex>``) so a patient's
+   images stay together; PatientIdentityRemoved=YES, DeidentificationMethod (the kit and dicognito with its
+   version) and the code sequence are set.
 
 Every value of the result is validated against its VR with pydicom's validators, the dataset is written as a
-DICOM file and read back, and the pixel data is compared with the input; any failure raises, nothing is
-returned half done. Burned-in annotation ("YES", or missing on ultrasound and secondary-capture images) is not
+DICOM file and read back, the pixel data is compared with the input, and the kit's own PS3.15 check
+(:func:`deidentification_problems`) must find nothing but possible burned-in annotation; any failure raises,
+nothing is returned half done. Burned-in annotation ("YES", or missing on ultrasound and secondary-capture images) is not
 removed from pixels: it is flagged in the report, and :func:`assert_deidentified` (in
 :mod:`covtoken.data.deid_check`, re-exported here) refuses such files unless told otherwise.
 """
@@ -70,6 +73,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+DICOGNITO_METHOD = "dicognito (UIDs, IDs, dates)"
 _BASIC_PROFILE_CODE = ("113100", "Basic Application Confidentiality Profile")
 _MODIFIED_DATES_CODE = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
 _CLEAN_CODES = frozenset({CLEAN_PIXEL_CODE, "113102", "113103", "113104", "113105"})  # PS3.16 CID 7050 "Clean" options
@@ -123,19 +127,24 @@ def _digest(key: bytes, domain: str, value: str) -> bytes:
     return hmac.new(bytes(key), f"{domain}\x00{value}".encode(), hashlib.sha256).digest()
 
 
+def _dicognito_seed(key: bytes) -> str:
+    return _digest(key, "dicognito-seed", "").hex()
+
+
 def remap_uid(uid: str, key: bytes) -> str:
-    """Map a UID to ``2.25.<int>`` (at most 44 characters) with an HMAC-SHA256 under ``key``.
+    """The UID dicognito gives ``uid`` under ``key``: ``"2." + str(10**39 + n)`` with ``n`` from its keyed randomizer.
 
     Args:
         uid: the original UID.
-        key: secret, at least 16 bytes; the same key gives the same mapping.
+        key: secret, at least 16 bytes; the same key gives the same mapping (in every file).
 
     Returns:
-        A valid UID under the ISO/ITU-T UUID arc ``2.25``.
+        A 42-character UID (``2.`` and 40 digits), as ``dicognito.uianonymizer.UIAnonymizer`` writes it.
     """
+    from dicognito.randomizer import Randomizer
+
     _check_key(key)
-    n = int.from_bytes(_digest(key, "uid", str(uid).strip())[:16], "big")
-    return f"2.25.{n}"
+    return "2." + str(10 ** 39 + Randomizer(_dicognito_seed(key)).to_int(str(uid)))
 
 
 def pseudonym(patient_id: str, key: bytes) -> tuple[str, str]:
@@ -194,10 +203,51 @@ class _Context:
     def __init__(self, key: bytes, shift: int | None, report: DeidReport) -> None:
         self.key, self.shift, self.report = key, shift, report
         self.table = profile_by_tag()
+        self.dummies: list[tuple[Dataset, Any, str, str]] = []
+        self.uids: list[tuple[Dataset, Any, str, list[str]]] = []
+        self.dates: list[tuple[Dataset, Any, str, list[str | None]]] = []
+        self.empties: list[tuple[Dataset, Any, str]] = []
 
-    def uid(self, value: Any) -> str:
-        self.report.uids_remapped += 1
-        return remap_uid(str(value), self.key)
+
+DICOGNITO_UID = re.compile(r"^2\.1\d{39}$")  # dicognito: "2." + str(10**39 + md5-derived int)
+
+
+def _dicognito(key: bytes, date_shift_days: int | None) -> Any:
+    """dicognito's Anonymizer seeded from ``key``, shifting dates by whole days (so times of day are kept)."""
+    from dicognito.anonymizer import Anonymizer
+    from dicognito.datetimeanonymizer import DateTimeAnonymizer
+
+    anonymizer = Anonymizer(seed=_dicognito_seed(key))
+    # our own whole-day offset first: dicognito's default offset is hours derived from the seed
+    anonymizer.add_element_handler(DateTimeAnonymizer(24 * (date_shift_days or 0)))
+    return anonymizer
+
+
+def _apply_library(out: Dataset, ctx: _Context, date_shift_days: int | None) -> None:
+    """Run dicognito, then check that it did what the profile needs, and set the kit's pseudonyms."""
+    from importlib.metadata import version
+
+    originals = {str(v) for _, _, _, vals in ctx.uids for v in vals}
+    _dicognito(ctx.key, date_shift_days).anonymize(out)
+    rep = ctx.report
+    for ds, tag, path, vals in ctx.uids:
+        new = [str(v) for v in values_of(ds[tag].value)] if tag in ds else []
+        if len(new) != len(vals) or any(not DICOGNITO_UID.match(v) or v in originals for v in new):
+            raise ValueError(f"{path}: dicognito did not remap the UID")
+        rep.uids_remapped += len(new)
+    for ds, tag, path, expected in ctx.dates:
+        got = [str(v) for v in values_of(ds[tag].value)]
+        if got != [str(e) for e in expected]:
+            raise ValueError(f"{path}: dicognito's date shift gave {len(got)} value(s) that differ from a "
+                             f"{date_shift_days}-day shift")
+        rep.dates_shifted += len(got)
+    for ds, tag, _path in ctx.empties:
+        ds[tag].value = Sequence() if ds[tag].VR == "SQ" else None
+    for ds, tag, pid, path in ctx.dummies:
+        name_p, id_p = pseudonym(pid, ctx.key)
+        ds[tag].value = name_p if ds[tag].VR == "PN" else id_p
+        rep.pseudonymised.append(path)
+    rep.notes.append(f"dicognito {version('dicognito')}: UIDs, IDs and dates")
 
 
 def _process(ds: Dataset, ctx: _Context, prefix: str) -> None:
@@ -223,22 +273,20 @@ def _process(ds: Dataset, ctx: _Context, prefix: str) -> None:
             del ds[tag]
             rep.removed.append(path)
         elif action is Action.EMPTY:
-            elem.value = Sequence() if vr == "SQ" else None
+            ctx.empties.append((ds, tag, path))  # emptied after dicognito, which cannot take empty IDs
             rep.emptied.append(path)
+            continue
         elif action is Action.DUMMY:
             if not original_pid:
                 rep.notes.append(f"{path}: PatientID empty; pseudonym shared by all patients without an id")
-            name_p, id_p = pseudonym(original_pid, ctx.key)
-            elem.value = name_p if vr == "PN" else id_p
-            rep.pseudonymised.append(path)
+            ctx.dummies.append((ds, tag, original_pid, path))  # set after dicognito (which would replace it)
         elif action is Action.UID or (
             action is None and vr == "UI" and elem.keyword not in CLASS_UID_KEYWORDS
         ):
             vals = [v for v in values_of(elem.value) if str(v).strip()]
             if action is None and all(str(v) in UID_dictionary for v in vals):
                 continue  # registered DICOM UIDs (SOP classes, coding schemes) identify nothing
-            new = [ctx.uid(v) for v in vals]
-            elem.value = new[0] if len(new) == 1 else (new or None)
+            ctx.uids.append((ds, tag, path, [str(v) for v in vals]))  # dicognito replaces them; checked after
         elif action is Action.KEEP:
             pass
         elif vr in ("DA", "DT", "TM"):
@@ -258,7 +306,7 @@ def _process_date(ds: Dataset, tag: Any, ctx: _Context, path: str) -> None:
         return
     if ctx.shift is None:
         if elem.keyword in DATE_Z_KEYWORDS:
-            elem.value = None
+            ctx.empties.append((ds, tag, path))
             rep.emptied.append(path)
         else:
             del ds[tag]
@@ -273,8 +321,9 @@ def _process_date(ds: Dataset, tag: Any, ctx: _Context, path: str) -> None:
         rep.removed.append(path)
         rep.notes.append(f"{path}: date value that cannot be shifted was removed")
         return
-    elem.value = new[0] if len(new) == 1 else new
-    rep.dates_shifted += len(new)
+    if elem.VR == "DT" and any(re.search(r"[+-]\d{4}$", v.strip()) for v in vals):
+        elem.value = [v.strip()[:-5] for v in vals] if len(vals) > 1 else vals[0].strip()[:-5]
+    ctx.dates.append((ds, tag, path, new))  # shifted by dicognito; the kit's own shift is the expected value
 
 
 def _invalid_values(ds: Dataset) -> list[str]:
@@ -328,10 +377,12 @@ def deidentify(ds: Dataset, *, key: bytes, date_shift_days: int | None) -> DeidR
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     meta.ImplementationVersionName = "covtoken_deid"
     out.file_meta = meta
+    _apply_library(out, ctx, date_shift_days)
 
-    previous = [str(v) for v in values_of(ds.get("DeidentificationMethod")) if str(v).strip() and str(v) != METHOD]
+    previous = [str(v) for v in values_of(ds.get("DeidentificationMethod"))
+                if str(v).strip() and str(v) not in (METHOD, DICOGNITO_METHOD)]
     out.PatientIdentityRemoved = "YES"
-    out.DeidentificationMethod = previous + [METHOD] if previous else METHOD
+    out.DeidentificationMethod = previous + [METHOD, DICOGNITO_METHOD]
     # Earlier "clean" claims stay true (pixels and descriptors are not put back); earlier "retain" options
     # may not (this profile removes what they retained), so only the options applied here are listed.
     codes = [_BASIC_PROFILE_CODE] + ([_MODIFIED_DATES_CODE] if date_shift_days is not None else [])
@@ -352,6 +403,9 @@ def deidentify(ds: Dataset, *, key: bytes, date_shift_days: int | None) -> DeidR
         raise ValueError(f"{where}: de-identified dataset does not encode and read back: {exc}") from exc
     if "PixelData" in ds and back.get("PixelData") != ds.PixelData:
         raise ValueError(f"{where}: pixel data changed during de-identification")
+    problems = deidentification_problems(back, allow_burned_in=True)  # the kit's PS3.15 check on the library's output
+    if problems:
+        raise ValueError(f"{where}: de-identified dataset fails the PS3.15 check: " + "; ".join(problems[:10]))
     log.info(
         "%s: removed %d, emptied %d, private %d, uids %d, dates shifted %d",
         where, len(report.removed), len(report.emptied), report.private_removed, report.uids_remapped,

@@ -32,6 +32,8 @@ _BURNED_IN_MODALITIES = frozenset({"US", "OT", "SC", "XC", "ES", "GM", "SM", "DO
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 NAME_RE = re.compile(r"^Anon\^[0-9a-f]{8}$")
 ID_RE = re.compile(r"^anon-[0-9a-f]{16}$")
+#: what a remapped UID looks like: dicognito's ``2.<10**39 + n>`` (or the kit's former ``2.25.<int>``)
+REMAPPED_UID = re.compile(r"^(2\.1\d{39}|2\.25\.\d+)$")
 
 
 def values_of(value: Any) -> list[Any]:
@@ -117,7 +119,7 @@ def deidentification_problems(ds: Dataset, *, allow_burned_in: bool = False) -> 
             problems.append(f"{path}: person name present")
         elif elem.VR == "UI" and elem.keyword not in CLASS_UID_KEYWORDS:
             for v in values_of(elem.value):
-                if str(v) and str(v) not in UID_dictionary and not str(v).startswith("2.25."):
+                if str(v) and str(v) not in UID_dictionary and not REMAPPED_UID.match(str(v)):
                     problems.append(f"{path}: UID not remapped")
     value, needs_review = burned_in_risk(ds)
     if needs_review and not allow_burned_in:

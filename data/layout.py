@@ -8,6 +8,7 @@ token gate therefore cannot see labels even by accident, and the label-leak test
 from __future__ import annotations
 
 import sys
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
@@ -69,29 +70,47 @@ class SealedMask:
     """A binary lesion mask, with the image's labels (diagnosis...), that refuses to be read outside
     ``covtoken.eval`` (and the data layer that wrote it).
 
-    ``np.asarray(mask)`` raises; use :func:`unseal` / :func:`unseal_labels` from evaluation code.
+    The pixels and labels are not attributes of the object: they live in a module-private vault keyed by the
+    mask object, and only :func:`unseal` / :func:`unseal_labels` (which check their caller) read them back.
+    ``np.asarray(mask)`` raises; copies and pickles carry no pixels. The static check in
+    ``tests/test_label_leak.py`` fails on any access to the vault outside ``data/`` and ``eval/``.
     """
 
-    __slots__ = ("_array", "_labels", "source")
+    __slots__ = ("source", "_shape", "__weakref__")
 
     def __init__(self, array: np.ndarray, *, source: str, labels: Mapping[str, Any] | None = None) -> None:
         arr = np.asarray(array)
         if arr.ndim != 2:
             raise ValueError(f"{source}: mask must be 2-D, got shape {arr.shape}")
-        self._array = arr.astype(bool, copy=True)
-        self._array.setflags(write=False)
-        self._labels = dict(labels or {})
+        arr = arr.astype(bool, copy=True)
+        arr.setflags(write=False)
+        _VAULT[self] = (arr, dict(labels or {}))
+        self._shape = (int(arr.shape[0]), int(arr.shape[1]))
         self.source = source
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self._array.shape  # the geometry is not a label
+        return self._shape  # the geometry is not a label
 
     def __array__(self, *args: Any, **kwargs: Any) -> np.ndarray:
         raise LabelLeakError(f"mask {self.source!r} is evaluation-only; open it with covtoken.eval")
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise LabelLeakError(f"mask {self.source!r} cannot be pickled or copied; it stays sealed in this process")
+
     def __repr__(self) -> str:
         return f"SealedMask(source={self.source!r}, shape={self.shape})"
+
+
+#: mask object -> (pixels, labels); weak keys, so a mask's pixels go with the mask
+_VAULT: "weakref.WeakKeyDictionary[SealedMask, tuple[np.ndarray, dict]]" = weakref.WeakKeyDictionary()
+
+
+def _open(mask: SealedMask) -> tuple[np.ndarray, dict]:
+    try:
+        return _VAULT[mask]
+    except (KeyError, TypeError):
+        raise LabelLeakError(f"{mask!r} is not a sealed mask of this process") from None
 
 
 def _check_caller(caller: str, mask: SealedMask) -> None:
@@ -101,19 +120,19 @@ def _check_caller(caller: str, mask: SealedMask) -> None:
 
 
 def unseal(mask: SealedMask) -> np.ndarray:
-    """Return the boolean mask array; only callable from ``covtoken.eval`` (and ``covtoken.data``).
+    """Return the boolean mask array (read-only); only callable from ``covtoken.eval`` (and ``covtoken.data``).
 
     Raises:
-        LabelLeakError: when the caller lives anywhere else.
+        LabelLeakError: when the caller lives anywhere else, or ``mask`` is not a sealed mask of this process.
     """
     _check_caller(sys._getframe(1).f_globals.get("__name__", ""), mask)
-    return mask._array
+    return _open(mask)[0]
 
 
 def unseal_labels(mask: SealedMask) -> Mapping[str, Any]:
     """The image-level labels sealed with the mask (e.g. ``diagnosis``); same rule as :func:`unseal`."""
     _check_caller(sys._getframe(1).f_globals.get("__name__", ""), mask)
-    return dict(mask._labels)
+    return dict(_open(mask)[1])
 
 
 class EvalMasks(Mapping[str, SealedMask]):

@@ -5,11 +5,15 @@ unchanged, only the acquisition differs. The nuisances come in three families th
 predictor can be trained on two and evaluated on the held-out third:
 
 * ``lighting`` - exposure and tone: brightness (a gain on every channel), gamma, contrast about the mean
-  luma. Acts on intensity; a grey image stays grey.
-* ``geometry`` - framing: rotation, horizontal/vertical flip, isotropic scale and a crop offset, applied as
-  one affine resampling (bilinear, reflected borders) to the same output size.
+  luma, with torchvision ``transforms.v2.functional`` (``adjust_brightness``, ``adjust_gamma``,
+  ``adjust_contrast``). Acts on intensity; a grey image stays grey.
+* ``geometry`` - framing: rotation, isotropic scale and a crop offset as one torchvision ``affine`` (bilinear)
+  after horizontal/vertical flips (``horizontal_flip``/``vertical_flip``), on a reflect-padded image cropped back
+  to the same size (reflected borders, as before: torchvision's ``affine`` alone fills with a constant).
 * ``colour`` - chroma: hue rotation and saturation in the YIQ chroma plane (luma Y untouched), and white
-  balance as per-channel gains normalised to unit luma gain.
+  balance as per-channel gains normalised to unit luma gain. This family stays a 3x3 colour matrix:
+  torchvision's ``adjust_hue`` rotates hue in HSV, which changes luma, so it would leak exposure changes into the
+  colour family and break the disjointness the held-out-family design rests on.
 
 Parameters are drawn by :func:`sample_nuisance` from an RNG that :func:`nuisance_rng` derives from a seed
 and a string key (e.g. the image id and view index), so a view is reproducible from ``(seed, key)`` alone
@@ -24,7 +28,9 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import numpy as np
-from scipy.ndimage import affine_transform
+import torch
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 __all__ = ["FAMILIES", "NuisanceParams", "nuisance_rng", "sample_nuisance", "apply_nuisance", "augment",
            "LUMA_WEIGHTS", "check_family"]
@@ -127,26 +133,37 @@ def _luma(img: np.ndarray) -> np.ndarray:
     return img @ LUMA_WEIGHTS if img.ndim == 3 else img
 
 
+def _tensor(img: np.ndarray) -> torch.Tensor:
+    """(H, W) or (H, W, 3) -> (C, H, W) float32 tensor, the layout torchvision's functionals take."""
+    t = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))
+    return t[None] if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def _array(t: torch.Tensor, ndim: int) -> np.ndarray:
+    return (t[0] if ndim == 2 else t.permute(1, 2, 0)).numpy().astype(np.float64)
+
+
 def _lighting(img: np.ndarray, p: Mapping[str, float]) -> np.ndarray:
-    x = np.clip(img * p["brightness"], 0.0, 1.0) ** p["gamma"]
-    m = float(_luma(x).mean())
-    return (x - m) * p["contrast"] + m
+    x = TF.adjust_brightness(_tensor(img), p["brightness"])     # gain, clamped to [0, 1]
+    x = TF.adjust_gamma(x, p["gamma"])                           # x ** gamma
+    x = TF.adjust_contrast(x, p["contrast"])                     # about the mean luma (grey: the mean)
+    return _array(x, img.ndim)
 
 
 def _geometry(img: np.ndarray, p: Mapping[str, float]) -> np.ndarray:
     h, w = img.shape[:2]
-    th = math.radians(p["rotation_deg"])
-    rot = np.array([[math.cos(th), -math.sin(th)], [math.sin(th), math.cos(th)]])
-    flip = np.diag([-1.0 if p["flip_v"] else 1.0, -1.0 if p["flip_h"] else 1.0])
-    # output (row, col) -> input (row, col): undo scale, then rotation, then flips, about the centre
-    a = flip @ rot / p["scale"]
-    centre = np.array([(h - 1) / 2.0, (w - 1) / 2.0])
-    shift = np.array([p["shift_y"] * h, p["shift_x"] * w])
-    offset = centre + shift - a @ centre
-    if img.ndim == 2:
-        return affine_transform(img, a, offset=offset, order=1, mode="reflect")
-    return np.stack([affine_transform(img[..., c], a, offset=offset, order=1, mode="reflect")
-                     for c in range(img.shape[2])], axis=-1)
+    x = _tensor(img)
+    if p["flip_h"]:
+        x = TF.horizontal_flip(x)
+    if p["flip_v"]:
+        x = TF.vertical_flip(x)
+    if p["rotation_deg"] == 0.0 and p["scale"] == 1.0 and p["shift_x"] == 0.0 and p["shift_y"] == 0.0:
+        return _array(x, img.ndim)  # no resampling for the identity (bilinear grids add ~1e-6 of rounding)
+    ph, pw = h // 2, w // 2  # reflected borders: rotation <= 90 deg, zoom-out and shift stay inside
+    x = TF.pad(x, [pw, ph, pw, ph], padding_mode="reflect")
+    x = TF.affine(x, angle=p["rotation_deg"], translate=[-p["shift_x"] * w, -p["shift_y"] * h],
+                  scale=p["scale"], shear=[0.0, 0.0], interpolation=InterpolationMode.BILINEAR)
+    return _array(TF.crop(x, ph, pw, h, w), img.ndim)
 
 
 def _colour(img: np.ndarray, p: Mapping[str, float]) -> np.ndarray:

@@ -15,7 +15,7 @@ import numpy as np
 
 from .layout import ImageItem
 
-__all__ = ["split_patients", "validate_splits", "SplitManifest", "SplitLeakError"]
+__all__ = ["split_patients", "validate_splits", "SplitManifest", "SplitLeakError", "patient_digests"]
 
 
 class SplitLeakError(ValueError):
@@ -101,6 +101,23 @@ def validate_splits(splits: Mapping[str, Iterable[str]], items: Sequence[ImageIt
                     raise SplitLeakError(f"lesion {lid!r} is in split {lesion_split[lid]!r} and in split {split!r}")
 
 
+def patient_digests(source: Mapping[str, Any], membership: Mapping[str, Iterable[str]]) -> dict[str, list[str]]:
+    """Per split, the sorted digests of its patients' identities, so two records can be checked for shared patients.
+
+    A patient's identity is the dataset id and the patient id; for a generated dataset (revision
+    ``generator-seed-<n>``) also the revision, since the same id names a different synthetic patient under another
+    seed. Each digest is the first 16 hex digits of sha256 over that identity.
+
+    Args:
+        source: the dataset's provenance (``id``, ``revision``).
+        membership: split name -> patient ids.
+    """
+    rev = str(source.get("revision") or "")
+    scope = f"{source.get('id')}|{rev if rev.startswith('generator-seed-') else ''}|"
+    return {name: sorted(hashlib.sha256((scope + str(p)).encode()).hexdigest()[:16] for p in members)
+            for name, members in membership.items()}
+
+
 @dataclass(frozen=True)
 class SplitManifest:
     """Seed, fractions and membership of a split, with a digest of the membership."""
@@ -129,5 +146,6 @@ class SplitManifest:
         d = self.to_dict()
         return {**source, "splits": {"unit": "patient", "membership_sha256": d["membership_sha256"], **roles,
                                      "fractions": dict(self.fractions),
-                                     "role": "calibration" if calibration else "evaluation"},
+                                     "role": "calibration" if calibration else "evaluation",
+                                     "patient_digests": patient_digests(source, self.membership)},
                 "n_patients": d["n_patients"], "split_seed": self.seed, **extra}

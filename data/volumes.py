@@ -39,8 +39,15 @@ def _cases(pairs: list[tuple[str, Path, Path]], *, labels: str, preset: str, sli
 def load_kits23(root: str | Path, *, slice_every: int = 4, with_cysts: bool = False) -> tuple[list[ImageItem], EvalMasks]:
     """KiTS23 cases under ``root`` (``case_*/imaging.nii.gz``)."""
     root = Path(root)
-    pairs = [(d.name, d / "imaging.nii.gz", d / "segmentation.nii.gz")
-             for d in sorted(root.glob("case_*")) if (d / "imaging.nii.gz").is_file()]
+    cases = sorted(d for d in root.glob("case_*") if d.is_dir())
+    for d in cases:  # a case missing either file is an error, never a silently dropped patient
+        missing = [f for f in ("imaging.nii.gz", "segmentation.nii.gz") if not (d / f).is_file()]
+        if missing and len(missing) < 2:
+            raise FileNotFoundError(f"{d / missing[0]}: KiTS23 case {d.name} has "
+                                    f"{'a segmentation' if missing[0] == 'imaging.nii.gz' else 'an image'} but no "
+                                    f"{missing[0]}")
+    pairs = [(d.name, d / "imaging.nii.gz", d / "segmentation.nii.gz") for d in cases
+             if (d / "imaging.nii.gz").is_file()]
     if not pairs:
         raise ValueError(f"{root}: no case_*/imaging.nii.gz")
     return _cases(pairs, labels="kits23_with_cyst" if with_cysts else "kits23", preset="kidney",

@@ -145,15 +145,19 @@ def draw_cluster_counts(strata: Sequence[np.ndarray], n_clusters: int, n_boot: i
     Returns:
         (B, K) int32 counts; ``counts[b, k]`` = times cluster k was drawn in resample b.
     """
+    from ..progress import progress
+
     rng = np.random.default_rng(seed)
     counts = np.zeros((n_boot, n_clusters), dtype=np.int32)
-    for start in range(0, n_boot, _RNG_BLOCK):
-        rows = min(_RNG_BLOCK, n_boot - start)
-        offset = (np.arange(rows, dtype=np.int64) * n_clusters)[:, None]
-        for members in strata:
-            draws = rng.integers(0, members.size, size=(_RNG_BLOCK, members.size))[:rows]
-            flat = (np.asarray(members, dtype=np.int64)[draws] + offset).ravel()
-            counts[start:start + rows] += np.bincount(flat, minlength=rows * n_clusters).reshape(rows, n_clusters)
+    with progress("bootstrap resamples", n_boot) as step:
+        for start in range(0, n_boot, _RNG_BLOCK):
+            rows = min(_RNG_BLOCK, n_boot - start)
+            offset = (np.arange(rows, dtype=np.int64) * n_clusters)[:, None]
+            for members in strata:
+                draws = rng.integers(0, members.size, size=(_RNG_BLOCK, members.size))[:rows]
+                flat = (np.asarray(members, dtype=np.int64)[draws] + offset).ravel()
+                counts[start:start + rows] += np.bincount(flat, minlength=rows * n_clusters).reshape(rows, n_clusters)
+            step(rows)
     return counts
 
 
@@ -174,9 +178,19 @@ def _as_arms(scores: np.ndarray | Sequence[np.ndarray], n: int) -> list[np.ndarr
     return [as_finite_scores(s, n, f"scores[{i}]") for i, s in enumerate(arr)]
 
 
-def _percentile(samples: np.ndarray, ci_level: float) -> np.ndarray:
+def percentile_ci(samples: np.ndarray, ci_level: float) -> tuple[float, float] | np.ndarray:
+    """Percentile interval of bootstrap samples at ``ci_level`` (the one percentile-CI helper of the kit).
+
+    Args:
+        samples: ``(B,)`` samples, or ``(B, k)`` for ``k`` statistics at once.
+        ci_level: nominal coverage in (0, 1).
+
+    Returns:
+        ``(low, high)`` floats for 1-D samples; a ``(2, k)`` array of lower and upper bounds for 2-D samples.
+    """
     alpha = 1.0 - ci_level
-    return np.quantile(samples, [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
+    bounds = np.quantile(np.asarray(samples), [alpha / 2.0, 1.0 - alpha / 2.0], axis=0)
+    return (float(bounds[0]), float(bounds[1])) if bounds.ndim == 1 else bounds
 
 
 def clustered_bootstrap_auroc(y: np.ndarray, scores: np.ndarray | Sequence[np.ndarray], clusters: np.ndarray, *,
@@ -219,12 +233,12 @@ def clustered_bootstrap_auroc(y: np.ndarray, scores: np.ndarray | Sequence[np.nd
         raise ValueError(f"{bad} of {n_boot} resamples have no positive or no negative token "
                          f"(stratify={stratify}, {int(has_pos.sum())} of {k} clusters hold positives); "
                          "use stratify=True or more clusters")
-    bounds = _percentile(samples, float(ci_level))
+    bounds = percentile_ci(samples, float(ci_level))
     ci = tuple((float(bounds[0, a]), float(bounds[1, a])) for a in range(len(arms)))
     diff = diff_ci = None
     if len(arms) == 2:
         diff = point[0] - point[1]
-        lo, hi = _percentile(samples[:, 0] - samples[:, 1], float(ci_level))
+        lo, hi = percentile_ci(samples[:, 0] - samples[:, 1], float(ci_level))
         diff_ci = (float(lo), float(hi))
     method = "patient-clustered " + ("class-stratified " if stratify else "")
     method += ("paired " if len(arms) > 1 else "") + "percentile bootstrap"
@@ -276,7 +290,7 @@ def spearman_with_ci(x: np.ndarray, y: np.ndarray, clusters: np.ndarray | None =
     defined = ~np.isnan(samples)
     if not defined.any():
         raise ValueError(f"x or y is constant in every resample ({k} cluster(s)); need more clusters")
-    lo, hi = _percentile(samples[defined], float(ci_level))
+    lo, hi = percentile_ci(samples[defined], float(ci_level))
     method = ("cluster" if clusters is not None else "iid") + " percentile bootstrap"
     return SpearmanCI(rho=float(res.statistic), p=float(res.pvalue), ci=(float(lo), float(hi)),
                       n_boot=int(n_boot), ci_level=float(ci_level), method=method, n_clusters=int(k),

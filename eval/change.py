@@ -30,6 +30,7 @@ import numpy as np
 
 from ..data.layout import EvalMasks, unseal_labels
 from .change_baselines import pair_pixel_scores
+from .bootstrap import percentile_ci
 from .change_metrics import auroc_w, eer_threshold, lesion_bootstrap, t_interval
 
 __all__ = ["EvalLesions", "ChangePairs", "build_pairs", "lesion_clusters", "score_pairs", "G7Result",
@@ -192,14 +193,12 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
 
 
 def _ci(samples: np.ndarray, level: float) -> list[float]:
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(samples, [a, 1.0 - a])
-    return [float(lo), float(hi)]
+    return list(percentile_ci(samples, level))
 
 
 def evaluate_g7(*, val: ChangePairs, test: ChangePairs, val_scores: Mapping[str, np.ndarray],
                 test_scores: Mapping[str, np.ndarray], heads: Mapping[str, Sequence[str]], n_boot: int,
-                ci_level: float, seed: int) -> G7Result:
+                ci_level: float, seed: int, reported: Sequence[str] = ()) -> G7Result:
     """Select the baseline and the probe head on validation; judge them on test.
 
     Args:
@@ -209,6 +208,9 @@ def evaluate_g7(*, val: ChangePairs, test: ChangePairs, val_scores: Mapping[str,
         n_boot: lesion-cluster resamples.
         ci_level: nominal coverage of every interval.
         seed: bootstrap seed.
+        reported: further arms (e.g. ``"published"``, a published predictor) reported on test beside the probe
+            and the baseline, with the same resamples: ``<arm>_auroc`` and ``delta_<arm>_baseline_auroc``. They take
+            no part in any selection and no criterion reads them.
 
     Returns:
         :class:`G7Result` with the record metrics.
@@ -216,13 +218,14 @@ def evaluate_g7(*, val: ChangePairs, test: ChangePairs, val_scores: Mapping[str,
     yv, yt = val.label.astype(bool), test.label.astype(bool)
     table = [{"split": name, "arm": arm, "auroc": _auroc(y, sc[arm])}
              for name, y, sc in (("val", yv, val_scores), ("test", yt, test_scores))
-             for arm in [*BASELINES, *(a for arms in heads.values() for a in arms)]]
+             for arm in [*BASELINES, *(a for arms in heads.values() for a in arms), *reported]]
     val_auroc = {r["arm"]: r["auroc"] for r in table if r["split"] == "val"}
     base = max(BASELINES, key=lambda b: (val_auroc[b], -BASELINES.index(b)))
     head_val = {h: float(np.mean([val_auroc[a] for a in arms])) for h, arms in heads.items()}
     head = max(sorted(heads), key=lambda h: head_val[h])
     seeds = list(heads[head])
-    arms = {a: test_scores[a] for a in seeds} | {b: test_scores[b] for b in BASELINES}
+    arms = {a: test_scores[a] for a in seeds} | {b: test_scores[b] for b in BASELINES} | {
+        a: test_scores[a] for a in reported}
     boot = lesion_bootstrap(yt, arms, test.cluster, metrics=_METRICS, n_boot=n_boot, seed=seed)
     probe = {m: np.mean([boot[a][m] for a in seeds], axis=0) for m in _METRICS}
 
@@ -255,7 +258,14 @@ def evaluate_g7(*, val: ChangePairs, test: ChangePairs, val_scores: Mapping[str,
                                         "rate"),
     }
     for b in BASELINES:
-        metrics[f"{b}_auroc"] = metric(boot[b]["auroc"], f"directional test AUROC of baseline {b}")
+        metrics[f"{b}_auroc"] = metric(boot[b]["auroc"], f"directional test AUROC of baseline {b} on the held-out "
+                                                         "family (reported for every baseline)")
+    for a in reported:
+        metrics[f"{a}_auroc"] = metric(boot[a]["auroc"], f"directional test AUROC of the {a} predictor (reported, "
+                                                         "not judged)")
+        metrics[f"delta_{a}_baseline_auroc"] = metric(boot[a]["auroc"] - boot[base]["auroc"],
+                                                      f"paired test AUROC difference, {a} predictor minus {base_desc}",
+                                                      unit="AUROC difference")
     per_seed = [float(boot[a]["auroc"][0]) for a in seeds]
     ti = t_interval(per_seed, level=ci_level)
     metrics["probe_auroc_seed_sweep"] = {

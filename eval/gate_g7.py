@@ -19,7 +19,8 @@ _PAIR_ARRAYS = ("context", "target", "label", "lesion_context", "lesion_target",
 
 
 def g7_inputs(*, pairs: Mapping[str, ChangePairs], scores: Mapping[str, Mapping[str, np.ndarray]],
-              heads: Mapping[str, Sequence[str]], n_boot: int, ci_level: float, seed: int) -> tuple[dict, dict]:
+              heads: Mapping[str, Sequence[str]], n_boot: int, ci_level: float, seed: int,
+              reported: Sequence[str] = ()) -> tuple[dict, dict]:
     """Arrays and arguments of recipe ``g7.change`` (pairs and scores of the val and test splits)."""
     arrays: dict[str, np.ndarray] = {}
     sizes = {}
@@ -31,7 +32,7 @@ def g7_inputs(*, pairs: Mapping[str, ChangePairs], scores: Mapping[str, Mapping[
         arrays.update({f"{sp}.score.{arm}": np.asarray(s) for arm, s in scores[sp].items()})
         sizes[sp] = {"n_lesions": int(p.n_lesions), "n_patients": int(p.n_patients), "unmatched": list(p.unmatched)}
     return arrays, {"sizes": sizes, "heads": {h: list(v) for h, v in heads.items()}, "n_boot": int(n_boot),
-                    "ci_level": float(ci_level), "seed": int(seed)}
+                    "ci_level": float(ci_level), "seed": int(seed), "reported": list(reported)}
 
 
 @recipe("g7.change")
@@ -47,5 +48,6 @@ def g7_change(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluatio
 
     (val, vs), (test, ts) = split("val"), split("test")
     res = evaluate_g7(val=val, test=test, val_scores=vs, test_scores=ts, heads=args["heads"], n_boot=int(args["n_boot"]),
-                      ci_level=float(args["ci_level"]), seed=int(args["seed"]))
+                      ci_level=float(args["ci_level"]), seed=int(args["seed"]),
+                      reported=tuple(args.get("reported", ())))
     return Evaluation(metrics=res.metrics, extras={"selection": res.selection, "table": res.table})

@@ -20,7 +20,7 @@ import numpy as np
 from scipy.special import gammaln
 
 from .bootstrap import draw_cluster_counts, encode_clusters
-from .localisation import percentile_ci
+from .bootstrap import percentile_ci
 
 __all__ = ["LesionSet", "best_rank", "retained_by", "random_miss_probability", "RateBootstrap",
            "clustered_rate_bootstrap", "rate_metric", "diff_metric", "select_lowest_miss",

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from .bootstrap import clustered_bootstrap_auroc
+from .bootstrap import clustered_bootstrap_auroc, percentile_ci
 
 __all__ = ["SplitScores", "G1Result", "evaluate_g1", "arm_name", "percentile_ci", "paired_auroc_metrics",
            "mid_layer_blocks"]
@@ -78,13 +78,6 @@ class G1Result:
     metrics: dict
     table: list[dict]
     selection: dict
-
-
-def percentile_ci(samples: np.ndarray, level: float) -> tuple[float, float]:
-    """Percentile interval of bootstrap ``samples`` (1-D)."""
-    a = (1.0 - level) / 2.0
-    lo, hi = np.quantile(samples, [a, 1.0 - a])
-    return float(lo), float(hi)
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float:

@@ -104,8 +104,8 @@ def pack_arrays(arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     clean = {}
     for k, v in arrays.items():
-        if "/" in k or k.startswith("."):
-            raise RecipeError(f"array name {k!r} must not contain '/' or start with '.'")
+        if not k or k.startswith((".", "/")) or ".." in k.split("/"):
+            raise RecipeError(f"array name {k!r} must be a relative member name")
         a = np.asarray(v)
         if a.dtype == object:
             raise RecipeError(f"array {k!r} has dtype object; store numbers or fixed-width strings")

@@ -30,7 +30,7 @@ def keep_count(n_tokens: int, rate: float) -> int:
     if n_tokens < 1:
         raise ValueError(f"n_tokens must be positive, got {n_tokens}")
     if not 0.0 < rate <= 1.0:
-        raise ValueError(f"keep rate must lie in (0, 1], got {rate!r}")
+        raise ValueError(f"keep rate (keep fraction) must lie in (0, 1], got {rate!r}")
     return max(1, math.ceil(rate * n_tokens - 1e-9))
 
 

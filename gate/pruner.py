@@ -194,22 +194,26 @@ def _fit_batch(tokens: np.ndarray, cfg: PrunerConfig, *, offset: int, device: to
     opt = torch.optim.Adam([log_alpha], lr=cfg.lr)
     lam = torch.zeros(b, dtype=torch.float64, device=device)
     history = []
-    for step in range(1, cfg.steps + 1):
-        gates = sample_gates(log_alpha, generator=gen)
-        ratio = _ratio(fn, z, gates, full)
-        violation = cfg.target - ratio
-        expected_keep = prob_nonzero(log_alpha).mean(-1)
-        loss = (expected_keep + lam * violation).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        with torch.no_grad():
-            lam = (lam + cfg.dual_lr * violation.detach()).clamp_min(0.0)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+    from ..progress import progress
+
+    with progress(f"pruner, images {offset}..{offset + b - 1}", cfg.steps, unit="steps") as advance:
+        for step in range(1, cfg.steps + 1):
+            gates = sample_gates(log_alpha, generator=gen)
+            ratio = _ratio(fn, z, gates, full)
+            violation = cfg.target - ratio
+            expected_keep = prob_nonzero(log_alpha).mean(-1)
+            loss = (expected_keep + lam * violation).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
             with torch.no_grad():
-                history.append({"step": step, "lambda_mean": float(lam.mean()), "slack_mean": float(-violation.mean()),
-                                "expected_keep": float(expected_keep.mean()),
-                                "gate_entropy": float(gate_entropy(log_alpha))})
+                lam = (lam + cfg.dual_lr * violation.detach()).clamp_min(0.0)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                with torch.no_grad():
+                    history.append({"step": step, "lambda_mean": float(lam.mean()), "slack_mean": float(-violation.mean()),
+                                    "expected_keep": float(expected_keep.mean()),
+                                    "gate_entropy": float(gate_entropy(log_alpha))})
+            advance()
     with torch.no_grad():
         la = log_alpha.detach()
         gates = deterministic_gates(la)

@@ -216,10 +216,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             say(f"    {cmd}")
         out(h.run_id)
         return 0
-    return _foreground(api, h, Path(args.results))
+    return _foreground(api, h, Path(args.results), allow_unproven_prereg=args.allow_unproven_prereg)
 
 
-def _foreground(api: Any, h: Any, results: Path) -> int:
+def _foreground(api: Any, h: Any, results: Path, *, allow_unproven_prereg: bool = False) -> int:
     from .retry import with_retry
     from .runs import explain_end
 
@@ -229,15 +229,16 @@ def _foreground(api: Any, h: Any, results: Path) -> int:
     if str(final.status.stage) != "COMPLETED":
         say(explain_end(api, final, h.namespace, h.run_id))
         return 1
-    return fetch_and_audit(api, h.results_repo, [h.run_id], results)
+    return fetch_and_audit(api, h.results_repo, [h.run_id], results, allow_unproven_prereg=allow_unproven_prereg)
 
 
-def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card: bool = True) -> int:
+def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card: bool = True,
+                    allow_unproven_prereg: bool = False) -> int:
     """Fetch runs into ``dest``, audit ``dest`` (writing SUMMARY.md), then refresh the repo's card.
 
     Returns 0 when every run was fetched and the audit is clean, else 1.
     """
-    from ..cli import cmd_audit
+    from ..cli import audit_command
     from .fetch import fetch_runs, publish_card
 
     res = fetch_runs(api, repo, run_ids, dest)
@@ -248,9 +249,9 @@ def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card
     for rid in res.fetched:
         gate, decision = res.decisions[rid]
         say(f"{gate} {decision.upper()} {rid} -> {dest / f'{rid}.json'}")
-    rc = cmd_audit(argparse.Namespace(folder=str(dest), lock=None, check=False)) if any(dest.glob("*.json")) else 1
+    rc = (audit_command(dest, allow_unproven_prereg=allow_unproven_prereg) if any(dest.glob("*.json")) else 1)
     if card:
-        _, msg = publish_card(api, repo)
+        _, msg = publish_card(api, repo, allow_unproven_prereg=allow_unproven_prereg)
         say(msg)
     return 1 if res.missing or rc else 0
 
@@ -369,7 +370,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             repo = (jobs[-1].environment or {}).get("COVTOKEN_RESULTS_REPO") if jobs else None
             if not repo:
                 raise HFJobsError(f"run {args.run_id}: no job found to tell its results repo; pass --results-repo")
-    return fetch_and_audit(api, repo, runs, Path(args.results), card=not args.no_card)
+    return fetch_and_audit(api, repo, runs, Path(args.results), card=not args.no_card,
+                           allow_unproven_prereg=args.allow_unproven_prereg)
 
 
 @cli_command
@@ -401,10 +403,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         say(f"    covtoken aggregate {doc['sweep_id']} --results-repo {repo}")
         out(doc["sweep_id"])
         return 0
-    return _aggregate(api, repo, doc["sweep_id"], Path(args.results), None)
+    return _aggregate(api, repo, doc["sweep_id"], Path(args.results), None,
+                      allow_unproven_prereg=args.allow_unproven_prereg)
 
 
-def _aggregate(api: Any, repo: str, sweep_id: str, results: Path, timeout: float | None) -> int:
+def _aggregate(api: Any, repo: str, sweep_id: str, results: Path, timeout: float | None, *,
+               allow_unproven_prereg: bool = False) -> int:
     from .sweep import aggregate_sweep, cell_name
 
     say(f"sweep {sweep_id}: waiting for its jobs")
@@ -417,7 +421,7 @@ def _aggregate(api: Any, repo: str, sweep_id: str, results: Path, timeout: float
             + (f": {o['message']}" if o["message"] else ""))
     for p in res.problems:
         say(f"error: {p}")
-    rc = fetch_and_audit(api, repo, res.done, results) if res.done else 1
+    rc = fetch_and_audit(api, repo, res.done, results, allow_unproven_prereg=allow_unproven_prereg) if res.done else 1
     return 1 if res.failed or res.problems or rc else 0
 
 
@@ -430,7 +434,8 @@ def cmd_aggregate(args: argparse.Namespace) -> int:
     if not repo:
         raise HFJobsError("aggregate needs --results-repo (or COVTOKEN_RESULTS_REPO)")
     timeout = parse_duration(args.timeout, "--timeout") if args.timeout else None
-    return _aggregate(hub_api(), repo, args.sweep_id, Path(args.results), timeout)
+    return _aggregate(hub_api(), repo, args.sweep_id, Path(args.results), timeout,
+                      allow_unproven_prereg=args.allow_unproven_prereg)
 
 
 # ------------------------------------------------------------------------------------------------- parser
@@ -454,6 +459,7 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
                    help="total attempts the Hub makes if the job fails (default 1); each retry resumes from what "
                         "the previous one uploaded")
     p.add_argument("--results-repo", help="results dataset repo <namespace>/<name> (default $COVTOKEN_RESULTS_REPO)")
+    p.add_argument("--allow-unproven-prereg", action="store_true", help="when the run is fetched and audited: accept runs whose pre-registration cannot be proven from this checkout (marked in the summary)")
     p.add_argument("--public", action="store_true", help="allow a public results repo (default: private, and an "
                                                          "existing public one is refused)")
     p.add_argument("--namespace", help="namespace the job runs in (default: the token's user; --dry-run prints a "
@@ -524,6 +530,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--results-repo", help="results dataset repo (default $COVTOKEN_RESULTS_REPO or the run's)")
     f.add_argument("--namespace", help="namespace of the jobs (default: the token's user)")
     f.add_argument("--no-card", action="store_true", help="do not regenerate the repo's dataset card")
+    f.add_argument("--allow-unproven-prereg", action="store_true", help="audit runs whose pre-registration cannot be proven from this checkout (code commit not in its history); they are marked in the summary")
     f.set_defaults(fn=cmd_fetch)
     sw = sub.add_parser("sweep", help="one HF Job per seed x dataset x backbone, then an aggregate record")
     add_submit_options(sw)
@@ -537,5 +544,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--results-repo", help="results dataset repo (default $COVTOKEN_RESULTS_REPO)")
     a.add_argument("--results", default="gate_reports", help="where records are fetched to (default gate_reports)")
     a.add_argument("--timeout", help="give up waiting after this long: seconds or with s/m/h/d (default: no limit)")
+    a.add_argument("--allow-unproven-prereg", action="store_true", help="audit runs whose pre-registration cannot be proven from this checkout (code commit not in its history); they are marked in the summary")
     a.set_defaults(fn=cmd_aggregate)
 

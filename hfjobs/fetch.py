@@ -159,7 +159,7 @@ def render_card(report: AuditReport, repo: str) -> str:
             "by `covtoken fetch` from the records after a clean audit; do not edit it by hand.\n\n" + summary)
 
 
-def publish_card(api: Any, repo: str) -> tuple[bool, str]:
+def publish_card(api: Any, repo: str, *, allow_unproven_prereg: bool = False) -> tuple[bool, str]:
     """Regenerate the repo's card from its records; returns (card is current, what happened).
 
     The card is only written after a clean audit of every record in the repo. A rejection of the card's YAML
@@ -172,7 +172,7 @@ def publish_card(api: Any, repo: str) -> tuple[bool, str]:
         runs = recorded_runs(api, repo)
         for rid in runs:
             download_run(api, repo, rid, Path(tmp))
-        report = audit_folder(tmp, lock_path=default_lock_path())
+        report = audit_folder(tmp, lock_path=default_lock_path(), allow_unproven_prereg=allow_unproven_prereg)
         if not report.ok:
             problems = report.all_problems()
             return False, (f"{repo}: card not regenerated, the audit of its {len(runs)} record(s) failed: "

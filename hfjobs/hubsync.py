@@ -26,6 +26,7 @@ labels (``run``, ``attempt``), never from a platform variable. The HF token come
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -244,7 +245,15 @@ class HubSync:
         sync = cls(env)
         sync.batcher.start()
         sync.flush_on_sigterm()
+        atexit.register(sync._flush_at_exit)  # a job failing after some shards still leaves them for a resume
         return sync
+
+    def _flush_at_exit(self) -> None:
+        self.batcher.stop()
+        try:
+            self.batcher.commit_pending()
+        except Exception as exc:  # never mask the job's own exit status
+            log.warning("flush at exit failed: %s: %s", type(exc).__name__, exc)
 
     def flush_on_sigterm(self) -> Any:
         """On SIGTERM (cancel, timeout, a graceful preemption) commit the pending shards, then exit 143.

@@ -151,13 +151,13 @@ def plan_submit(req: SubmitRequest, *, offline: bool = False, api: Any = None) -
         refuse_public_repo(api, repo, req.public)
     run_id = new_run_id(job_gate(rel))
     image, warnings = _image(req.flavor, req.image)
-    bundle = build_bundle(state, rel, state.root / "results" / "bundles")
     jr = make_request(run_id=run_id, attempt=0, namespace=ns, results_repo=repo, job=rel, job_args=list(req.job_args),
                       commit=state.commit, image=image, flavor=req.flavor, timeout_s=timeout_s,
                       attempts=req.attempts, commit_every_s=req.commit_every_s, labels=req.labels, env=req.env,
                       secret_names=_secret_names(req.secrets), name=req.name)
     price = (offline_price(req.flavor, timeout_s, attempts=req.attempts) if offline
              else live_price(api, req.flavor, timeout_s, attempts=req.attempts))
+    bundle = build_bundle(state, rel, state.root / "results" / "bundles")  # the expensive step, after every check
     return Plan(requests=(jr,), price=price, warnings=tuple(warnings), bundle=bundle, state=state, offline=offline)
 
 

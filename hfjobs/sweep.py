@@ -22,10 +22,11 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import product
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
-import numpy as np
 
+from ..eval.recompute import canonical, evaluate, pack_arrays, unpack_arrays
+from ..eval.seed_mean import seed_mean_inputs, t_interval  # noqa: F401  (t_interval: re-exported)
 from ..lock import ThresholdLock, judge
 from ..record import ArtefactWriter, dumps_strict, new_run_id, read_record, sha256_file, utc_now, write_record
 from ..runner import default_lock_path
@@ -46,27 +47,6 @@ CI_LEVEL = 0.95
 #: Periodic commits (token-bank batches, logs) a whole sweep may make per hour in its shared results repo:
 #: half of the 128 per hour a public Hub 429 message quotes, leaving room for records, logs and other runs.
 COMMIT_BUDGET_PER_HOUR = 64
-
-
-def t_interval(values: Sequence[float], level: float = CI_LEVEL) -> dict[str, Any]:
-    """Mean, sd (ddof 1) and the t-based CI of the mean of ``values``.
-
-    Returns:
-        ``{"k", "mean", "sd", "df", "t_quantile", "ci"}``; ``sd``, ``df``, ``t_quantile`` and ``ci`` are None
-        for fewer than two values, and ``mean`` too for none.
-    """
-    from scipy import stats
-
-    x = np.asarray(list(values), dtype=float)
-    k = int(x.size)
-    out_: dict[str, Any] = {"k": k, "mean": float(x.mean()) if k else None, "sd": None, "df": None,
-                            "t_quantile": None, "ci": None}
-    if k >= 2:
-        sd = float(x.std(ddof=1))
-        q = float(stats.t.ppf(0.5 + level / 2, df=k - 1))
-        half = q * sd / np.sqrt(k)
-        out_.update(sd=sd, df=k - 1, t_quantile=q, ci=[out_["mean"] - half, out_["mean"] + half])
-    return out_
 
 
 def plan_cells(seeds: int, seed_start: int, datasets: list[str], backbones: list[str]) -> list[dict[str, Any]]:
@@ -127,23 +107,20 @@ def aggregate_group(outcomes: list[dict[str, Any]], *, sweep: dict[str, Any], lo
     if entry.digest != first["lock"]["entry_digest"]:
         raise HFJobsError(f"{lock.source}: entry {entry.key} is {entry.digest}, the cells were judged under "
                           f"{first['lock']['entry_digest']}")
-    metrics, stats = {}, {}
+    per_metric, values_by_run = {}, {}
     for name in sorted(set().union(*(o["record"]["metrics"] for o in ok))):
         used = [(o, o["record"]["metrics"][name]) for o in ok
                 if name in o["record"]["metrics"] and o["record"]["metrics"][name]["value"] is not None]
-        st = t_interval([m["value"] for _, m in used])
         keys = set.intersection(*(set(m["n"]) for _, m in used)) if used else set(first["metrics"][name]["n"])
-        n = {k: int(sum(m["n"][k] for _, m in used)) for k in sorted(keys)}
-        sd = "n/a (fewer than 2 seeds)" if st["sd"] is None else f"{st['sd']:.4f}"
-        metrics[name] = {"value": st["mean"], "ci": st["ci"], "ci_level": CI_LEVEL,
-                         "ci_method": None if st["ci"] is None else (
-                             f"t-interval of the mean over {st['k']} seeds (scipy.stats.t, df={st['df']}); "
-                             "per-seed values in aggregate.json"),
-                         "n": n, "description": f"mean ± sd over {st['k']} seed(s): "
-                                                f"{'n/a' if st['mean'] is None else format(st['mean'], '.4f')} ± {sd}"}
-        if "unit" in first["metrics"].get(name, {}):
-            metrics[name]["unit"] = first["metrics"][name]["unit"]
-        stats[name] = {**st, "values": {o["run_id"]: m["value"] for o, m in used}}
+        per_metric[name] = {"values": [m["value"] for _, m in used],
+                            "n": {k: int(sum(m["n"][k] for _, m in used)) for k in sorted(keys)},
+                            "unit": first["metrics"].get(name, {}).get("unit")}
+        values_by_run[name] = {o["run_id"]: m["value"] for o, m in used}
+    arrays, args = seed_mean_inputs(per_metric, CI_LEVEL)
+    packed = pack_arrays(arrays)
+    ev = evaluate("sweep.seed_mean", unpack_arrays(packed), args)  # exactly what the audit recomputes
+    metrics = ev.metrics
+    stats = {name: {**ev.extras["stats"][name], "values": values_by_run[name]} for name in metrics}
     run_id = new_run_id(first["gate_id"])
     cells = [{k: o.get(k) for k in ("run_id", "seed", "dataset", "backbone", "job_id", "attempt", "stage", "message")}
              | {"included": o["record"] is not None,
@@ -153,7 +130,7 @@ def aggregate_group(outcomes: list[dict[str, Any]], *, sweep: dict[str, Any], lo
     art.json("aggregate.json", {"sweep_id": sweep["sweep_id"], "ci_level": CI_LEVEL,
                                 "method": "mean, sd (ddof 1), t-based CI of the mean over seeds", "metrics": stats},
              description="per-seed values, mean, sd and t-based CI of every metric")
-    from .evidence import tier_of
+    from ..evidence import tier_of
 
     art.json("cells.json", cells, description="every cell of the group: run, job, stage, whether it is included")
     decision, criteria, reason = judge(entry.criteria, metrics)
@@ -177,10 +154,22 @@ def aggregate_group(outcomes: list[dict[str, Any]], *, sweep: dict[str, Any], lo
     notes += [f"failed cell {cell_name(o)}: run {o['run_id']}, job {o.get('job_id')} (attempt {o.get('attempt')}) "
               f"ended {o['stage']}" + (f": {o['message']}" if o.get("message") else "") + "; not in the aggregate"
               for o in failed]
+    evidence = tier_of({"provenance": prov})
+    art.bytes("eval_inputs-0.npz", packed, description="evaluation inputs of recipe sweep.seed_mean: the per-seed "
+              "values of every metric (eval-only; the audit recomputes the aggregate from them)")
+    art.json("evaluation.json", {
+        "kind": "covtoken.evaluation",
+        "evaluations": [{"recipe": "sweep.seed_mean", "args": canonical(args), "inputs": "eval_inputs-0.npz",
+                         "metrics": sorted(metrics)}],
+        "notes": list(notes),
+        "sealed": {"code": prov["code"], "seed": prov["seed"], "evidence": evidence, "backbone": prov["backbone"],
+                   "dataset": prov["dataset"], "command": prov["command"], "config": prov["config"],
+                   "parameters": prov.get("parameters"), "entry": first["lock"]["entry"]}},
+        description="how every metric was computed (recipe sweep.seed_mean), the notes and provenance as written")
     record = {"record_type": "covtoken.gate_record", "schema_version": 1, "run_id": run_id,
               "gate_id": first["gate_id"], "claim": entry.claim, "decision": decision,
               "decision_reason": reason + (f"; failed cells not aggregated: {names_failed}" if failed else ""),
-              "evidence": tier_of({"provenance": prov}), "criteria": criteria, "metrics": metrics,
+              "evidence": evidence, "criteria": criteria, "metrics": metrics,
               "lock": lock.record_stamp(entry.key, first["lock"]["path"]), "provenance": prov,
               "artefacts": art.entries, "notes": notes}
     return write_record(record, results_dir)
@@ -285,7 +274,6 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
     gate = job_gate(rel)
     image, warnings = _image(base.flavor, base.image)
     every = sweep_commit_every(len(cells), base.commit_every_s)
-    bundle = build_bundle(state, rel, state.root / "results" / "bundles")
     reqs = []
     for cell in cells:
         cell["run_id"] = new_run_id(gate)
@@ -298,6 +286,7 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
                                  secret_names=_secret_names(base.secrets), name=base.name))
     price = (offline_price if offline else lambda *a, **k: live_price(api, *a, **k))(
         base.flavor, timeout_s, n_jobs=len(reqs), attempts=base.attempts)
+    bundle = build_bundle(state, rel, state.root / "results" / "bundles")  # the expensive step, after every check
     plan = {"kind": "covtoken.sweep", "sweep_id": sweep_id, "job": rel, "job_args": list(base.job_args),
             "namespace": ns, "results_repo": repo, "created_at": utc_now(), "code": state.commit,
             "commit_every_s": every, "cells": cells}

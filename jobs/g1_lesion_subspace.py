@@ -45,6 +45,9 @@ class G1Config(JobConfig):
     data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (busi, lidc)"})
     work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
     constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
+    sample_run: bool = field(default=False, metadata={
+        "help": "assert that the data are a registered small sample (stops otherwise); decides nothing: the lock "
+                "entry and the evidence tier follow from the facts"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -63,13 +66,13 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
         validation then test tokens, and ``(n_images, N)`` token brightness. ``on_shard`` is called with each
         finished bank shard (the HF Jobs backend uploads it).
     """
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.eval.baselines import token_intensity
     from covtoken.subspace import score_blocks
 
     items = data.items
     blocks = list(range(bb.spec.depth))
-    bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, items, blocks=blocks, final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     scores = score_blocks(bank.tokens, blocks=blocks, constructions=list(cfg.constructions),
@@ -104,6 +107,8 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores, mid_layer_blocks
     from covtoken.eval.recipes import pack_split
+    from covtoken.roles import role_output
+    from covtoken.evidence import EvidenceError, registered_sample
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -117,6 +122,9 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "select": "val", "judge": "test"},
                                             calibration=cfg.calibration)
+    if cfg.sample_run and not registered_sample(dataset_prov):
+        raise EvidenceError(f"--sample-run: {data.provenance['id']} at {cfg.data_root or cfg.dataset} is not a "
+                            "registered small sample; drop the flag (the tier and entry follow from the facts)")
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
     blocks = list(range(bb.spec.depth))
@@ -146,6 +154,7 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     val, test = split_scores("val", slice(0, n_val)), split_scores("test", slice(n_val, None))
     base = {"bright": (bright[rows["val"]].reshape(-1), bright[rows["test"]].reshape(-1)),
             "dark": (-bright[rows["val"]].reshape(-1), -bright[rows["test"]].reshape(-1))}
+    role_output("fit", "scores", (scores, base))  # what evaluation reads: every arm and the baselines
     inputs = {**pack_split("val", val), **pack_split("test", test),
               **{f"baseline.{k}.{s}": v[i] for k, v in base.items() for i, s in enumerate(("val", "test"))}}
     with stage("evaluate"):  # through the recipe the audit recomputes from the stored inputs
@@ -153,6 +162,8 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
             "constructions": list(cfg.constructions), "mid_blocks": mid_blocks, "final_block": final_block,
             "n_boot": int(P["n_boot"]), "ci_level": float(P["ci_level"]), "seed": cfg.seed})
     table, selection = res.extras["table"], res.extras["selection"]
+    role_output("select", "selection", selection)
+    role_output("judge", "metrics", res.metrics)
 
     manifest = split.to_dict()
     if cfg.calibration:

@@ -66,11 +66,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
         (row-major over test images); ``extras`` the fraction of high-norm tokens among them.
     """
     from covtoken.backbone.attention import cls_attention_maps, high_norm_tokens
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import score_blocks
 
     block = int(P["block"])
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=[block], final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=[block], final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     dens = score_blocks(bank.tokens, blocks=[block], constructions=["A_gauss"], fit_rows=rows["train"],
@@ -86,10 +86,11 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
     from covtoken.backbone.tokenbank import TokenBank
-    from covtoken.data.splits import SplitManifest, split_patients, validate_splits
+    from covtoken.data.splits import SplitManifest, patient_digests, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
     from covtoken.eval.localisation import SplitScores
     from covtoken.eval.recipes import pack_split
+    from covtoken.roles import role_output
     from covtoken.runner import Run, load_gate_dataset, stage
 
     get_spec(cfg.backbone)
@@ -121,15 +122,17 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
         n_tok = bank.grid[0] * bank.grid[1]
         test = SplitScores(scores, labels, np.repeat(np.array(bank.patient_ids)[rows["test"]], n_tok),
                            np.repeat(np.array(bank.image_ids)[rows["test"]], n_tok))
+        role_output("fit", f"scores:{m}", (test.scores, extras))
         with stage("evaluate", modality=m):  # through the recipe the audit recomputes from the stored inputs
             mm = run.evaluate("g2.modality", {**pack_split("test", test), "high_norm": np.asarray(extras["high_norm"])},
                               {"modality": m, "n_boot": int(P["n_boot"]), "ci_level": float(P["ci_level"]),
                                "seed": cfg.seed}).metrics
-        metrics.update(mm)
+        metrics.update(role_output("judge", f"metrics:{m}", mm))
         per_modality[m] = {"dataset": data.provenance, "splits": SplitManifest(cfg.seed, dict(P["split_fractions"]),
                                                                                splits).to_dict()}
         dataset_prov[m] = {**{k: v for k, v in data.provenance.items() if k in ("id", "revision")},
-                           "n_patients": {k: len(v) for k, v in splits.items()}}
+                           "n_patients": {k: len(v) for k, v in splits.items()},
+                           "patient_digests": patient_digests(data.provenance, splits)}
 
     backbone_prov = bb.provenance(blocks=[int(P["block"])], final_norm=bool(P["final_norm"]))
     dataset = {"id": "+".join(f"{m}:{dataset_prov[m]['id']}" for m in P["modalities"]),

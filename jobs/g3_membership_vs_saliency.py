@@ -79,11 +79,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None) -> Label
     ``tests/test_label_leak.py`` runs it with permuted and zeroed masks and requires bit-identical output.
     """
     from covtoken.backbone.attention import cls_attention_maps, high_norm_tokens
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import score_blocks
 
     blocks = list(range(bb.spec.depth))
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     scored = np.concatenate([rows["val"], rows["test"]])
@@ -106,6 +106,7 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet
     from covtoken.gate.keep import keep_count, topk_keep
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -128,6 +129,7 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
                               on_shard=run.sync_token_bank(bank_dir))
     n_tok = lf.bank.grid[0] * lf.bank.grid[1]
 
+    role_output("fit", "arms", (lf.membership, lf.saliency, lf.high_norm))
     # Masks are opened only here, inside covtoken.eval, after every score and attention map exists.
     with stage("evaluate"):
         lesions = {}
@@ -137,6 +139,8 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
             lesions[sp] = LesionSet.from_components(comps, [lf.bank.patient_ids[i] for i in r])
         ev = run.evaluate("g3.miss", *g3_inputs(lf, lesions, P, n_tok, cfg.seed))  # the audit recomputes it
         metrics, selection, curve = ev.metrics, ev.extras["selection"], ev.extras["curve"]
+    role_output("select", "selection", selection)
+    role_output("judge", "metrics", (metrics, curve))
 
     sal_block = int(selection["saliency_arm"].rpartition("@")[2])
     n_val = len(lf.rows["val"])

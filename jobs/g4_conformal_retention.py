@@ -59,11 +59,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
         ``(bank, rows, scores)``: the token bank, image rows per split, and ``(n_pool_images, N)`` scores of the
         calibration then test images (rows ``rows["calib"]`` then ``rows["test"]``).
     """
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import build_scorer, fit_subsample
 
     block = int(P["score_block"])
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     fit = bank.tokens(block, rows["train"]).reshape(-1, bb.spec.width)
@@ -83,6 +83,7 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.gate_arch import g4_inputs
     from covtoken.eval.labels import token_lesion_fraction
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -104,6 +105,7 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
         bank, rows, scores = label_free_stage(data, bb, splits, P, cfg, bank_dir,
                                               on_shard=run.sync_token_bank(bank_dir))
 
+    role_output("fit", "scores", scores)
     # Masks are opened only here, inside covtoken.eval, after every score exists.
     pool = np.concatenate([rows["calib"], rows["test"]])
     frac = token_lesion_fraction(data.masks, [bank.image_ids[i] for i in pool], bank.grid)
@@ -117,6 +119,9 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
                                                         seed=cfg.seed))  # the audit recomputes it from the inputs
     res_details = res.extras["details"]
 
+    role_output("calibrate", "thresholds", {k: res_details[k] for k in ("crc_threshold", "allkept_threshold",
+                                                                       "n_cal_effective")})
+    role_output("judge", "metrics", res.metrics)
     backbone_prov = bb.provenance(blocks=[int(P["score_block"])], final_norm=bool(P["final_norm"]))
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     manifest = split.to_dict()

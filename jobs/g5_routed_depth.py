@@ -64,11 +64,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
     """
     from covtoken.arch.flops import MacCounter
     from covtoken.arch.routed_depth import RoutedDepth, make_router
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import build_scorer, fit_subsample
 
     depth = bb.spec.depth
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(depth)), final_norm=False, batch_size=cfg.batch_size, on_shard=on_shard)
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=list(range(depth)), final_norm=False, dtype=bank_dtype(P), batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     scores, scorers = {}, {}
     for k in range(depth - 1):
@@ -104,6 +104,7 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.gate_arch import g5_inputs
     from covtoken.eval.labels import lesion_components
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -127,6 +128,7 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     rd = routed["model"]
     bank_kept = top_keep(scores[rd.exit_after], rd.n_keep)
 
+    role_output("fit", "routing", (scores, routed["kept"], bank_kept, routed["macs"]))
     # Masks are opened only here, inside covtoken.eval, after every keep set exists.
     test_ids = [bank.image_ids[i] for i in rows["test"]]
     components = lesion_components(data.masks, test_ids, bank.grid)
@@ -140,6 +142,7 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
             device=str(bb.device), seed=cfg.seed))
     res_curve, res_notes = res.extras["curve"], res.extras["notes"]
 
+    role_output("judge", "metrics", {k: v for k, v in res.metrics.items() if "wallclock" not in k})  # timing varies
     backbone_prov = bb.provenance(blocks=sorted(scores), final_norm=False)
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     manifest = split.to_dict()

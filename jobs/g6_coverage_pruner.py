@@ -62,11 +62,11 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None) -> tuple
     Returns:
         ``(bank, rows, membership)``; ``membership[arm]`` is ``(n_val + n_test, N)``.
     """
-    from covtoken.backbone.tokenbank import TokenBank
+    from covtoken.backbone.tokenbank import TokenBank, bank_dtype
     from covtoken.subspace import score_blocks
 
     blocks = list(range(bb.spec.depth))
-    bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]),
+    bank = TokenBank.build(bank_dir, bb, data.items, blocks=blocks, final_norm=bool(P["final_norm"]), dtype=bank_dtype(P),
                            batch_size=cfg.batch_size, on_shard=on_shard)
     rows = bank.split_rows(splits)
     scored = np.concatenate([rows["val"], rows["test"]])
@@ -126,6 +126,7 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet, best_rank, select_lowest_miss
     from covtoken.gate.keep import keep_count, token_ranks
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
@@ -147,6 +148,7 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     n_val = len(rows["val"])
     small_max = float(P["small_max_area_tokens"])
 
+    role_output("fit", "membership", membership)
     # Masks are opened only here, inside covtoken.eval, after every score exists.
     lesions = {}
     for sp in ("val", "test"):
@@ -159,11 +161,14 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     test_tokens = bank.tokens(block, rows["test"])
     with stage("prune", images=len(rows["test"]), block=block):
         pruned = prune_stage(test_tokens, P, cfg.seed, cfg.device)
+    role_output("select", "selection", (arm, val_miss))
+    role_output("select", "pruner", (pruned.kept, pruned.log_alpha, pruned.lam, pruned.ratio))  # after selection
     with stage("evaluate"):  # selection and test metrics through the recipe the audit recomputes
         ev = run.evaluate("g6.pruner", *g6_inputs(tokens=test_tokens, membership=membership, n_val=n_val,
                                                   pruned=pruned, lesions=lesions, arm=arm, P=P, seed=cfg.seed))
     metrics, per_image = ev.metrics, ev.extras["per_image"]
 
+    role_output("judge", "metrics", (metrics, per_image))
     backbone_prov = bb.provenance(blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]))
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     manifest = split.to_dict()

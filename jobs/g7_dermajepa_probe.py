@@ -9,12 +9,17 @@
 Each training image gets nuisance views from two families (lighting, geometry; :mod:`covtoken.data.nuisance`),
 and predictors over L2-normalised frozen image embeddings (linear warm-started at the identity, and an
 identity-residual MLP; SGD and Adam; several training seeds) learn to map an image's embedding to its views'
-embeddings - stable pairs only. Evaluation lesions get one view under the held-out family (colour). Only then
+embeddings - stable pairs only. Evaluation lesions get one view under the held-out family (locked; geometry, under
+which pixel baselines cannot match a re-framed lesion pixel by pixel). Stable pair = one image and its own view;
+changing pair = one image and another lesion's view: both kinds go through the same code path. Only then
 are the diagnoses opened, in covtoken.eval, to couple lesions of the same diagnosis and site into changing
 pairs. The head and the strongest baseline (pixel L2, SSIM distance, raw cosine) are chosen on validation
 lesions; on test lesions the probe (mean over seeds) is judged against that baseline with a lesion-clustered
 paired bootstrap, under the locked thresholds, and written as a gate record with the probe checkpoints and a
-model card.
+model card. Every baseline's test AUROC on the held-out family is reported; if the validation-chosen baseline
+reaches 0.99 the proxy is degenerate and the locked validity rule V1 makes the decision inconclusive. A published
+DermaJEPA predictor (``--predictor file.npz``) is evaluated beside the trained heads (reported, never judged) and
+refused before any compute when it was trained on another embedding model or dimension.
 
 Run locally (embedded default: dermoscopy-like phantoms + the tiny ViT, 2 CPU cores, under a minute):
     covtoken run jobs/g7_dermajepa_probe.py --smoke
@@ -50,6 +55,9 @@ class G7Config(JobConfig):
     data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (ham10000)"})
     batch_size: int = field(default=64, metadata={"help": "images per forward pass"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads for this run (0: leave the default)"})
+    predictor: str | None = field(default=None, metadata={
+        "help": "a published DermaJEPA predictor .npz evaluated beside the trained heads (reported, never judged); "
+                "refused unless its feature_dim and input_embedding_model_id match the backbone"})
 
 
 @dataclass(frozen=True)
@@ -131,16 +139,30 @@ def label_free_stage(data, bb, splits, P, cfg) -> LabelFree:  # noqa: ANN001 (ty
     return LabelFree(table, reps, {v.image_id: v.key for v in eval_views}, keys, z, eval_pixels, train_views, trained)
 
 
+def load_published_predictor(path: str, bb, probe_image: np.ndarray):  # noqa: ANN001, ANN201 (types in packages)
+    """Load a published DermaJEPA ``.npz`` predictor for this backbone, before any compute.
+
+    The backbone's embedding dimension is read from one forward pass of ``probe_image``; a checkpoint trained on
+    another embedding model or dimension is refused (``CheckpointError`` naming the field).
+    """
+    from covtoken.arch.probe_io import load_dermajepa_npz
+    from covtoken.backbone.embed import embed_images, embedding_model_id
+
+    dim = int(embed_images(bb, [probe_image], batch_size=1).shape[1])
+    return load_dermajepa_npz(path, expected_model_id=embedding_model_id(bb.spec), expected_dim=dim)
+
+
 def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     from covtoken.arch.probe import predict
     from covtoken.arch.probe_io import ProbeCheckpoint, probe_bytes, render_model_card
     from covtoken.backbone.embed import embedding_model_id
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.pairs import lesion_table
+    from covtoken.data.pairs import lesion_table, train_families
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.change import EvalLesions, build_pairs, score_pairs
     from covtoken.eval.gate_g7 import g7_inputs
+    from covtoken.roles import role_output
     from covtoken.runner import Run, stage
 
     log = logging.getLogger("covtoken.g7")
@@ -152,8 +174,19 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     table = lesion_table(data.items)
     splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, data.items, lesion_ids=dict(table.lesion_of))
+    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    dataset_prov = split.dataset_provenance(
+        data.provenance, roles={"lesion_disjoint": True, "fit": "train", "select": "val", "judge": "test"},
+        calibration=cfg.calibration,
+        nuisance={"train_families": sorted(train_families(P["held_out_family"])),
+                  "held_out_family": P["held_out_family"], "seed": cfg.seed})
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
+    backbone_prov = {**bb.provenance(blocks=[bb.spec.depth - 1], final_norm=True),
+                     "embedding": "pooled image embedding (covtoken.backbone.embed), L2-normalised",
+                     "input_embedding_model_id": embedding_model_id(bb.spec)}
+    run.check_evidence(backbone=backbone_prov, dataset=dataset_prov)  # tier vs entry, before any compute
+    published = load_published_predictor(cfg.predictor, bb, data.items[0].image) if cfg.predictor else None
     with stage("label_free", images=len(data.items), heads=len(P["heads"]), seeds=len(P["train_seeds"])):
         lf = label_free_stage(data, bb, splits, P, cfg)
 
@@ -166,24 +199,21 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
         pairs = {name: build_pairs(les, data.masks, seed=cfg.seed) for name, les in lesions.items()}
         predictors = {f"{h}/seed{t.seed}": partial(predict, t.kind, t.params) for h, ts in lf.trained.items()
                       for t in ts}
+        role_output("fit", "predictors", (lf.keys, lf.embeddings, predictors))  # what the pair scores read
+        if published is not None:
+            predictors["published"] = partial(predict, published.kind, published.params)
         scores = {name: score_pairs(p, embeddings=lf.embeddings, row_of=row, predictors=predictors,
                                     images=lf.eval_pixels, pixel_size=int(P["pixel_size"]))
                   for name, p in pairs.items()}
         heads = {h: [f"{h}/seed{t.seed}" for t in ts] for h, ts in lf.trained.items()}
         ev = run.evaluate("g7.change", *g7_inputs(pairs=pairs, scores=scores, heads=heads, n_boot=int(P["n_boot"]),
-                                                  ci_level=float(P["ci_level"]), seed=cfg.seed))  # audit recomputes
-        res = SimpleNamespace(metrics=ev.metrics, **ev.extras)
+                                                  ci_level=float(P["ci_level"]), seed=cfg.seed,
+                                                  reported=("published",) if published is not None else ()))
+        res = SimpleNamespace(metrics=ev.metrics, **ev.extras)  # the audit recomputes it from the stored inputs
 
-    backbone_prov = {**bb.provenance(blocks=[bb.spec.depth - 1], final_norm=True),
-                     "embedding": "pooled image embedding (covtoken.backbone.embed), L2-normalised",
-                     "input_embedding_model_id": embedding_model_id(bb.spec)}
-    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    role_output("select", "selection", res.selection)
+    role_output("judge", "metrics", res.metrics)
     manifest = split.to_dict()
-    dataset_prov = split.dataset_provenance(
-        data.provenance, roles={"lesion_disjoint": True, "fit": "train", "select": "val", "judge": "test"},
-        calibration=cfg.calibration,
-        nuisance={"train_families": sorted({v.params.family for v in lf.train_views}),
-                  "held_out_family": P["held_out_family"], "seed": cfg.seed})
     if cfg.calibration:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         log.info("calibration metrics written to %s", path)
@@ -209,6 +239,14 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
         run.artefacts.bytes(name, probe_bytes(ck), description=f"selected probe head {head}, training seed {t.seed}")
         ckpts.append(f"artefacts/{run.run_id}/{name}")
     run.notes.append(f"probe head {head} and baseline {res.selection['baseline']['chosen']} chosen on validation")
+    if res.metrics["baseline_auroc"]["value"] >= 0.99:
+        run.notes.append(f"the validation-chosen baseline {res.selection['baseline']['chosen']} reaches test AUROC "
+                         f"{res.metrics['baseline_auroc']['value']:.3f} on the held-out family: the proxy task is "
+                         "degenerate (see criterion V1) and says nothing about the probe")
+    if published is not None:
+        run.notes.append(f"published predictor {published.model_id or cfg.predictor} ({published.kind}, "
+                         f"{published.feature_dim}-d, trained on {published.input_embedding_model_id}) reported as "
+                         "published_auroc; it is not judged")
     for arm, inv in res.selection["inverted_on_test"].items():
         if inv:
             run.notes.append(f"{arm}: test AUROC below 0.5 - an inverted score, reported as is (never flipped)")

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 
 from ..audit import audit_folder
+from ..evidence import tier_caption
 from ..record import loads_strict, sha256_file, write_json_atomic
 from .figures import FIGURES, RecordInput, input_hashes, save
 from .render import Draft, PaperError, load_records, parse_draft, render
@@ -59,8 +60,16 @@ def _label(draft_path: str | Path, root: Path) -> str:
     return p.relative_to(root).as_posix() if p.is_relative_to(root) else p.name
 
 
-def _markdown(name: str, caption: str) -> str:
-    return f"![{name}](figures/{name}.png)\n\n*Figure ({name}).* {caption}"
+def _markdown(name: str, caption: str, inputs: list[RecordInput]) -> str:
+    tag = tier_caption([i.record.get("evidence", "flow-check") for i in inputs])
+    return f"![{name}](figures/{name}.png)\n\n*Figure ({name}).* {tag}{caption}"
+
+
+def tier_legend(draft: Draft, records: dict[str, dict]) -> str:
+    """The paragraph under the header: each record's evidence tier, and what the tags mean."""
+    tiers = ", ".join(f"`{k}` {records[k].get('evidence', 'flow-check')}" for k in draft.records)
+    return (f"<!-- evidence tiers: {tiers}. Only `real` records are evidence; every number from another tier is "
+            "tagged with it (<sup>flow-check</sup>, <sup>sample</sup>) and so is every figure caption. -->\n")
 
 
 def build_paper(draft_path: str | Path, *, root: str | Path, out_dir: str | Path, lock_path: str | Path) -> Path:
@@ -80,12 +89,13 @@ def build_paper(draft_path: str | Path, *, root: str | Path, out_dir: str | Path
             outputs = save(fig, out_dir / "figures", name)
             used = [i.path for i in inputs] + list(artefacts)
             manifest["figures"][name] = {"caption": caption, "outputs": outputs, "inputs": input_hashes(root, used)}
-        return _markdown(name, manifest["figures"][name]["caption"])
+        return _markdown(name, manifest["figures"][name]["caption"], inputs)
 
     body, _ = render(draft, records, figure)
     out_dir.mkdir(parents=True, exist_ok=True)
     built = out_dir / "working_draft.md"
-    built.write_text(HEADER.format(draft=_label(draft_path, root)) + body, encoding="utf-8")
+    built.write_text(HEADER.format(draft=_label(draft_path, root)) + tier_legend(draft, records) + body,
+                     encoding="utf-8")
     manifest["built"] = {"path": "working_draft.md", "sha256": sha256_file(built)}
     write_json_atomic(out_dir / "manifest.json", manifest, overwrite=True)
     return built
@@ -112,7 +122,7 @@ def verify_paper(draft_path: str | Path, *, root: str | Path, out_dir: str | Pat
         entry = manifest["figures"].get(name)
         if entry is None:
             problems.append(f"{where}: figure {name} was never built")
-            return _markdown(name, "")
+            return _markdown(name, "", inputs)
         for rel, digest in entry["inputs"].items():
             p = root / rel
             if not p.is_file() or sha256_file(p) != digest:
@@ -121,10 +131,10 @@ def verify_paper(draft_path: str | Path, *, root: str | Path, out_dir: str | Pat
             f = out_dir / "figures" / f"{name}.{kind}"
             if not f.is_file() or sha256_file(f) != digest:
                 problems.append(f"{f}: figure file differs from the one drawn (edited or missing)")
-        return _markdown(name, entry["caption"])
+        return _markdown(name, entry["caption"], inputs)
 
     body, _ = render(draft, records, figure)
-    expected = HEADER.format(draft=_label(draft_path, root)) + body
+    expected = HEADER.format(draft=_label(draft_path, root)) + tier_legend(draft, records) + body
     built = out_dir / "working_draft.md"
     actual = built.read_text(encoding="utf-8") if built.is_file() else ""
     if actual != expected:

@@ -10,7 +10,8 @@ A draft starts with a front matter that names the records it reads::
 and refers to their fields with ``{{g1:metrics.mid_auroc.value|.3f}}`` (record key, field path with ``.`` and
 ``[i]``, format spec) and to figures with ``{{figure:g1_auroc_per_block}}``. Rendering never guesses: an
 unknown key, a missing field, a value that is not a number where a number format is asked for, or a missing
-record raises :class:`PaperError` naming the reference and its line.
+record raises :class:`PaperError` naming the reference and its line. A value from a record whose evidence tier
+is below ``real`` is followed by its tier (``<sup>flow-check</sup>``): a flow check never reads as evidence.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..evidence import tier_marker
 from ..record import RecordError, read_record
 
 __all__ = ["PaperError", "Draft", "parse_draft", "resolve", "render", "REF_RE"]
@@ -134,7 +136,9 @@ def render(draft: Draft, records: dict[str, dict], figure: Callable[[str, str], 
                 return figure(field, where)
             if key not in records:
                 raise PaperError(f"{where}: unknown record key {key!r}; the front matter has {sorted(records)}")
-            return _format(resolve(records[key], field, where=where), spec, where)
+            # every number from a record below `real` carries its evidence tier (flow checks are never evidence)
+            return (_format(resolve(records[key], field, where=where), spec, where)
+                    + tier_marker(records[key].get("evidence", "flow-check")))
 
         out_lines.append(REF_RE.sub(sub, line))
     body = "".join(out_lines)

@@ -1,16 +1,21 @@
 """Residual construction "B": energy of a token outside the dominant (anatomy) subspace.
 
-Fit the mean and the top-``k`` eigenvectors of the training tokens' covariance (``numpy.linalg.eigh`` on the
-symmetric matrix), with ``k`` chosen by explained variance, never by labels. Score
-``r(x) = ||(I - V_k V_k^T)(x - mu)||^2``; higher = further off the subspace.
+Fit the mean and the top-``k`` principal axes of the training tokens with scikit-learn's ``PCA`` (float64,
+``svd_solver="covariance_eigh"``: the eigendecomposition of the d x d covariance, for n >> d), with ``k`` the
+smallest number of components whose explained-variance ratio reaches the target, never chosen by labels. Score
+``r(x) = ||(I - V_k V_k^T)(x - mu)||^2``; higher = further off the subspace. Scoring projects onto the orthonormal
+complement ``U`` of the kept axes (the remaining ``d - k`` principal axes; ``r = ||U^T (x - mu)||^2``) in float32,
+one ``addmm`` of width ``d - k``: the residual is formed directly, never as the difference of two large norms (no
+cancellation). With fewer fit tokens than dimensions the complement is incomplete and the projector
+``I - V_k V_k^T`` (width ``d``) is used instead.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .density import check_tokens
+from .density import affine_sq_norm, check_tokens
 
 __all__ = ["PCAResidual"]
 
@@ -28,22 +33,28 @@ class PCAResidual:
     max_k: int | None = None
     mean_: np.ndarray | None = None
     components_: np.ndarray | None = None  # (d, k)
+    _projector: np.ndarray | None = field(default=None, repr=False)  # (d, d - k) complement, or I - V_k V_k^T
 
     def fit(self, tokens: np.ndarray) -> "PCAResidual":
         if not 0.0 < self.explained_variance < 1.0:
             raise ValueError(f"explained_variance must be in (0, 1), got {self.explained_variance}")
+        from sklearn.decomposition import PCA
+
         x = check_tokens(tokens, what="fit tokens")
-        self.mean_ = x.mean(axis=0)
-        xc = x - self.mean_
-        cov = xc.T @ xc / max(x.shape[0] - 1, 1)
-        evals, evecs = np.linalg.eigh(cov)  # ascending
-        evals, evecs = evals[::-1].clip(min=0.0), evecs[:, ::-1]
-        total = evals.sum()
-        if total <= 0:
+        if x.shape[0] < 2:
+            raise ValueError(f"fit tokens: need at least 2 tokens, got {x.shape[0]}")
+        if not np.any(x.var(axis=0) > 0):
             raise ValueError("fit tokens: zero variance, the subspace is undefined")
-        k = int(np.searchsorted(np.cumsum(evals) / total, self.explained_variance) + 1)
+        pca = PCA(svd_solver="covariance_eigh").fit(x)
+        ratio = np.cumsum(pca.explained_variance_ratio_)
+        k = int(np.searchsorted(ratio, self.explained_variance) + 1)
         k = min(k, x.shape[1] - 1, self.max_k or x.shape[1] - 1)
-        self.components_ = evecs[:, :k]
+        self.mean_ = pca.mean_
+        self.components_ = pca.components_[:k].T
+        if pca.components_.shape[0] == x.shape[1]:  # a full orthonormal basis: its last d - k axes span the residual
+            self._projector = pca.components_[k:].T
+        else:
+            self._projector = np.eye(x.shape[1]) - self.components_ @ self.components_.T
         return self
 
     @property
@@ -56,6 +67,5 @@ class PCAResidual:
         """Squared residual norm of each token, shape ``(n,)``."""
         if self.components_ is None:
             raise RuntimeError("PCAResidual.score called before fit")
-        xc = check_tokens(tokens) - self.mean_
-        proj = xc @ self.components_
-        return np.einsum("nd,nd->n", xc, xc) - np.einsum("nk,nk->n", proj, proj)
+        p = self._projector
+        return affine_sq_norm(tokens, p, self.mean_ @ p)

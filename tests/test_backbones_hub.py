@@ -63,6 +63,21 @@ def variant(name: str, **changes: object) -> registry.BackboneSpec:
     return dataclasses.replace(spec, name=f"test-{name}", weights_sha256=None, **changes)
 
 
+#: preprocessor_config.json of facebook/dinov2-base (BitImageProcessor: shortest edge 256, centre crop 224, bicubic).
+DINOV2_PROCESSOR = {"crop_size": {"height": 224, "width": 224}, "do_center_crop": True, "do_convert_rgb": True,
+                    "do_normalize": True, "do_rescale": True, "do_resize": True,
+                    "image_mean": [0.485, 0.456, 0.406], "image_processor_type": "BitImageProcessor",
+                    "image_std": [0.229, 0.224, 0.225], "resample": 3, "rescale_factor": 0.00392156862745098,
+                    "size": {"shortest_edge": 256}}
+
+
+def save_dinov2_snapshot(model: torch.nn.Module, folder: Path) -> Path:
+    """``model`` and the DINOv2 image-processor config in ``folder`` (the files of a Hub snapshot)."""
+    model.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(DINOV2_PROCESSOR))
+    return folder
+
+
 def block_outputs(blocks: torch.nn.ModuleList, run: Callable[[], object], wanted: list[int]) -> dict[int, torch.Tensor]:
     """Outputs of ``blocks[b]`` during ``run()``, read with forward hooks (the reference for the extractors)."""
     seen: dict[int, torch.Tensor] = {}
@@ -249,7 +264,7 @@ def reference_dinov2(with_registers: bool) -> torch.nn.Module:
 @pytest.mark.parametrize("name, prefix", [("dinov2-base", 1), ("dinov2-base-reg", 5)])
 def test_dinov2_tokens_match_transformers_forward(hub_cache: Path, name: str, prefix: int) -> None:
     ref = reference_dinov2(with_registers=prefix == 5)
-    ref.save_pretrained(snapshot_dir(hub_cache, get_spec(name).hub_id))
+    save_dinov2_snapshot(ref, snapshot_dir(hub_cache, get_spec(name).hub_id))
     spec = variant(name, depth=2, width=64)
     backbone = FrozenBackbone(spec, spec.builder(spec=spec))
 
@@ -275,6 +290,7 @@ def test_dinov2_unexpected_checkpoint_key_fails(hub_cache: Path) -> None:
     ref = reference_dinov2(with_registers=False)
     folder = snapshot_dir(hub_cache, "facebook/dinov2-base")
     ref.config.save_pretrained(folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(DINOV2_PROCESSOR))
     save_file({**{k: v.contiguous() for k, v in ref.state_dict().items()}, "head.weight": torch.zeros(3, 64)},
               str(folder / "model.safetensors"))
     spec = variant("dinov2-base", depth=2, width=64)
@@ -286,6 +302,7 @@ def test_pinned_weight_hash_is_checked(hub_cache: Path) -> None:
     folder = snapshot_dir(hub_cache, "facebook/dinov2-with-registers-base")
     (folder / "config.json").write_text(json.dumps({"model_type": "dinov2_with_registers"}))
     (folder / "model.safetensors").write_bytes(b"not the published weights")
+    (folder / "preprocessor_config.json").write_text(json.dumps(DINOV2_PROCESSOR))
     spec = dataclasses.replace(variant("dinov2-base-reg"), weights_sha256="7a6f7b3b")
     with pytest.raises(WeightsIntegrityError, match="sha256"):
         spec.builder(spec=spec)

@@ -116,3 +116,21 @@ def test_changing_pairs_match_dx_and_site_and_clusters_hold_lesion_pairs():
 def test_lesion_clusters_are_connected_components():
     c = lesion_clusters(["a", "b", "c", "d", "e"], ["a", "c", "b", "e", "d"])
     assert c[1] == c[2] and c[3] == c[4] and len({c[0], c[1], c[3]}) == 3
+
+
+def test_stable_and_changing_pairs_go_through_one_pipeline():
+    """No re-encoding asymmetry: in both kinds the context is a loaded image and the target a held-out view, so
+    how the pixels were produced cannot tell the kinds apart; only which lesion the target shows differs."""
+    rng = np.random.default_rng(1)
+    lids = [f"L{i:02d}" for i in range(30)]
+    lesions, masks = synthetic_split({l: str(rng.choice(["nv", "mel"])) for l in lids},
+                                     {l: "back" for l in lids})
+    pairs = build_pairs(lesions, masks, seed=0)
+    images, views = set(lesions.reps.values()), set(lesions.view_of.values())
+    for kind in (0, 1):
+        sel = pairs.label == kind
+        assert sel.any()
+        assert set(pairs.context[sel].tolist()) <= images and set(pairs.target[sel].tolist()) <= views
+    # every target view is used once as a stable target and (when matched) once as a changing target
+    stable_targets = pairs.target[pairs.label == 0].tolist()
+    assert sorted(stable_targets) == sorted(views)

@@ -12,10 +12,11 @@ from PIL import Image
 from covtoken.data.busi import load_busi
 from covtoken.data.layout import SealedMask
 from covtoken.data.lidc import load_lidc, robust_unit_scale
+from sealed_access import mask_array, mask_labels
 
 
 def _peek(mask: SealedMask) -> np.ndarray:
-    return mask._array  # test-only look at the sealed mask, to check the adapter put the right pixels in it
+    return mask_array(mask)  # test-only look at the sealed mask, to check the adapter put the right pixels in it
 
 
 def _busi(
@@ -56,7 +57,7 @@ def test_busi_loads_grey_masks_and_stem_patients(tmp_path: Path) -> None:
     np.testing.assert_allclose(items[1].image, b[0] / 255.0, atol=1e-7)  # identical RGB channels -> one channel
     np.testing.assert_array_equal(_peek(masks["benign_1"]), a[1] > 0)
     assert "diagnosis" not in items[0].meta and "mask_empty" not in items[0].meta  # labels stay sealed
-    assert masks["benign_1"]._labels == {"diagnosis": "benign"}
+    assert mask_labels(masks["benign_1"]) == {"diagnosis": "benign"}
 
 
 def test_busi_grey_image_with_coloured_marks_uses_luma(tmp_path: Path) -> None:
@@ -140,7 +141,7 @@ def test_busi_real_sample(realdata: Path) -> None:
         assert it.image.shape == (int(r["h"]), int(r["w"])) and it.image.ndim == 2
         assert 0.0 <= it.image.min() and it.image.max() <= 1.0 and it.image.max() > 0.5
         assert _peek(masks[it.image_id]).mean() == pytest.approx(float(r["lesion_frac"]), abs=6e-5)
-        assert masks[it.image_id]._labels["diagnosis"] == r["label"] and "diagnosis" not in it.meta
+        assert mask_labels(masks[it.image_id])["diagnosis"] == r["label"] and "diagnosis" not in it.meta
     assert len({it.patient_id for it in items}) == len(items)
 
 

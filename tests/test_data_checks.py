@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from sealed_access import mask_array, mask_labels
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
@@ -22,6 +23,7 @@ from covtoken.data.errors import DataError, DatasetIdentityError, TooFewPatients
 from covtoken.data.identity import content_digest, is_registered_sample
 from covtoken.data.layout import EvalMasks, ImageItem, SealedMask
 from covtoken.data.splits import SplitLeakError, split_patients
+from sealed_access import mask_array, mask_labels
 
 
 def _smooth(seed: int, size: int = 64) -> np.ndarray:
@@ -266,7 +268,7 @@ def test_busi_original_layout_merges_mask_1_as_a_union(tmp_path: Path) -> None:
     d = load_dataset("busi", root=tmp_path)
     assert [i.image_id for i in d.items] == ["benign_7", "normal_1"]
     assert d.provenance["n_lesion_free_images"] == 1
-    got = d.masks["benign_7"]._array  # test-only look inside the sealed mask
+    got = mask_array(d.masks["benign_7"])  # test-only look inside the sealed mask
     np.testing.assert_array_equal(got, (m0 > 0) | (m1 > 0))
     Image.fromarray(m1).save(root / "malignant" / "malignant (3)_mask.png")
     with pytest.raises(DataError, match=r"malignant \(3\)_mask\.png: mask without its image"):
@@ -285,7 +287,6 @@ def _folder_dataset(root: Path, *, info: dict | None, index: list[list[str]] | N
 
 
 def test_generic_folder_adapter_keeps_labels_patients_name_and_licence(tmp_path: Path) -> None:
-    from covtoken.data.layout import unseal_labels  # noqa: F401 (the data layer reads labels; tests peek below)
 
     index = [["file", "mask", "patient_id", "dx"], ["images/im0.png", "masks/im0_mask.png", "A", "mel"],
              ["images/im1.png", "", "A", "nv"], ["images/im2.png", "masks/im2_mask.png;masks/im1_mask.png", "B", "nv"]]
@@ -294,7 +295,7 @@ def test_generic_folder_adapter_keeps_labels_patients_name_and_licence(tmp_path:
     d = load_dataset("folder", root=root)
     assert d.provenance["id"] == "folder:my-us" and d.provenance["licence"] == "CC-BY-4.0"
     assert [i.patient_id for i in d.items] == ["A", "A", "B"] and d.provenance["n_lesion_free_images"] == 1
-    assert d.masks["im0"]._labels == {"dx": "mel"}
+    assert mask_labels(d.masks["im0"]) == {"dx": "mel"}
     index[2][2] = ""
     (root / "index.csv").write_text("\n".join(",".join(r) for r in index) + "\n")
     with pytest.raises(DataError, match=r"index\.csv:3: empty patient_id"):
@@ -348,3 +349,16 @@ def test_one_patient_judged_split_stops_g1_before_any_backbone_or_token_work(tmp
     assert "judged split" in err and "patient(s)" in err and "min_patients_per_judged_split" in err
     assert not work.exists() or not any(work.rglob("*"))  # no token bank folder
     assert not results.exists() or not list(results.rglob("*.json"))  # no record
+
+
+def test_catalog_exposes_is_registered_sample_and_a_claim_without_content_is_not_trusted() -> None:
+    from covtoken.data.catalog import is_registered_sample as from_catalog
+    from covtoken.evidence import registered_sample
+
+    digest = "sha256:" + "1" * 64
+    assert not from_catalog({"catalog_name": "busi", "content_digest": digest, "id": "busi",
+                             "n_patients": {"train": 3, "test": 2}})  # digest given: exact match only
+    assert not registered_sample({"id": "busi", "registered_sample": "busi-sample", "n_patients": {"a": 500}})
+    # no digest (hand-built or older provenance): at most the sample's patient count, never a larger tier
+    assert from_catalog({"id": "lidc-idri", "n_patients": {"train": 3, "test": 2}})
+    assert not from_catalog({"id": "lidc-idri", "n_patients": {"train": 300, "test": 200}})

@@ -22,7 +22,7 @@ from covtoken.data.deid_profile import PROFILE_KEYWORDS, Action, profile_by_tag
 
 KEY = b"covtoken-test-key-0123456789abcdef"
 BUNDLED = ["CT_small.dcm", "MR_small.dcm"]
-UID_RE = re.compile(r"^2\.25\.[1-9]\d*$")
+UID_RE = re.compile(r"^2\.1\d{39}$")  # dicognito's remapped UIDs
 _TEXT_VRS = {"PN", "LO", "SH", "LT", "ST", "UT", "AE", "UI", "DA", "DT"}
 
 
@@ -265,3 +265,28 @@ def test_real_series_deidentified_consistently(realdata: Path) -> None:
     assert other.StudyInstanceUID != outs[0].StudyInstanceUID, "a different key must give different UIDs"
     # TCIA marked the source PatientIdentityRemoved=YES; that alone is not enough for the upload check.
     assert str(srcs[0].PatientIdentityRemoved) == "YES" and not deid.is_deidentified(srcs[0])
+
+
+def test_library_step_is_checked_not_trusted(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The attack: a de-identifier that silently does nothing (or shifts dates wrongly) is caught by the kit."""
+    from dicognito.anonymizer import Anonymizer
+
+    src = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    monkeypatch.setattr(Anonymizer, "anonymize", lambda self, ds: None)
+    with pytest.raises(ValueError, match="dicognito did not remap the UID"):
+        deid.deidentify(src, key=KEY, date_shift_days=-400)
+    monkeypatch.undo()
+    from dicognito import datetimeanonymizer
+
+    real_init = datetimeanonymizer.DateTimeAnonymizer.__init__
+    monkeypatch.setattr(datetimeanonymizer.DateTimeAnonymizer, "__init__",
+                        lambda self, offset_hours: real_init(self, offset_hours + 24))
+    with pytest.raises(ValueError, match="date shift"):
+        deid.deidentify(src, key=KEY, date_shift_days=-400)
+
+
+def test_output_records_the_library() -> None:
+    out = deid.deidentify(pydicom.dcmread(get_testdata_file("MR_small.dcm")), key=KEY, date_shift_days=-3).dataset
+    assert list(out.DeidentificationMethod) == [deid.METHOD, deid.DICOGNITO_METHOD]
+    assert out.StudyInstanceUID == deid.remap_uid(pydicom.dcmread(get_testdata_file("MR_small.dcm")).StudyInstanceUID,
+                                                  KEY)

@@ -11,6 +11,7 @@ from PIL import Image
 from covtoken.data.catalog import load_dataset
 from covtoken.data.ham10000 import load_ham10000
 from covtoken.data.splits import split_patients, validate_splits
+from sealed_access import mask_labels
 
 ROWS = [("HAM_0000001", "ISIC_0000001", "nv", "back"), ("HAM_0000001", "ISIC_0000002", "nv", "back"),
         ("HAM_0000002", "ISIC_0000003", "mel", "face")]
@@ -38,7 +39,7 @@ def test_loads_with_lesion_as_unit_and_sealed_diagnosis(tmp_path):
     assert [i.patient_id for i in items] == ["HAM_0000001", "HAM_0000001", "HAM_0000002"]
     assert items[0].image.shape == (20, 30, 3) and 0 <= items[0].image.min() and items[0].image.max() <= 1
     assert "dx" not in items[0].meta and items[2].meta["site"] == "face"
-    assert masks["ISIC_0000003"]._labels["dx"] == "mel"
+    assert mask_labels(masks["ISIC_0000003"])["dx"] == "mel"
     # the two images of one lesion always land in the same split
     splits = split_patients([i.patient_id for i in items], fractions={"a": 0.5, "b": 0.5}, seed=0)
     validate_splits(splits, items, lesion_ids={i.image_id: i.meta["lesion_id"] for i in items})

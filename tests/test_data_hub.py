@@ -9,10 +9,11 @@ import pytest
 
 from covtoken.data import hub
 from covtoken.data.layout import EvalMasks, ImageItem, SealedMask
+from sealed_access import mask_array
 
 
 def _peek(mask: SealedMask) -> np.ndarray:
-    return mask._array  # test-only look at the sealed mask, to check the right pixels came back
+    return mask_array(mask)  # test-only look at the sealed mask, to check the right pixels came back
 
 
 def _items() -> tuple[list[ImageItem], EvalMasks]:

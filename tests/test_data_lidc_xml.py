@@ -13,6 +13,7 @@ from pydicom.data import get_testdata_file
 from covtoken.data import lidc_xml
 from covtoken.data.catalog import load_dataset
 from covtoken.data.layout import SealedMask
+from sealed_access import mask_array, mask_labels
 
 CT_SMALL = get_testdata_file("CT_small.dcm")
 SERIES = "1.2.826.0.1.3680043.8.498.1"
@@ -21,7 +22,7 @@ N = 128  # CT_small is 128 x 128
 
 
 def _peek(mask: SealedMask) -> np.ndarray:
-    return mask._array  # test-only look at the sealed mask, to check the adapter put the right pixels in it
+    return mask_array(mask)  # test-only look at the sealed mask, to check the adapter put the right pixels in it
 
 
 def _sop(i: int, series: str = SERIES) -> str:
@@ -178,7 +179,7 @@ def test_consensus_masks_match_hand_counted_votes(lidc_folder: Path, consensus: 
 
 def test_labels_count_readers_and_nodules(lidc_folder: Path) -> None:
     items, masks = lidc_xml.load_lidc_xml(lidc_folder)
-    labels = [masks[it.image_id]._labels for it in items]
+    labels = [mask_labels(masks[it.image_id]) for it in items]
     assert [lab["nodules"] for lab in labels] == [0, 1, 2, 0]
     assert labels[2]["readers_per_nodule"] == [2, 3] and labels[1]["readers_per_nodule"] == [3]
     assert all(lab["n_readers"] == 4 and lab["consensus"] == 0.5 for lab in labels)
@@ -216,7 +217,7 @@ def test_far_nodules_of_the_same_readers_stay_apart(tmp_path: Path) -> None:
     m = _peek(masks[items[1].image_id])
     # "a" and "c" agree (2 of 2); "b" is reader 1's second nodule, alone: 1 of 1 - not merged into a/c
     np.testing.assert_array_equal(m, rect_region(10, 10, 20, 20) | rect_region(22, 10, 32, 20))
-    assert masks[items[1].image_id]._labels["readers_per_nodule"] == [1, 2]
+    assert mask_labels(masks[items[1].image_id])["readers_per_nodule"] == [1, 2]
 
 
 def test_catalog_entry_loads_and_digests(lidc_folder: Path) -> None:
@@ -300,4 +301,4 @@ def test_nested_contours_are_one_nodule_by_overlap(tmp_path: Path) -> None:
     (tmp_path / "r.xml").write_text(_xml([[big], [small]]))
     items, masks = lidc_xml.load_lidc_xml(tmp_path, consensus=1.0)
     np.testing.assert_array_equal(_peek(masks[items[1].image_id]), rect_region(30, 30, 40, 40))
-    assert masks[items[1].image_id]._labels["readers_per_nodule"] == [2]
+    assert mask_labels(masks[items[1].image_id])["readers_per_nodule"] == [2]

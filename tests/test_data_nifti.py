@@ -11,6 +11,7 @@ import pytest
 from covtoken.data import nifti
 from covtoken.data.dicom import window
 from covtoken.data.layout import SealedMask
+from sealed_access import mask_array
 
 # Stored axes (i, j, k) = (superior, posterior, patient-left), as KiTS23 stores (z, y, x): far from canonical.
 AFFINE = np.array([[0, 0, -0.8, 10.0], [0, -0.7, 0, 20.0], [2.5, 0, 0, -5.0], [0, 0, 0, 1]])
@@ -18,7 +19,7 @@ SHAPE = (4, 5, 6)
 
 
 def _peek(mask: SealedMask) -> np.ndarray:
-    return mask._array  # test-only look at the sealed mask, to check the adapter put the right pixels in it
+    return mask_array(mask)  # test-only look at the sealed mask, to check the adapter put the right pixels in it
 
 
 def _world(affine: np.ndarray = AFFINE, shape: tuple[int, int, int] = SHAPE) -> np.ndarray:

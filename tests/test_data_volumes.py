@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from covtoken.data.catalog import load_dataset
+from sealed_access import mask_array
 
 
 def _case(path_img, path_seg, rng, *, tumour_label=2, shape=(24, 20, 9)):
@@ -26,7 +27,7 @@ def test_kits23_layout_every_fourth_slice_and_tumour_only(tmp_path):
     d = load_dataset("kits23", root=tmp_path)
     assert sorted({i.patient_id for i in d.items}) == ["case_00000", "case_00001"]
     assert [i.meta["slice_index"] for i in d.items if i.patient_id == "case_00000"] == [0, 4, 8]
-    areas = {i.image_id: int(d.masks[i.image_id]._array.sum()) for i in d.items}
+    areas = {i.image_id: int(mask_array(d.masks[i.image_id]).sum()) for i in d.items}
     assert areas["case_00000/z0004"] == 9 and areas["case_00000/z0000"] == 0  # label 2 only, not the kidney
     assert all(0.0 <= i.image.min() and i.image.max() <= 1.0 for i in d.items)  # kidney window applied
     assert d.provenance["revision"].startswith("sha256:")

@@ -26,22 +26,23 @@ def _spec(name: str, library: str, *, image_size: int, patch_size: int, depth: i
 
 
 def _timm_reference(model: torch.nn.Module, pixels: torch.Tensor, npre: int) -> dict[int, torch.Tensor]:
-    """Head-averaged CLS rows of the probabilities timm's non-fused path feeds to ``attn_drop``."""
-    captured: dict[int, torch.Tensor] = {}
-    handles = []
-    for b, blk in enumerate(model.blocks):
+    """Head-averaged CLS rows of the attention probabilities read with timm's public ``timm.utils.AttentionExtract``.
+
+    AttentionExtract hooks each block's ``attn_drop`` (the softmax output, identity in eval) on timm's non-fused
+    path; the kit does not use it itself because it materialises the full (B, H, T, T) matrix of every block
+    (MedDINOv3 at 512 px: ~50 MB per image and block), where the kit computes only the CLS row.
+    """
+    from timm.utils import AttentionExtract
+
+    for blk in model.blocks:
         blk.attn.fused_attn = False
-        handles.append(blk.attn.attn_drop.register_forward_hook(
-            lambda mod, args, out, b=b: captured.__setitem__(b, args[0][:, :, 0, npre:].mean(1))))
     try:
         with torch.no_grad():
-            model.forward_features(pixels)
+            maps = AttentionExtract(model, names=["blocks.*.attn.attn_drop"], method="hook")(pixels)
     finally:
-        for h in handles:
-            h.remove()
         for blk in model.blocks:
             blk.attn.fused_attn = True
-    return captured
+    return {int(name.split(".")[1]): a[:, :, 0, npre:].mean(1) for name, a in maps.items()}
 
 
 def test_tiny_vit_matches_timm_attention_probabilities():

@@ -36,7 +36,8 @@ def test_smoke_record_passes_the_audit_and_is_consistent(g3_run):
     entry = ThresholdLock.load(lock).entry("G3/embedded")
     assert rec["decision"] == judge(entry.criteria, rec["metrics"])[0]
     m, P = rec["metrics"], entry.parameters
-    arts = {Path(a["path"]).name: json.loads((record.parent / a["path"]).read_text()) for a in rec["artefacts"]}
+    arts = {Path(a["path"]).name: json.loads((record.parent / a["path"]).read_text()) for a in rec["artefacts"]
+            if a["path"].endswith(".json")}
     curve = arts["miss_curves.json"]
     assert [row["keep_rate"] for row in curve] == P["keep_rates"]
     for arm in ("membership", "saliency", "random"):  # keep sets are nested: more kept never misses more

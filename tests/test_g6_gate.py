@@ -38,7 +38,8 @@ def test_smoke_record_passes_the_audit_and_is_consistent(g6_run):
     entry = ThresholdLock.load(lock).entry("G6/embedded")
     assert rec["decision"] == judge(entry.criteria, rec["metrics"])[0]
     m = rec["metrics"]
-    arts = {Path(a["path"]).name: json.loads((record.parent / a["path"]).read_text()) for a in rec["artefacts"]}
+    arts = {Path(a["path"]).name: json.loads((record.parent / a["path"]).read_text()) for a in rec["artefacts"]
+            if a["path"].endswith(".json")}
     pruner = arts["pruner.json"]
     n_test = rec["provenance"]["dataset"]["n_patients"]["test"]
     assert len(pruner["keep_fraction"]) == m["pruner_keep_fraction"]["n"]["images"]

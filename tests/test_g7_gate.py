@@ -53,12 +53,26 @@ def decide(criteria, probe_signal: float, baseline_signal: float):
 
 
 def test_gate_fails_when_a_baseline_beats_the_probe(criteria):
-    decision, outcomes, res = decide(criteria, probe_signal=1.0, baseline_signal=5.0)
+    decision, outcomes, res = decide(criteria, probe_signal=1.0, baseline_signal=2.0)
+    assert res.metrics["baseline_auroc"]["value"] < 0.99 and outcomes["V1_proxy_not_degenerate"] == "met"
     assert res.selection["baseline"]["chosen"] == "ssim_distance"
     assert outcomes["C2_probe_beats_baseline"] == "not_met" and decision == "fail"
     m = res.metrics["delta_probe_baseline_auroc"]
     assert m["ci"][1] < 0 and m["value"] == pytest.approx(res.metrics["probe_auroc"]["value"]
                                                           - res.metrics["baseline_auroc"]["value"])
+
+
+@pytest.mark.parametrize("entry", ["G7/embedded", "G7/real"])
+def test_a_degenerate_proxy_is_inconclusive_by_rule(entry):
+    """A pixel baseline that separates the pairs perfectly makes the proxy say nothing: inconclusive, not fail."""
+    crits = ThresholdLock.load(REPO_ROOT / "configs" / "thresholds.lock.json").entry(entry).criteria
+    decision, outcomes, res = decide(crits, probe_signal=1.0, baseline_signal=6.0)
+    assert res.metrics["baseline_auroc"]["value"] >= 0.99
+    assert outcomes["C2_probe_beats_baseline"] == "not_met"  # the probe loses, yet nothing is falsified
+    assert outcomes["V1_proxy_not_degenerate"] == "not_met" and decision == "inconclusive"
+    _, _, reason = judge(crits, res.metrics)
+    assert reason.startswith("validity V1_proxy_not_degenerate: point ")
+    assert "the measurement cannot decide" in reason
 
 
 def test_gate_passes_when_the_probe_generalises(criteria):
@@ -93,11 +107,43 @@ def smoke_run(tmp_path_factory):
     lock = copy_lock(base / "lock")
     results = base / "results"
     job = load_job("g7_dermajepa_probe")
-    rc = job.main(["--smoke", "--results", str(results), "--lock", str(lock), "--threads", "1"])
+    npz = identity_predictor(base / "identity.npz", dim=64, model_id="tiny-vit")
+    rc = job.main(["--smoke", "--results", str(results), "--lock", str(lock), "--threads", "1",
+                   "--predictor", str(npz)])
     assert rc == 0
     records = sorted(results.glob("*.json"))
     assert len(records) == 1
     return records[0], lock
+
+
+def identity_predictor(path, *, dim: int, model_id: str):
+    """A published-format DermaJEPA linear predictor that maps every embedding to itself."""
+    np.savez(path, predictor_kind=np.array(["linear"]), feature_dim=np.array([dim]),
+             input_embedding_model_id=np.array([model_id]), model_id=np.array(["identity"]),
+             weight=np.eye(dim, dtype=np.float32), bias=np.zeros(dim, np.float32))
+    return path
+
+
+@pytest.mark.parametrize("dim,model_id,field", [(32, "tiny-vit", "feature_dim"),
+                                                (64, "redlessone/DermLIP_ViT-B-16", "input_embedding_model_id")])
+def test_a_published_predictor_for_another_backbone_is_refused_before_any_compute(tmp_path, dim, model_id, field):
+    lock = copy_lock(tmp_path / "lock")
+    npz = identity_predictor(tmp_path / "p.npz", dim=dim, model_id=model_id)
+    job = load_job("g7_dermajepa_probe")
+    with pytest.raises(CheckpointError, match=f"field {field}"):
+        job.main(["--smoke", "--results", str(tmp_path / "r"), "--lock", str(lock), "--predictor", str(npz)])
+    assert not list((tmp_path / "r").glob("*.json"))  # no record, nothing judged
+
+
+def test_smoke_reports_every_baseline_and_the_published_predictor(smoke_run):
+    record_path, _ = smoke_run
+    rec = read_record(record_path)
+    for b in BASELINES:
+        assert f"{b}_auroc" in rec["metrics"] and "held-out family" in rec["metrics"][f"{b}_auroc"]["description"]
+    # the identity predictor scores every pair by the raw cosine distance: the same AUROC, computed on its own path
+    assert rec["metrics"]["published_auroc"]["value"] == pytest.approx(rec["metrics"]["raw_cosine_auroc"]["value"])
+    assert "published_auroc" not in {c["metric"] for c in rec["criteria"]}
+    assert rec["evidence"] == "flow-check"
 
 
 def test_smoke_record_is_audited_and_complete(smoke_run):
@@ -112,8 +158,8 @@ def test_smoke_record_is_audited_and_complete(smoke_run):
         assert m["ci"][0] <= m["value"] <= m["ci"][1], name
     assert "lesion-clustered" in rec["metrics"]["probe_auroc"]["ci_method"]
     assert rec["metrics"]["probe_auroc"]["n"]["lesions"] > 20
-    assert rec["provenance"]["dataset"]["nuisance"] == {"train_families": ["geometry", "lighting"],
-                                                         "held_out_family": "colour", "seed": 0}
+    assert rec["provenance"]["dataset"]["nuisance"] == {"train_families": ["colour", "lighting"],
+                                                         "held_out_family": "geometry", "seed": 0}
     training = json.loads((record_path.parent / next(a["path"] for a in rec["artefacts"]
                                                      if a["path"].endswith("training.json"))).read_text())
     assert all(t["n_changing_pairs"] == 0 for ts in training.values() for t in ts)

@@ -102,7 +102,7 @@ def test_sweep_interval_keeps_the_repo_under_budget() -> None:
 
 
 def test_429_storm_every_shard_lands(hub: HubEmulator, fake_token: str, tmp_path: Path) -> None:
-    """The emulator answers 429 (Retry-After) after 2 commits per second: the run's shards all land anyway."""
+    """The emulator answers 429 (Retry-After) after 2 commits in 0.6 s: the run's shards all land anyway."""
     api = HfApi()
     repo = new_repo()
     api.create_repo(repo, repo_type="dataset", private=True)
@@ -112,14 +112,14 @@ def test_429_storm_every_shard_lands(hub: HubEmulator, fake_token: str, tmp_path
     bank = tmp_path / "bank-x"
     bank.mkdir()
     on_shard = sync.bank_uploader(bank)
-    hub.limit_commits(2, window_s=1.0, retry_after_s=0.3)
+    hub.limit_commits(2, window_s=0.6, retry_after_s=0.2)
     try:
         # the attack first: without retries, the real client meets the 429 and the commit is lost
         api.create_commit(repo_id=repo, repo_type="dataset", operations=[_op("a")], commit_message="a")
         api.create_commit(repo_id=repo, repo_type="dataset", operations=[_op("b")], commit_message="b")
         with pytest.raises(HfHubHTTPError) as err:
             api.create_commit(repo_id=repo, repo_type="dataset", operations=[_op("c")], commit_message="c")
-        assert err.value.response.status_code == 429 and err.value.response.headers["Retry-After"] == "0.3"
+        assert err.value.response.status_code == 429 and err.value.response.headers["Retry-After"] == "0.2"
         n0 = len(hub.rate_limited)
         for i in range(6):
             sdir = bank / f"shard-{i:05d}"
@@ -174,3 +174,12 @@ def test_sigterm_commits_the_pending_shards_before_exiting(tmp_path: Path) -> No
     assert stop.value.code == 143
     assert api.commits == [[f"runs/{env.run_id}/bank/bank-y/shard-00000/block-00.npy",
                             f"runs/{env.run_id}/bank/bank-y/manifest.json"]]
+    # and a job that ends (even by an exception) with a shard still waiting commits it at exit
+    (bank / "shard-00001").mkdir()
+    (bank / "shard-00001" / "block-00.npy").write_bytes(b"y")
+    sync.bank_uploader(bank)(bank / "shard-00001")
+    assert len(api.commits) == 1
+    sync._flush_at_exit()
+    assert f"runs/{env.run_id}/bank/bank-y/shard-00001/block-00.npy" in api.commits[-1]
+    sync._flush_at_exit()  # nothing pending: no empty commit
+    assert len(api.commits) == 2

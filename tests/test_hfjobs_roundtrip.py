@@ -37,7 +37,7 @@ def roundtrip(hub: HubEmulator, fake_token: str, snapshot: Path, repo: str, tmp_
     run_id = sub.out.strip().splitlines()[-1]
     logs = covtoken("logs", run_id, "-f", cwd=snapshot)
     wait = covtoken("wait", run_id, cwd=snapshot)
-    fetch = covtoken("fetch", run_id, "--results", str(reports), cwd=snapshot)
+    fetch = covtoken("fetch", "--allow-unproven-prereg", run_id, "--results", str(reports), cwd=snapshot)
     return {"run_id": run_id, "submit": sub, "logs": logs, "wait": wait, "fetch": fetch, "reports": reports}
 
 
@@ -174,7 +174,7 @@ def test_killed_job_resumes_to_the_same_decision(hub: HubEmulator, roundtrip, sn
     assert [json.loads(ln[ln.index("{"):])["shard"] for ln in done] == ["00002", "00003"]  # only the missing ones
 
     reports = tmp_path / "gate_reports"
-    fetch = covtoken("fetch", rid, "--results", str(reports), cwd=snapshot)
+    fetch = covtoken("fetch", "--allow-unproven-prereg", rid, "--results", str(reports), cwd=snapshot)
     assert fetch.rc == 0, fetch.text
     resumed = json.loads((reports / f"{rid}.json").read_text())
     whole = json.loads((roundtrip["reports"] / f"{roundtrip['run_id']}.json").read_text())
@@ -215,7 +215,7 @@ def test_job_error_gives_a_clear_message_and_no_record(hub: HubEmulator, fake_to
     assert "ended ERROR: Job failed with exit code: 1" in wait.err and "UnknownBackboneError" in wait.err
     assert f"No record was written for run {rid}" in wait.err
     reports = tmp_path / "gate_reports"
-    fetch = covtoken("fetch", rid, "--results", str(reports), "--no-card", cwd=snapshot)
+    fetch = covtoken("fetch", "--allow-unproven-prereg", rid, "--results", str(reports), "--no-card", cwd=snapshot)
     assert fetch.rc == 1 and f"run {rid}: no record in {repo}" in fetch.err and "is ERROR" in fetch.err
     assert not (reports / f"{rid}.json").exists()
     api = HfApi()
@@ -274,7 +274,7 @@ def test_attempts_2_resumes_a_killed_attempt_to_the_same_decision(hub: HubEmulat
     assert [e["shard"] for e in _events(second, "shard_done")] == ["00002", "00003"]  # only the missing ones
 
     reports = tmp_path / "gate_reports"
-    fetch = covtoken("fetch", rid, "--results", str(reports), "--no-card", cwd=snapshot)
+    fetch = covtoken("fetch", "--allow-unproven-prereg", rid, "--results", str(reports), "--no-card", cwd=snapshot)
     assert fetch.rc == 0, fetch.text
     rec = json.loads((reports / f"{rid}.json").read_text())
     whole = json.loads((roundtrip["reports"] / f"{roundtrip['run_id']}.json").read_text())

@@ -5,7 +5,9 @@
 (b) a planted leak (a stage that peeks at the masks) is caught by that same check, and a scorer that tries
     to open a mask is stopped at run time;
 (c) nothing under subspace/, coverage/, gate/ or arch/ imports the mask loader, statically or at import time,
-    and the static check flags a planted import.
+    and the static check flags a planted import;
+(d) a sealed mask has no private attribute holding its pixels, and no module outside data/ and eval/ touches the
+    sealed-mask vault by attribute, getattr or import (the static check flags planted ones).
 """
 from __future__ import annotations
 
@@ -329,3 +331,71 @@ def test_g6_label_free_stage_and_pruner_are_invariant_to_masks(arch_setting, tmp
                 "log_alpha": pruned.log_alpha, "lambda": pruned.lam, **{f"rows:{k}": v for k, v in rows.items()}}
 
     assert_stage_invariant(arrays, data, tmp_path)
+
+
+# --------------------------------------------------------------------------- (d) no reachable private attribute
+#: names under which the sealed pixels/labels live (or lived); touching them outside data/ and eval/ is a leak
+SEALED_NAMES = frozenset({"_VAULT", "_open", "_array", "_labels", "_check_caller"})
+MASK_ROOMS = ("data", "eval")
+
+
+def private_mask_access(source: str) -> list[str]:
+    """Attribute reads, getattr/setattr/hasattr/vars strings and imports of the sealed-mask internals."""
+    bad = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Attribute) and node.attr in SEALED_NAMES:
+            bad.append(f"line {node.lineno}: .{node.attr}")
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in (
+                "getattr", "setattr", "hasattr", "delattr"):
+            # (a computed name cannot reach pixels on the mask itself: it has no attribute holding them)
+            for arg in node.args[1:2]:
+                if isinstance(arg, ast.Constant) and arg.value in SEALED_NAMES:
+                    bad.append(f"line {node.lineno}: {node.func.id}(..., {arg.value!r})")
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").endswith("layout"):
+            bad += [f"line {node.lineno}: import {a.name}" for a in node.names if a.name in SEALED_NAMES]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in SEALED_NAMES:
+            bad.append(f"line {node.lineno}: string {node.value!r}")
+    return bad
+
+
+def kit_modules_outside_mask_rooms() -> list[Path]:
+    skip = {".venv", "tests", ".git", "build", "paper"} | set(MASK_ROOMS)
+    out = []
+    for f in sorted(REPO_ROOT.rglob("*.py")):
+        rel = f.relative_to(REPO_ROOT).parts
+        if rel[0] in skip or any(p.startswith(".") for p in rel):
+            continue
+        out.append(f)
+    return out + sorted((REPO_ROOT / "paper").rglob("*.py"))
+
+
+def test_no_module_outside_data_and_eval_touches_sealed_internals():
+    files = kit_modules_outside_mask_rooms()
+    assert any(f.parent.name == "jobs" for f in files) and any(f.parent.name == "subspace" for f in files)
+    found = {str(f.relative_to(REPO_ROOT)): private_mask_access(f.read_text()) for f in files}
+    assert {k: v for k, v in found.items() if v} == {}
+
+
+def test_static_check_flags_planted_private_access():
+    assert private_mask_access("def f(m):\n    return m._array\n")
+    assert private_mask_access("def f(m):\n    return getattr(m, '_labels')\n")
+    assert private_mask_access("from covtoken.data.layout import _VAULT\n")
+    assert private_mask_access("import covtoken.data.layout as L\nx = L._VAULT\n")
+    assert private_mask_access("import covtoken.data.layout as L\nf = getattr(L, '_open')\n")
+    assert not private_mask_access("def f(m):\n    return m.shape, getattr(m, 'source')\n")
+
+
+def test_sealed_mask_has_no_reachable_pixels(setting):
+    import copy
+    import pickle
+
+    _, data, *_ = setting
+    mask = next(iter(data.masks.values()))
+    for name in ("_array", "_labels", "__dict__"):
+        with pytest.raises(AttributeError):
+            getattr(mask, name)
+    assert set(type(mask).__slots__) == {"source", "_shape", "__weakref__"}
+    with pytest.raises(LabelLeakError):
+        pickle.dumps(mask)
+    with pytest.raises(LabelLeakError):
+        copy.deepcopy(mask)

@@ -69,3 +69,21 @@ def test_tampering_is_caught(case: Path, audited, tmp_path):
     assert any(mod.EXPECT in p for p in problems), f"{case.stem}: expected a problem with {mod.EXPECT!r}, got {problems}"
     if hasattr(mod, "verify"):
         mod.verify(ws, rep)
+
+
+def test_allowed_exceptions_are_marked_on_their_row(audited, tmp_path):
+    """An explicitly allowed unproven pre-registration or dirty tree passes, and the summary row says so."""
+    import shutil
+
+    from covtoken.audit import render_summary
+
+    ws = audited.copy_to(tmp_path)
+    lock = Path(shutil.copy(ws.lock, tmp_path / "outside.lock.json"))
+    ws.edit(lambda d: d["provenance"]["code"].update(dirty=True, diff_sha256="0" * 64))
+    strict = audit_folder(ws.results, lock_path=lock)
+    assert not strict.ok
+    rep = audit_folder(ws.results, lock_path=lock, allow_unproven_prereg=True, allow_dirty=True)
+    # the dirty flag edit is still caught by the sealed provenance; only the allowances are tested here
+    assert all("provenance/code" in p for p in rep.all_problems()), rep.all_problems()
+    row = render_summary(rep)
+    assert "pre-registration unproven" in row and "not evidence" in row

@@ -24,8 +24,9 @@ def test_gaussian_matches_scipy_mahalanobis(tokens):
     lw = LedoitWolf().fit(fit)
     prec = np.linalg.inv(lw.covariance_)
     ref = np.array([mahalanobis(x, lw.location_, prec) ** 2 for x in q])
-    np.testing.assert_allclose(g.score(q), ref, rtol=1e-9)
+    np.testing.assert_allclose(g.score(q), ref, rtol=2e-6)  # float64 fit, float32 scoring
     assert 0.0 <= g.shrinkage_ <= 1.0
+    assert not np.array_equal(g.score(q), ref)  # it really is float32 arithmetic (the bench measures its cost)
 
 
 def test_knn_matches_brute_force(tokens):
@@ -40,8 +41,9 @@ def test_pca_residual_matches_sklearn(tokens):
     r = PCAResidual(explained_variance=0.8).fit(fit)
     p = PCA(n_components=r.k).fit(fit)
     qc = q - p.mean_
-    ref = (qc ** 2).sum(1) - ((qc @ p.components_.T) ** 2).sum(1)
-    np.testing.assert_allclose(r.score(q), ref, rtol=1e-6, atol=1e-8)
+    resid = qc - (qc @ p.components_.T) @ p.components_  # float64 reference, residual formed directly
+    ref = (resid ** 2).sum(1)
+    np.testing.assert_allclose(r.score(q), ref, rtol=2e-5, atol=1e-6)
     ev = np.cumsum(p.explained_variance_ratio_)
     assert ev[-1] >= 0.8 and (r.k == 1 or ev[-2] < 0.8)  # smallest k reaching the target
 
@@ -82,3 +84,30 @@ def test_score_blocks_refuses_overlapping_fit_and_score_rows():
     with pytest.raises(ValueError, match="overlap"):
         score_blocks(lambda b, r: toks[r], blocks=[0], constructions=["A_gauss"], fit_rows=np.array([0, 1, 2]),
                      score_rows=np.array([2, 3]), params={}, seed=0, max_fit_tokens=100)
+
+
+def test_pca_residual_without_a_full_basis_uses_the_projector():
+    rng = np.random.default_rng(4)
+    fit = rng.standard_normal((10, 24))  # fewer tokens than dimensions: the complement is not spanned
+    q = rng.standard_normal((30, 24))
+    r = PCAResidual(explained_variance=0.7).fit(fit)
+    qc = q - fit.mean(0)
+    ref = ((qc - (qc @ r.components_) @ r.components_.T) ** 2).sum(1)
+    np.testing.assert_allclose(r.score(q), ref, rtol=2e-5)
+
+
+def test_float32_scoring_keeps_a_small_residual_far_from_the_mean():
+    """The residual is formed directly: a token 1e3 along the subspace and 1e-1 off it keeps its residual."""
+    rng = np.random.default_rng(5)
+    basis = np.linalg.qr(rng.standard_normal((32, 32)))[0]
+    fit = (rng.standard_normal((2000, 4)) * 10) @ basis[:, :4].T + 1e-3 * rng.standard_normal((2000, 32))
+    r = PCAResidual(explained_variance=0.99).fit(fit)
+    assert r.k == 4
+    x = (fit.mean(0) + 1e3 * basis[:, 0] + 0.1 * basis[:, 9])[None]
+    xc = x.astype(np.float32).astype(np.float64) - r.mean_
+    ref = ((xc - (xc @ r.components_) @ r.components_.T) ** 2).sum(1)  # float64, same fit
+    np.testing.assert_allclose(r.score(x), ref, rtol=1e-3)
+    # the attack: the difference of two float32 norms (~1e6 each) loses the 1e-2 residual entirely
+    x32, c32 = xc.astype(np.float32), r.components_.astype(np.float32)
+    naive = (x32 ** 2).sum(1) - ((x32 @ c32) ** 2).sum(1)
+    assert abs(naive[0] - ref[0]) > 10 * abs(r.score(x)[0] - ref[0])

@@ -77,7 +77,7 @@ def test_negative_result_lists_only_real_failures_as_falsified():
     text = render_negative(report(flow))
     falsified = text.split("## Falsified claims (tier `real`)")[1].split("##")[0]
     assert "None." in falsified and "g1-20260101t000000-aaaaaa" not in falsified
-    assert "## Failed flow checks" in text and "Claim tested (flow-check (not evidence))" in text
+    assert "## Failed flow checks" in text and "Claim tested (flow-check, not evidence)" in text
     real = record("g1-20260101t000001-bbbbbb", tier="real", entry="G1/real", mid=0.85, delta=(0.003, 0.001, 0.005))
     text = render_negative(report(flow, real))
     assert "Falsified claim: A long claim" in text.split("## Failed sample runs")[0]

@@ -1,0 +1,78 @@
+"""Token bank: storage dtype as a protocol parameter, hashes computed while writing, preprocessing in the identity."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from covtoken.backbone.frozen import load_backbone
+from covtoken.backbone.tokenbank import BankMismatchError, TokenBank, bank_dtype
+from covtoken.data.catalog import load_dataset
+from covtoken.record import sha256_file
+
+
+@pytest.fixture(scope="module")
+def small():
+    return load_backbone("tiny-vit"), load_dataset("phantom-ct", seed=0, n_patients=2, per_patient=3).items
+
+
+def test_bank_dtype_reads_the_locked_parameter() -> None:
+    assert bank_dtype({}) == "float32"  # entries locked before the parameter existed ran with float32 banks
+    assert bank_dtype({"token_bank_dtype": "float16"}) == "float16"
+    with pytest.raises(ValueError, match="token_bank_dtype"):
+        bank_dtype({"token_bank_dtype": "bfloat16"})
+
+
+def test_float16_bank_stores_half_the_bytes_and_the_rounded_tokens(tmp_path, small) -> None:
+    bb, items = small
+    f32 = TokenBank.build(tmp_path / "a", bb, items, blocks=[2, 5], shard_size=4)
+    f16 = TokenBank.build(tmp_path / "b", bb, items, blocks=[2, 5], shard_size=4, dtype="float16")
+    a = np.load(tmp_path / "a" / "shard-00000" / "block-05.npy")
+    b = np.load(tmp_path / "b" / "shard-00000" / "block-05.npy")
+    assert a.dtype == np.float32 and b.dtype == np.float16 and b.nbytes * 2 == a.nbytes
+    np.testing.assert_array_equal(f16.tokens(5), f32.tokens(5).astype(np.float16).astype(np.float32))
+    assert f16.tokens(5).dtype == np.float32
+    with pytest.raises(ValueError, match="dtype"):
+        TokenBank.build(tmp_path / "c", bb, items, blocks=[2], dtype="int8")
+
+
+def test_hashes_written_with_the_file_equal_the_file_hash(tmp_path, small) -> None:
+    bb, items = small
+    bank = TokenBank.build(tmp_path / "a", bb, items, blocks=[0, 3], shard_size=4, batch_size=3)
+    assert len(bank.manifest["shards"]) == 2
+    for key, shard in bank.manifest["shards"].items():
+        for name, digest in shard["files"].items():
+            assert sha256_file(tmp_path / "a" / f"shard-{key}" / name) == digest
+    # batches that straddle shard boundaries give the same tokens as one image at a time
+    one = TokenBank.build(tmp_path / "b", bb, items, blocks=[0, 3], shard_size=4, batch_size=1)
+    np.testing.assert_array_equal(one.tokens(3), bank.tokens(3))
+    direct = bb.patch_tokens(bb.preprocess([it.image for it in items]), [3])[3].numpy()
+    np.testing.assert_allclose(bank.tokens(3), direct, atol=1e-5, rtol=0)
+
+
+def test_other_preprocessing_is_another_bank(tmp_path, small) -> None:
+    bb, items = small
+    TokenBank.build(tmp_path / "a", bb, items, blocks=[1], shard_size=4)
+    other = load_backbone("tiny-vit")
+    other._transform = dataclasses.replace(other.transform, resolved={**other.transform.resolved, "interpolation": "x"})
+    with pytest.raises(BankMismatchError, match="preprocess"):
+        TokenBank.build(tmp_path / "a", other, items, blocks=[1], shard_size=4)
+    assert TokenBank.folder_for(tmp_path, dataset="d", revision="r", backbone=bb, items=items, blocks=[1],
+                                final_norm=False) != TokenBank.folder_for(tmp_path, dataset="d", revision="r",
+                                                                          backbone=other, items=items, blocks=[1],
+                                                                          final_norm=False)
+
+
+def test_float16_overflow_fails_instead_of_storing_inf(tmp_path, small, monkeypatch) -> None:
+    bb, items = small
+    real = bb.patch_tokens
+
+    def huge(pixels, blocks, *, final_norm=False):
+        return {b: t * 1e6 for b, t in real(pixels, blocks, final_norm=final_norm).items()}
+
+    monkeypatch.setattr(bb, "patch_tokens", huge)
+    with pytest.raises(OverflowError, match="float16"):
+        TokenBank.build(tmp_path / "a", bb, items, blocks=[1], shard_size=4, dtype="float16")
+    assert torch.isfinite(real(bb.preprocess([items[0].image]), [1])[1]).all()
