@@ -95,13 +95,15 @@ def test_c1_passes_only_with_the_metadata_branch(criteria):
 # ------------------------------------------------------------------------------------------------ leak test
 def with_test_labels(data: LoadedDataset, test_ids: list[str], how: str, seed: int = 0) -> LoadedDataset:
     """The same data with the test images' diagnoses permuted or zeroed (constant)."""
+    from sealed_access import mask_array, mask_labels
+
     old = {iid: data.masks[iid] for iid in data.masks}
-    dx = [old[i]._labels["dx"] for i in test_ids]
+    dx = [mask_labels(old[i])["dx"] for i in test_ids]
     new_dx = list(np.random.default_rng(seed).permutation(dx)) if how == "permute" else ["nevus"] * len(dx)
     assert new_dx != dx
     masks = dict(old)
     for iid, d in zip(test_ids, new_dx):
-        masks[iid] = SealedMask(old[iid]._array, source=old[iid].source, labels={"dx": str(d)})
+        masks[iid] = SealedMask(mask_array(old[iid]), source=old[iid].source, labels={"dx": str(d)})
     return LoadedDataset(data.items, EvalMasks(masks, data.items), data.provenance)
 
 
