@@ -81,8 +81,8 @@ def check_recompute(ra: Any) -> dict | None:
     """Recompute every metric of ``ra.record`` from its stored inputs; returns the evaluation document."""
     from .eval.recompute import RecipeError, compare_metrics, evaluate, unpack_arrays
 
-    if _aggregate_of(ra.record):
-        return None  # a sweep aggregate is recomputed from its cells' records (check_aggregates)
+    # a sweep aggregate is recomputed twice: from its stored per-seed inputs (recipe sweep.seed_mean, here) and
+    # from its cells' records in the audited folder (check_aggregates)
     doc = _evaluation_doc(ra)
     if doc is None:
         return None
@@ -304,7 +304,7 @@ def _aggregate_of(record: dict) -> list[str] | None:
 
 def check_aggregates(records: list[Any]) -> None:
     """A sweep aggregate's metrics must be the t-interval of its cells' values; the cells must be audited here."""
-    from .hfsweep import t_interval
+    from .eval.seed_mean import t_interval
     from .eval.recompute import FLOAT_TOLERANCE
 
     by_id = {ra.record["run_id"]: ra for ra in records if ra.record is not None}

@@ -31,7 +31,10 @@ _RANK = {t: i for i, t in enumerate(TIERS)}
 
 
 class EvidenceError(ValueError):
-    """A run's evidence tier does not allow the lock entry it was asked to be judged under."""
+    """A run's evidence tier does not allow the lock entry it was asked to be judged under (a user error: one line,
+    exit status 2, raised before any compute)."""
+
+    exit_status = 2
 
 
 @dataclass(frozen=True)

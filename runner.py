@@ -364,6 +364,16 @@ class Run:
                    lock_path=cfg.lock or default_lock_path(), config=cfg, seed=cfg.seed, run_id=cfg.run_id,
                    device=cfg.device, calibration=cfg.calibration, command=command)
 
+    def check_weights(self, backbone: Any) -> None:
+        """Right after a backbone is loaded, before any token work: a ``real`` entry needs weights that are a
+        pinned, digest-verified pretrained checkpoint (``FrozenBackbone.weights_verified``); raises ``EvidenceError``."""
+        from .evidence import EvidenceError, entry_tier
+
+        if not self.calibration and entry_tier(self.entry_key) == "real" and not backbone.weights_verified:
+            raise EvidenceError(f"this run is a flow-check (backbone {backbone.spec.name}: the loaded weights are not a "
+                                f"pinned, digest-verified pretrained checkpoint); it cannot be judged under "
+                                f"{self.entry_key}, which judges real runs")
+
     def check_evidence(self, *, backbone: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
         """Derive the run's evidence tier from its backbone and dataset provenance and check it against the entry.
 

@@ -186,7 +186,9 @@ def render_negative(report: Any) -> str:
                       f"{_binding_cell(r)}", ""]
             for c in r["criteria"]:
                 if c["outcome"] != "met":
-                    lines.append(f"- {c['id']}: {c['judged_on']} {_f(c['observed'])}; needs {c['comparator']} "
+                    point = "" if c["judged_on"] == "point" or c["point"] is None else \
+                        f" (point estimate {_f(c['point'])})"
+                    lines.append(f"- {c['id']}: {c['judged_on']} {_f(c['observed'])}{point}; needs {c['comparator']} "
                                  f"{_f(c.get('bar', c['threshold']))}: {c['outcome'].replace('_', ' ')}")
             if r.get("notes"):
                 lines += ["", "What the run recorded:", *[f"- {n}" for n in r["notes"]]]

@@ -101,6 +101,7 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
         raise ValueError(f"--datasets must name exactly the locked modalities {P['modalities']}, got {sorted(datasets)}")
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
+    run.check_weights(bb)  # a real entry needs verified weights; refused before any token work
     if not 0 <= int(P["block"]) < bb.spec.depth:
         raise ValueError(f"locked block {P['block']} is outside {cfg.backbone}'s {bb.spec.depth} blocks")
 

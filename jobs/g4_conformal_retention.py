@@ -99,6 +99,7 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
     validate_splits(splits, data.items)
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
+    run.check_weights(bb)  # a real entry needs verified weights; refused before any token work
     bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
                                     backbone=bb, items=data.items, blocks=range(bb.spec.depth), final_norm=bool(P["final_norm"]))
     with stage("label_free_scores", images=len(data.items), block=int(P["score_block"])):

@@ -186,3 +186,22 @@ def test_audit_recomputes_the_tier():
     real = {"evidence": "real", "lock": {"entry": "G1/real"},
             "provenance": {"backbone": verified_clip_provenance(), "dataset": ds}}
     assert audit_evidence(real) == []
+
+
+def test_loaded_weights_that_fail_verification_are_refused_under_real(tmp_path):
+    """The spec can promise verifiable weights (e.g. a local override file) that the loaded bytes do not keep."""
+    from types import SimpleNamespace
+
+    from covtoken.runner import Run
+
+    lock = copy_lock(tmp_path / "cfg")
+    job = load_job("g1_lesion_subspace")
+    cfg = job.G1Config(dataset="busi", backbone="clip-vitb16-openai", results=str(tmp_path / "r"), lock=str(lock))
+    run = Run.for_gate("G1", cfg, command=["x"])
+    assert run.entry_key == "G1/real"
+    with pytest.raises(EvidenceError, match="loaded weights are not a pinned, digest-verified"):
+        run.check_weights(SimpleNamespace(weights_verified=False, spec=SimpleNamespace(name="clip-vitb16-openai")))
+    run.check_weights(SimpleNamespace(weights_verified=True, spec=SimpleNamespace(name="clip-vitb16-openai")))
+    sample = Run.for_gate("G1", job.G1Config(dataset="busi", results=str(tmp_path / "r"), lock=str(lock)),
+                          command=["x"])
+    sample.check_weights(load_backbone("tiny-vit"))  # a flow check on real files is allowed under G1/sample

@@ -126,12 +126,17 @@ def identity_predictor(path, *, dim: int, model_id: str):
 
 @pytest.mark.parametrize("dim,model_id,field", [(32, "tiny-vit", "feature_dim"),
                                                 (64, "redlessone/DermLIP_ViT-B-16", "input_embedding_model_id")])
-def test_a_published_predictor_for_another_backbone_is_refused_before_any_compute(tmp_path, dim, model_id, field):
+def test_a_published_predictor_for_another_backbone_is_refused_before_any_compute(tmp_path, dim, model_id, field,
+                                                                                    capsys):
     lock = copy_lock(tmp_path / "lock")
     npz = identity_predictor(tmp_path / "p.npz", dim=dim, model_id=model_id)
     job = load_job("g7_dermajepa_probe")
-    with pytest.raises(CheckpointError, match=f"field {field}"):
-        job.main(["--smoke", "--results", str(tmp_path / "r"), "--lock", str(lock), "--predictor", str(npz)])
+    args = ["--smoke", "--results", str(tmp_path / "r"), "--lock", str(lock), "--predictor", str(npz)]
+    assert job.main(args) == 2  # a user error: one line naming the field, exit 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and f"field {field}" in errors[0], errors
+    assert job.main([*args, "--debug"]) == 2
+    assert f"{CheckpointError.__name__}: " in capsys.readouterr().err  # --debug shows the traceback
     assert not list((tmp_path / "r").glob("*.json"))  # no record, nothing judged
 
 

@@ -78,6 +78,7 @@ def test_negative_result_lists_only_real_failures_as_falsified():
     falsified = text.split("## Falsified claims (tier `real`)")[1].split("##")[0]
     assert "None." in falsified and "g1-20260101t000000-aaaaaa" not in falsified
     assert "## Failed flow checks" in text and "Claim tested (flow-check, not evidence)" in text
+    assert "- C2_mid_beats_final: ci_low 0.001 (point estimate 0.003); needs > 0.020: not met" in text
     real = record("g1-20260101t000001-bbbbbb", tier="real", entry="G1/real", mid=0.85, delta=(0.003, 0.001, 0.005))
     text = render_negative(report(flow, real))
     assert "Falsified claim: A long claim" in text.split("## Failed sample runs")[0]
