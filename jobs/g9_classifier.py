@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G9 - a config-driven, deployable lesion classifier (image + patient questionnaire) with calibrated abstain.

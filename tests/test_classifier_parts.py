@@ -307,3 +307,38 @@ def test_topk_hits() -> None:
     p = np.array([[0.5, 0.3, 0.2], [0.1, 0.2, 0.7]])
     np.testing.assert_array_equal(topk_hits(p, np.array([1, 1]), 1), [0, 0])
     np.testing.assert_array_equal(topk_hits(p, np.array([1, 1]), 2), [1, 1])
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+def test_layer_decay_scales_backbone_blocks_below_the_head() -> None:
+    from timm.optim import param_groups_layer_decay
+
+    from covtoken.classifier.model import LesionClassifier
+
+    for name in ("siglip-mini", "resnet50-mini"):
+        m = LesionClassifier(build_feature_backbone(name), n_classes=4, meta_dim=3)
+        groups = param_groups_layer_decay(m, weight_decay=0.05, layer_decay=0.5)
+        scale = {id(p): g["lr_scale"] for g in groups for p in g["params"]}
+        named = dict(m.named_parameters())
+        head = scale[id(m.head[-1].weight)]
+        meta = scale[id(m.meta[0].weight)]
+        stem = min(scale[id(p)] for n, p in named.items() if n.startswith("backbone.") and scale[id(p)] < head)
+        assert head == meta == 1.0 and stem <= 0.5 ** 3, name
+
+
+def test_cpu_training_is_fp32_without_checkpointing_and_returns_the_ema_weights() -> None:
+    from covtoken.classifier.model import LesionClassifier
+    from covtoken.classifier.train import train_classifier
+
+    torch.manual_seed(0)
+    m = LesionClassifier(build_feature_backbone("siglip-mini"), n_classes=3, meta_dim=0)
+    recipe = {"frozen_epochs": 1, "finetune_epochs": 3, "batch_size": 8, "lr_head": 0.01, "lr": 0.01,
+              "weight_decay": 0.0, "layer_decay": 0.75, "ema_decay": 0.5, "augment": ["hflip"],
+              "bf16_on_gpu": True, "grad_checkpointing_on_gpu": True}
+    x, y = torch.randn(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    r = train_classifier(m, pixels=x, meta=None, y=y, recipe=recipe, seed=0)
+    assert not r.bf16 and not r.grad_checkpointing and r.used_ema
+    assert r.model is not m and [h["stage"] for h in r.history] == ["frozen", "finetune", "finetune", "finetune"]
+    live, ema = dict(m.named_parameters()), dict(r.model.named_parameters())
+    # timm's EMA copies the weights at its first step and averages from then on: not the live weights
+    assert any(not torch.equal(live[k], ema[k]) for k in live)
