@@ -266,9 +266,12 @@ def _check_store_dir(folder: Path, records: list[Any], problems: list[str], *, a
     have = {ra.record["run_id"]: ra for ra in records if ra.record is not None}
     files = {ra.path.stem for ra in records}
     started: dict[str, dict] = {}
+    refused = {e["run_id"] for e in ledger if e.get("event") == "refused"}
     for e in ledger:
-        if not e.get("calibration"):
+        if not e.get("calibration") and e.get("event") != "refused":
             started.setdefault(e["run_id"], e)
+    for rid in refused & set(have):
+        have[rid].fail("run_id", f"run {rid} is marked refused in {folder / LEDGER} but has a record")
     for rid, ra in have.items():
         # An HF Jobs run is started on the Hub (its job id and attempt files); a local run must be in the ledger.
         if rid not in started and not (ra.record["provenance"]["backend"]["name"] == "hf-jobs"
@@ -276,8 +279,8 @@ def _check_store_dir(folder: Path, records: list[Any], problems: list[str], *, a
             ra.fail("run_id", f"run {rid} has no start entry in {folder / LEDGER}: a run that was never started here")
     missing = []
     for rid, e in sorted(started.items()):
-        if rid in files:
-            continue
+        if rid in files or rid in refused:
+            continue  # refused runs stopped before the compute with exit 2: never a result
         why = "staged but never committed" if (folder / STAGING / rid).exists() else "no record (killed, failed or deleted)"
         missing.append(MissingRun(run_id=rid, gate_id=e.get("gate_id", "?"), time=e.get("time", "?"), why=why))
         if not allow_missing:

@@ -9,6 +9,7 @@ only output a gate decision lives in.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import dataclasses
 import json
 import logging
@@ -58,6 +59,10 @@ class JobConfig:
         "help": "the embedded default: phantoms + tiny ViT on CPU (flags given explicitly take precedence)"})
 
 
+#: the Run a job body opened (job_main marks it refused when a user error stops it before the compute)
+_OPEN_RUN: "contextvars.ContextVar[Any]" = contextvars.ContextVar("covtoken_open_run", default=None)
+
+
 def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list[str] | None,
              smoke: Mapping[str, Any]) -> int:
     """The ``main()`` of a job script: parse layered options, set up logging, apply ``--smoke``, run.
@@ -85,7 +90,16 @@ def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list
     def body() -> int:
         cfg = apply_smoke(load_config(cls, args), smoke, explicit=explicit_keys(cls, args))
         validate_config(cfg)
-        return int(run(cfg, command=command))
+        token = _OPEN_RUN.set(None)
+        try:
+            return int(run(cfg, command=command))
+        except Exception as exc:
+            opened = _OPEN_RUN.get()
+            if opened is not None and getattr(exc, "exit_status", None) == 2:
+                opened.refuse(exc)  # refused before the compute: in the ledger as such, nothing staged left
+            raise
+        finally:
+            _OPEN_RUN.reset(token)
 
     return report_errors(body, debug=args.debug, writing=str(args.results or "the results folder"))
 
@@ -327,6 +341,7 @@ class Run:
         self._evaluated: dict[str, Any] = {}
         self.evidence: str | None = None
         self._ledger("resume" if resumed else "start", lock_entry)
+        _OPEN_RUN.set(self)
         log.info(json.dumps({"event": "run_start", "run_id": self.run_id, "gate": gate_id, "entry": lock_entry,
                              "commit": self.code["commit"], "dirty": self.code["dirty"]}))
 
@@ -543,6 +558,21 @@ class Run:
             shutil.rmtree(self.staging)  # a killed attempt: its partial artefacts are recomputed
         self.staging.mkdir(parents=True)  # visible to the audit as an unfinished run until the commit
         return resumed
+
+    def refuse(self, exc: BaseException) -> None:
+        """Mark the run as refused before the compute (a data, evidence or config check stopped it with exit 2).
+
+        The ledger gets a ``refused`` entry with the reason, so the audit does not count the run as a missing
+        record (it was never a result), and staged files are removed. A crash or any other error leaves the ledger
+        as it is: that run stays listed as started without a record.
+        """
+        from .runstore import append_ledger
+
+        if (self.results_dir / f"{self.run_id}.json").exists():
+            return
+        self._discard_staging()
+        append_ledger(self.results_dir, {"event": "refused", "run_id": self.run_id, "gate_id": self.gate_id,
+                                         "time": utc_now(), "reason": " ".join(str(exc).split())[:500]})
 
     def _ledger(self, event: str, lock_entry: str) -> None:
         from .runstore import append_ledger, config_digest, read_ledger

@@ -157,7 +157,17 @@ def test_job_refuses_a_flow_check_under_the_real_entry_before_any_work(tmp_path,
     assert job.main([*args70, "--sample-run"]) == 2
     err = capsys.readouterr().err
     assert re.search("--sample-run: busi .* is not a registered small sample", err), err
-    assert not (tmp_path / "r").exists() and not (tmp_path / "w").exists()
+    assert not list((tmp_path / "r").rglob("*.json")) and not (tmp_path / "w").exists()  # no record, no bank
+    # the run was opened (ledger) and refused before the compute: the ledger says so, so the audit does not list it
+    # as a missing result, and nothing staged is left behind
+    from covtoken.audit import audit_folder
+    from covtoken.runstore import read_ledger
+
+    events = [e["event"] for e in read_ledger(tmp_path / "r")]
+    assert events[-1] == "refused" and "start" in events
+    assert not (tmp_path / "r" / ".staging").exists() or not any((tmp_path / "r" / ".staging").iterdir())
+    rep = audit_folder(tmp_path / "r", lock_path=lock)
+    assert not rep.missing and [p for p in rep.problems if "no gate records found" not in p] == [], rep.problems
 
 
 def test_default_entry_follows_the_tier(tmp_path):

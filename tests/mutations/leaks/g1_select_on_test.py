@@ -7,11 +7,11 @@ HOW = "permuted"
 
 
 def plant(job, monkeypatch):  # noqa: ANN001
-    from covtoken.eval import localisation
+    from covtoken.eval import recipes
 
-    original = localisation.evaluate_g1
+    original = recipes.evaluate_g1  # the binding the g1.localisation recipe calls
 
     def select_on_test(*, val, test, **kwargs):  # noqa: ANN001, ANN003, ANN202
         return original(val=test, test=test, **kwargs)
 
-    monkeypatch.setattr(localisation, "evaluate_g1", select_on_test)
+    monkeypatch.setattr(recipes, "evaluate_g1", select_on_test)
