@@ -152,6 +152,7 @@ def get_spec(name: str) -> BackboneSpec:
 def _load_builtin() -> None:
     # The built-in entries live in their own modules and register themselves on first use.
     from . import hub, tiny  # noqa: F401
+    from . import trained  # noqa: F401  (after tiny: it reuses the tiny ViT's spec)
 
 
 def weights_dir(weights: str | Path | None) -> Path | None:

@@ -196,7 +196,17 @@ def _run(cfg: G8Config, *, command: list[str]) -> int:
     run.notes.append("flow check on phantoms: the encoder is pretrained here, not a pinned pretrained checkpoint"
                      if is_embedded(cfg.dataset) else "pretrained on this dataset's training patients")
     path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
-    log.info("record: %s", path)
+    from covtoken.backbone.lejepa import render_card
+    from covtoken.record import read_record, sha256_file
+
+    art = path.parent / "artefacts" / run.run_id
+    card = render_card(read_record(path), json.loads((art / "pretraining.json").read_text()),
+                       name=f"LeJEPA {spec.name} ({run.run_id})", weights_file="encoder.safetensors",
+                       weights_sha256=sha256_file(art / "encoder.safetensors"))
+    card_path = Path(cfg.results) / "model_cards" / f"{run.run_id}.md"
+    card_path.parent.mkdir(parents=True, exist_ok=True)
+    card_path.write_text(card, encoding="utf-8")
+    log.info("record: %s; model card: %s", path, card_path)
     return 0
 
 
