@@ -16,7 +16,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .lock import LockError, ThresholdLock, entry_digest, judge
+from .evidence import audit_evidence
+from .lock import LockError, ThresholdLock, criterion_signature, entry_digest, judge
 from .provenance import git, repo_root
 from .record import RecordError, iter_record_paths, loads_strict, read_record, sha256_file
 
@@ -34,6 +35,7 @@ class RecordAudit:
     record: dict | None = None
     problems: list[str] = field(default_factory=list)
     prereg: tuple[str, str] = ("unavailable", "not checked")
+    marks: list[str] = field(default_factory=list)  # shown on the record's summary row (allowed exceptions)
 
     def fail(self, fld: str, msg: str) -> None:
         self.problems.append(f"{self.path}: field {fld}: {msg}")
@@ -44,6 +46,7 @@ class AuditReport:
     folder: Path
     records: list[RecordAudit]
     problems: list[str]
+    missing: list = field(default_factory=list)  # ledger runs without a record (audit_integrity.MissingRun)
 
     @property
     def ok(self) -> bool:
@@ -72,8 +75,8 @@ def _check_lock(ra: RecordAudit, lock: ThresholdLock) -> None:
     if params is not None and params != dict(entry.parameters):
         diff = sorted(k for k in set(params) | set(entry.parameters) if params.get(k) != entry.parameters.get(k))
         ra.fail("provenance/parameters", f"the run's protocol parameters differ from the locked entry's in {diff}")
-    locked = [(c["id"], c["metric"], c["comparator"], c["threshold"], c["judged_on"]) for c in entry.criteria]
-    recorded = [(c["id"], c["metric"], c["comparator"], c["threshold"], c["judged_on"]) for c in rec["criteria"]]
+    locked = [criterion_signature(c) for c in entry.criteria]  # incl. minimum effects and validity roles
+    recorded = [criterion_signature(c) for c in rec["criteria"]]
     if locked != recorded:
         for i in range(max(len(locked), len(recorded))):
             a = locked[i] if i < len(locked) else None
@@ -82,10 +85,15 @@ def _check_lock(ra: RecordAudit, lock: ThresholdLock) -> None:
                 ra.fail(f"criteria/{i}", f"recorded {b} but the lock has {a}")
                 break
         return
-    decision, judged, _ = judge(entry.criteria, rec["metrics"])
+    decision, judged, reason = judge(entry.criteria, rec["metrics"])
+    recorded = rec.get("decision_reason")
+    # a sweep aggregate may name the cells it could not aggregate after the recomputed reason; nothing else
+    if recorded is not None and recorded != reason and not str(recorded).startswith(
+            reason + "; failed cells not aggregated: "):
+        ra.fail("decision_reason", f"recorded {recorded!r}, recomputed {reason!r}")
     for i, (want, got) in enumerate(zip(judged, rec["criteria"])):
-        for key in ("observed", "point", "outcome"):
-            if want[key] != got[key]:
+        for key in ("observed", "point", "outcome", "bar"):
+            if want.get(key) != got.get(key):
                 ra.fail(f"criteria/{i}/{key}", f"recorded {got[key]!r}, recomputed {want[key]!r}")
     if decision != rec["decision"]:
         ra.fail("decision", f"recorded {rec['decision']!r}, recomputed {decision!r} from the metrics and the lock")
@@ -177,8 +185,13 @@ def _is_ancestor(root: Path, a: str, b: str) -> bool:
     return subprocess.run(["git", "-C", str(root), "merge-base", "--is-ancestor", a, b]).returncode == 0
 
 
-def audit_folder(folder: str | Path, *, lock_path: str | Path) -> AuditReport:
-    """Audit every record under ``folder`` against the lock at ``lock_path``."""
+def audit_folder(folder: str | Path, *, lock_path: str | Path, allow_unproven_prereg: bool = False,
+                 allow_dirty: bool = False, allow_missing_records: bool = False) -> AuditReport:
+    """Audit every record under ``folder`` against the lock at ``lock_path``.
+
+    Fails closed: pre-registration that cannot be proven, a dirty-tree record and a started run without a record
+    each fail unless the matching ``allow_*`` flag is given, and then the summary row says so.
+    """
     folder, lock_path = Path(folder), Path(lock_path)
     report = AuditReport(folder, [], [])
     if not folder.is_dir():
@@ -206,75 +219,38 @@ def audit_folder(folder: str | Path, *, lock_path: str | Path) -> AuditReport:
             ra.fail("run_id", f"duplicate of {seen[rid]}")
         seen[rid] = p
         _check_lock(ra, lock)
+        for fld, msg in audit_evidence(ra.record):  # the tier, recomputed from the record's facts
+            ra.fail(fld, msg)
         _check_provenance(ra)
         _check_artefacts(ra)
         ra.prereg = preregistration(ra.record, lock_path)
         if ra.prereg[0] == "not-registered":
             ra.fail("lock/entry_digest", f"thresholds were not pre-registered: {ra.prereg[1]}")
+        _check_integrity(ra, lock_path, lock.digest, allow_unproven_prereg=allow_unproven_prereg,
+                         allow_dirty=allow_dirty)
+    from .audit_integrity import check_store
+
+    report.missing = check_store(folder, report.records, report.problems, allow_missing=allow_missing_records)
     return report
 
 
+def _check_integrity(ra: RecordAudit, lock_path: Path, lock_digest: str, *, allow_unproven_prereg: bool,
+                     allow_dirty: bool) -> None:
+    """Recompute the metrics, cross-check provenance, code and files (covtoken.audit_integrity)."""
+    from .audit_integrity import check_code, check_files, check_lock_file_digest, check_recompute, check_sealed
+
+    if ra.prereg[0] == "unavailable":
+        if allow_unproven_prereg:
+            ra.marks.append(f"pre-registration unproven ({ra.prereg[1]})")
+        else:
+            ra.fail("lock/entry_digest", f"pre-registration cannot be proven: {ra.prereg[1]} "
+                                         "(audit --allow-unproven-prereg accepts it, marked in the summary)")
+    ra.marks += check_code(ra, allow_dirty=allow_dirty)
+    check_files(ra)
+    check_lock_file_digest(ra, lock_path, lock_digest)
+    check_sealed(ra, check_recompute(ra))
+
+
 # ------------------------------------------------------------------------------------------------ summaries
-def _key_metric(rec: dict) -> str:
-    c = rec["criteria"][0]
-    m = rec["metrics"][c["metric"]]
-    v = "n/a" if m["value"] is None else f"{m['value']:.3f}"
-    ci = "" if m["ci"] is None else f" [{m['ci'][0]:.3f}, {m['ci'][1]:.3f}]"
-    return f"{c['metric']} = {v}{ci}"
-
-
-def _row(ra: RecordAudit) -> str:
-    r = ra.record
-    prov = r["provenance"]
-    ds = prov["dataset"]
-    cells = [r["gate_id"], r["claim"], f"**{r['decision']}**", _key_metric(r),
-             f"{prov['backbone']['name']} ({prov['backbone']['revision'] or 'seeded'})",
-             f"{ds['id']} ({sum(ds['n_patients'].values())} patients)", f"`{r['run_id']}`",
-             f"{ra.prereg[0]}" + (" (dirty)" if prov["code"]["dirty"] else "")]
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
-
-
-def render_summary(report: AuditReport) -> str:
-    """The SUMMARY.md table, deterministic for a given set of records."""
-    head = ("| gate | claim | decision | key metric [95% CI] | backbone | dataset | run | thresholds |\n"
-            "|---|---|---|---|---|---|---|---|")
-    ordered = sorted(report.records, key=lambda ra: (ra.record["gate_id"], ra.record["run_id"]))
-    main = [_row(ra) for ra in ordered if not ra.record.get("sample_run")]
-    samples = [_row(ra) for ra in ordered if ra.record.get("sample_run")]
-    lines = ["# Gate summary", "",
-             "Generated by `covtoken audit` from the records in this folder; every decision below was recomputed "
-             "from the record's metrics and the locked thresholds. Do not edit by hand.", "",
-             "`thresholds`: whether the lock entry was committed at or before the code that produced the run "
-             "(`unavailable` when git history is not at hand).", "", head, *main]
-    if samples:
-        lines += ["", "## Sample runs (small real-data samples; not evidence for the claims)", "", head, *samples]
-    return "\n".join(lines) + "\n"
-
-
-def render_negative(report: AuditReport) -> str:
-    """NEGATIVE_RESULT.md: every failed gate and the claim it falsifies, and what stays open."""
-    lines = ["# Negative results", "",
-             "Generated by `covtoken audit`. A failed gate is a result: it is recorded here with the claim it "
-             "falsifies and the criteria that were not met.", ""]
-    failed = [ra for ra in report.records if ra.record["decision"] == "fail"]
-    open_ = [ra for ra in report.records if ra.record["decision"] == "inconclusive"]
-    if not failed:
-        lines.append("No gate failed.")
-    for ra in sorted(failed, key=lambda r: r.record["run_id"]):
-        r = ra.record
-        lines += [f"## {r['gate_id']} — `{r['run_id']}`" + (" (sample run)" if r.get("sample_run") else ""), "",
-                  f"Falsified claim: {r['claim']}", ""]
-        for c in r["criteria"]:
-            if c["outcome"] != "met":
-                obs = "n/a" if c["observed"] is None else f"{c['observed']:.4f}"
-                point = "" if c["judged_on"] == "point" or c["point"] is None else f" (point estimate {c['point']:.4f})"
-                lines.append(f"- {c['id']}: {c['metric']} ({c['judged_on']}) = {obs}{point}, needed {c['comparator']} "
-                             f"{c['threshold']} → {c['outcome']}")
-        if r.get("notes"):
-            lines += ["", "What the run recorded:", *[f"- {n}" for n in r["notes"]]]
-        lines.append("")
-    if open_:
-        lines += ["## Inconclusive", ""]
-        for ra in sorted(open_, key=lambda r: r.record["run_id"]):
-            lines.append(f"- {ra.record['gate_id']} `{ra.record['run_id']}`: {ra.record.get('decision_reason', '')}")
-    return "\n".join(lines).rstrip() + "\n"
+# Rendering lives in covtoken.summary (tiers separated, binding criterion, reruns grouped); re-exported here.
+from .summary import render_negative, render_summary  # noqa: E402

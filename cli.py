@@ -21,7 +21,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .audit import NEGATIVE, SUMMARY, audit_folder, render_negative, render_summary
-from .lock import (LockError, ThresholdLock, gate_template, lock_entry, propose_thresholds, write_lock)
+from .lock import (LockError, ThresholdLock, carry_thresholds, gate_template, lock_entry, propose_thresholds,
+                   write_lock)
 from .record import RecordError, loads_strict, new_run_id, read_record, sha256_file, utc_now, write_json_atomic
 from .runner import default_lock_path
 
@@ -44,6 +45,11 @@ def fetch_local_run(src: Path, run_id: str, dest: Path) -> Path:
         if art_dst.exists():
             raise FileExistsError(f"{art_dst}: artefacts already present")
         shutil.copytree(art_src, art_dst)
+    from .runstore import append_ledger, read_ledger
+
+    for entry in read_ledger(src):  # the run's ledger entries travel with it
+        if entry["run_id"] == run_id:
+            append_ledger(dest, entry)
     shutil.copyfile(record_path, target)
     return target
 
@@ -100,7 +106,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     folder = Path(args.folder)
     lock_path = Path(args.lock) if args.lock else default_lock_path()
-    report = audit_folder(folder, lock_path=lock_path)
+    report = audit_folder(folder, lock_path=lock_path, allow_unproven_prereg=args.allow_unproven_prereg,
+                          allow_dirty=args.allow_dirty, allow_missing_records=args.allow_missing_records)
     if not report.ok:
         for p in report.all_problems():
             console.print(f"[red]FAIL[/red] {p}", soft_wrap=True)
@@ -145,10 +152,20 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         inputs.append({"file": Path(f).name, "sha256": sha256_file(f), "run_id": doc["run_id"],
                        "code_commit": doc["code"]["commit"]})
     rules = {c.get("calibration_rule", "fixed") for c in entry["criteria"]}
-    if not runs and rules != {"fixed"}:
-        raise LockError(f"{key}: criteria with rules {sorted(rules - {'fixed'})} need calibration results")
-    criteria = propose_thresholds(entry["criteria"], runs) if runs else [dict(c) for c in entry["criteria"]]
-    calibration = {**entry.get("calibration", {}), "inputs": inputs, "proposed_at": utc_now(),
+    carried = {}
+    if getattr(args, "carry_locked_thresholds", False):
+        if runs:
+            raise LockError(f"{key}: --carry-locked-thresholds takes no calibration files")
+        lock_path = Path(args.lock) if getattr(args, "lock", None) else default_lock_path()
+        locked = ThresholdLock.load(lock_path).entry(key)
+        criteria = carry_thresholds(entry["criteria"], locked)
+        carried = {"thresholds_carried_from": {"entry": key, "entry_digest": locked.digest}}
+    elif not runs and rules != {"fixed"}:
+        raise LockError(f"{key}: criteria with rules {sorted(rules - {'fixed'})} need calibration results "
+                        "(or --carry-locked-thresholds to keep the locked ones while superseding other fields)")
+    else:
+        criteria = propose_thresholds(entry["criteria"], runs) if runs else [dict(c) for c in entry["criteria"]]
+    calibration = {**entry.get("calibration", {}), **carried, "inputs": inputs, "proposed_at": utc_now(),
                    "proposed_values": {c["id"]: c["threshold"] for c in criteria}}
     proposal = {"kind": "covtoken.threshold_proposal", "gate_id": args.gate, "entry": args.entry,
                 "claim": template["claim"], "criteria": criteria, "parameters": entry["parameters"],
@@ -214,6 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("folder", nargs="?", default="gate_reports")
     a.add_argument("--lock", help="threshold lock (default configs/thresholds.lock.json)")
     a.add_argument("--check", action="store_true", help="write nothing; fail if the summaries are stale")
+    a.add_argument("--allow-unproven-prereg", action="store_true", help=(
+        "accept records whose pre-registration cannot be proven (no git history, unknown commit, lock outside the "
+        "repository); their summary rows say so"))
+    a.add_argument("--allow-dirty", action="store_true", help="accept dirty-tree records, marked 'not evidence'")
+    a.add_argument("--allow-missing-records", action="store_true", help=(
+        "accept ledger runs without a record (they stay listed in NEGATIVE_RESULT.md)"))
     a.set_defaults(fn=cmd_audit)
 
     t = sub.add_parser("thresholds", help="calibrate, lock, verify or show the threshold lock")
@@ -223,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--entry", required=True)
     c.add_argument("--out", required=True, help="proposal file to write")
     c.add_argument("calibration_files", nargs="*", help="calibration run files written by the job")
+    c.add_argument("--carry-locked-thresholds", action="store_true",
+                   help="supersede parameters/effect fields only: calibrated thresholds are carried from the lock")
+    c.add_argument("--lock", help="lock file the thresholds are carried from (default configs/thresholds.lock.json)")
     c.set_defaults(fn=cmd_calibrate)
     lk = tsub.add_parser("lock", help="freeze a proposal into the lock")
     lk.add_argument("proposal")
@@ -241,7 +267,7 @@ def _register_optional_commands(sub: argparse._SubParsersAction) -> None:
     """Commands that live in their own modules (HF Jobs backend, paper) register themselves here."""
     import importlib
 
-    for module in ("covtoken.hfjobs", "covtoken.paper.cli"):
+    for module in ("covtoken.hfjobs.cli", "covtoken.paper.cli", "covtoken.reproduce"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -15,6 +15,16 @@ Decision rule (the same code for the job and the audit):
   * otherwise ``not_met``; ``not_computable`` when the value is missing;
   * decision ``fail`` if any criterion is ``not_met``, else ``inconclusive`` if any is ``not_established``
     or ``not_computable``, else ``pass``.
+
+Pre-registered effects (optional criterion fields, part of the locked entry and its digest):
+  * ``min_effect`` with ``min_effect_reason``: the smallest effect worth reporting, in the metric's units. For a
+    superiority criterion (``effect_kind`` absent or ``"superiority"``) the value judged must clear the *bar*
+    ``threshold + min_effect`` (``>``, ``>=``) or ``threshold - min_effect`` (``<``, ``<=``), so a CI that merely
+    excludes the null with a negligible effect is not a pass. For ``effect_kind: "non_inferiority"`` the
+    threshold is the margin itself (``threshold == -min_effect`` for ``>``/``>=``) and the bar is the threshold.
+  * ``role: "validity"``: a check that the measurement can decide anything (e.g. a proxy task that a trivial
+    baseline already solves). A validity criterion that is not met makes the decision ``inconclusive``
+    whatever the other criteria say; the record says so in its reason.
 """
 from __future__ import annotations
 
@@ -44,13 +54,20 @@ __all__ = [
     "write_lock",
     "gate_template",
     "gate_template_entry",
+    "criterion_bar",
+    "criterion_signature",
+    "decision_reason",
+    "carry_thresholds",
 ]
 
 DEFAULT_LOCK_PATH = Path("configs/thresholds.lock.json")
 LOCK_VERSION = 1
 DECISION_RULE = (
-    "fail if any criterion is not_met; else inconclusive if any is not_established or not_computable; else pass. "
-    "A criterion judged on a CI bound whose bound fails while its point estimate passes is not_established."
+    "inconclusive if any validity criterion is not met (the measurement cannot decide); else fail if any criterion "
+    "is not_met; else inconclusive if any is not_established or not_computable; else pass. "
+    "A criterion judged on a CI bound whose bound fails while its point estimate passes is not_established. "
+    "A criterion with a pre-registered minimum effect is judged against its bar: the threshold moved by the minimum "
+    "effect against the claim (superiority), or the threshold itself when it is the non-inferiority margin."
 )
 _COMPARATORS: dict[str, Callable[[float, float], bool]] = {
     ">": operator.gt,
@@ -58,7 +75,8 @@ _COMPARATORS: dict[str, Callable[[float, float], bool]] = {
     "<": operator.lt,
     "<=": operator.le,
 }
-_CRITERION_KEYS = {"id", "metric", "comparator", "threshold", "judged_on", "calibration_rule"}
+_CRITERION_KEYS = {"id", "metric", "comparator", "threshold", "judged_on", "calibration_rule", "min_effect",
+                   "min_effect_reason", "effect_kind", "role"}
 
 
 class LockError(ValueError):
@@ -106,9 +124,49 @@ def _check_criteria(criteria: Any, where: str) -> None:
         thr = c["threshold"]
         if isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr):
             raise LockError(f"{w}/threshold: {thr!r} is not a finite number")
+        _check_effect(c, w)
         if c["id"] in seen:
             raise LockError(f"{w}/id: duplicate criterion id {c['id']!r}")
         seen.add(c["id"])
+
+
+def _check_effect(c: Mapping[str, Any], w: str) -> None:
+    """The optional effect fields of one criterion: a minimum effect with its reason, its kind, the role."""
+    if c.get("role", "claim") not in ("claim", "validity"):
+        raise LockError(f"{w}/role: {c['role']!r} not one of claim, validity")
+    kind = c.get("effect_kind", "superiority")
+    if kind not in ("superiority", "non_inferiority"):
+        raise LockError(f"{w}/effect_kind: {kind!r} not one of superiority, non_inferiority")
+    if "min_effect" not in c:
+        if "min_effect_reason" in c or "effect_kind" in c:
+            raise LockError(f"{w}/min_effect: missing (min_effect_reason and effect_kind describe a minimum effect)")
+        return
+    eff = c["min_effect"]
+    if isinstance(eff, bool) or not isinstance(eff, (int, float)) or not math.isfinite(eff) or eff < 0:
+        raise LockError(f"{w}/min_effect: {eff!r} is not a finite number >= 0")
+    if not isinstance(c.get("min_effect_reason"), str) or len(c["min_effect_reason"].strip()) < 10:
+        raise LockError(f"{w}/min_effect_reason: a minimum effect needs its reason (a sentence)")
+    if kind == "non_inferiority":
+        margin = -eff if c["comparator"] in (">", ">=") else eff
+        if not math.isclose(c["threshold"], margin, abs_tol=1e-12):
+            raise LockError(f"{w}/threshold: a non-inferiority criterion's threshold is its margin {margin}, "
+                            f"got {c['threshold']}")
+
+
+def criterion_bar(criterion: Mapping[str, Any]) -> float:
+    """The value a criterion's observed value is compared with: the threshold moved by a superiority minimum effect
+    against the claim (``> 0`` with minimum effect 0.02 -> ``> 0.02``); the threshold otherwise."""
+    thr = float(criterion["threshold"])
+    eff = float(criterion.get("min_effect", 0.0))
+    if criterion.get("effect_kind", "superiority") != "superiority" or not eff:
+        return thr
+    return thr + eff if criterion["comparator"] in (">", ">=") else thr - eff
+
+
+def criterion_signature(c: Mapping[str, Any]) -> tuple:
+    """What a record's criterion must share with the locked one (the audit compares these)."""
+    return (c["id"], c["metric"], c["comparator"], c["threshold"], c["judged_on"], c.get("min_effect"),
+            c.get("effect_kind", "superiority") if "min_effect" in c else None, c.get("role", "claim"))
 
 
 @dataclass(frozen=True)
@@ -206,15 +264,16 @@ def criterion_outcome(criterion: Mapping[str, Any], metrics: Mapping[str, Mappin
         ci = None if m is None else m.get("ci")
         observed = None if ci is None else ci[0 if criterion["judged_on"] == "ci_low" else 1]
     cmp = _COMPARATORS[criterion["comparator"]]
+    bar = criterion_bar(criterion)
     if observed is None:
         outcome = "not_computable"
-    elif cmp(observed, criterion["threshold"]):
+    elif cmp(observed, bar):
         outcome = "met"
-    elif criterion["judged_on"] != "point" and point is not None and cmp(point, criterion["threshold"]):
+    elif criterion["judged_on"] != "point" and point is not None and cmp(point, bar):
         outcome = "not_established"
     else:
         outcome = "not_met"
-    return {
+    out = {
         "id": criterion["id"],
         "metric": criterion["metric"],
         "comparator": criterion["comparator"],
@@ -224,6 +283,12 @@ def criterion_outcome(criterion: Mapping[str, Any], metrics: Mapping[str, Mappin
         "point": point,
         "outcome": outcome,
     }
+    if "min_effect" in criterion:
+        out.update(min_effect=criterion["min_effect"], effect_kind=criterion.get("effect_kind", "superiority"),
+                   bar=bar)
+    if criterion.get("role", "claim") != "claim":
+        out["role"] = criterion["role"]
+    return out
 
 
 def judge(criteria: tuple[dict, ...] | list[dict], metrics: Mapping[str, Mapping[str, Any]]) -> tuple[str, list[dict], str]:
@@ -234,21 +299,56 @@ def judge(criteria: tuple[dict, ...] | list[dict], metrics: Mapping[str, Mapping
     """
     judged = [criterion_outcome(c, metrics) for c in criteria]
     outcomes = [c["outcome"] for c in judged]
-    if "not_met" in outcomes:
+    invalid = any(c.get("role") == "validity" and c["outcome"] != "met" for c in judged)
+    if invalid:
+        decision = "inconclusive"
+    elif "not_met" in outcomes:
         decision = "fail"
     elif "not_established" in outcomes or "not_computable" in outcomes:
         decision = "inconclusive"
     else:
         decision = "pass"
-    reason = "; ".join(
-        f"{c['id']}: {c['metric']}[{c['judged_on']}] = {_fmt(c['observed'])} {c['comparator']} {c['threshold']} -> {c['outcome']}"
-        for c in judged
-    )
-    return decision, judged, reason
+    return decision, judged, decision_reason(judged)
+
+
+_OUTCOME_WORDS = {"met": "met", "not_met": "not met", "not_established": "not established",
+                  "not_computable": "not computable"}
+
+
+def decision_reason(judged: list[dict]) -> str:
+    """The one-line reason of a decision, read left to right as what was observed and what was needed.
+
+    E.g. ``C1_recall_noninferior: ci_low -0.316; needs > -0.100: not met | C2_...: point 1.25; needs >= 1.000: met``.
+    Validity criteria come first; a minimum effect shows how the bar was set. The job writes it and the audit
+    recomputes it with this function.
+    """
+    parts = []
+    for c in sorted(judged, key=lambda c: c.get("role") != "validity"):
+        bar = c.get("bar", c["threshold"])
+        how = ""
+        if "min_effect" in c and c.get("effect_kind", "superiority") == "superiority" and c["min_effect"]:
+            how = f" (null {_fmt(c['threshold'])} + minimum effect {_fmt(c['min_effect'])})"
+        elif c.get("effect_kind") == "non_inferiority":
+            how = f" (non-inferiority margin {_fmt(c['min_effect'])})"
+        tail = ""
+        if c["outcome"] == "not_established" and c["point"] is not None:
+            tail = f" (point {_fmt(c['point'])} meets it)"
+        role = "validity " if c.get("role") == "validity" else ""
+        word = _OUTCOME_WORDS[c["outcome"]]
+        if c.get("role") == "validity" and c["outcome"] != "met":
+            word += ": the measurement cannot decide, so the decision is inconclusive"
+        parts.append(f"{role}{c['id']}: {c['judged_on']} {_fmt(c['observed'])}; needs {c['comparator']} "
+                     f"{_fmt(bar)}{how}: {word}{tail}")
+    return " | ".join(parts)
 
 
 def _fmt(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.4f}"
+    """Three decimals; small non-zero values keep two significant digits so a comparison never reads as equality."""
+    if x is None:
+        return "n/a"
+    if x != 0 and abs(x) < 0.01:
+        return f"{x:.2g}"
+    return f"{x:.3f}"
 
 
 # --------------------------------------------------------------------------------------------------- calibration
@@ -285,6 +385,29 @@ def propose_thresholds(criteria: list[dict], calibration_metrics: list[Mapping[s
     return out
 
 
+def carry_thresholds(criteria: list[dict], locked: LockedEntry) -> list[dict]:
+    """Criteria of a superseding entry whose calibrated thresholds are carried over from the entry it replaces.
+
+    For a change of protocol parameters or effect fields that leaves the thresholds alone (nothing is
+    re-estimated, so nothing can be tuned on a judged number): each criterion whose ``calibration_rule`` is not
+    ``fixed`` takes the threshold locked under the same id, metric, comparator and bound; a new calibrated
+    criterion cannot be carried and raises.
+    """
+    old = {c["id"]: c for c in locked.criteria}
+    out = []
+    for c in criteria:
+        new = dict(c)
+        if c.get("calibration_rule", "fixed") != "fixed":
+            prev = old.get(c["id"])
+            if prev is None or (prev["metric"], prev["comparator"], prev["judged_on"]) != (
+                    c["metric"], c["comparator"], c["judged_on"]):
+                raise LockError(f"{locked.key}: criterion {c['id']!r} has no locked counterpart with the same metric, "
+                                "comparator and bound; it needs calibration results")
+            new["threshold"] = prev["threshold"]
+        out.append(new)
+    return out
+
+
 def lock_entry(doc: dict, *, gate_id: str, claim: str, name: str, criteria: list[dict], parameters: Mapping[str, Any],
                calibration: Mapping[str, Any], supersede: bool = False) -> dict:
     """Return a new lock document with entry ``gate_id/name`` frozen (digests recomputed).
@@ -293,6 +416,7 @@ def lock_entry(doc: dict, *, gate_id: str, claim: str, name: str, criteria: list
     ``supersedes`` so the history of a threshold stays visible.
     """
     new = copy.deepcopy(doc) if doc else {"lock_version": LOCK_VERSION, "decision_rule": DECISION_RULE, "gates": {}}
+    new["decision_rule"] = DECISION_RULE  # the rule the code applies, stated in the file it judges under
     gate = new["gates"].setdefault(gate_id, {"claim": claim, "entries": {}})
     if gate["claim"] != claim:
         raise LockError(f"gate {gate_id}: claim differs from the locked claim; a changed claim is a new gate")

@@ -64,7 +64,8 @@ def _dirty_state(root: Path) -> tuple[bool, str | None]:
 
 
 def code_state() -> dict:
-    """``{"commit", "dirty", "diff_sha256", "source"}`` for the running code.
+    """``{"commit", "dirty", "diff_sha256", "source", "tree"}`` for the running code (``tree``: the commit's git
+    tree id, which the audit checks against the commit; None when a bundle does not say).
 
     Raises:
         ProvenanceError: when neither a git checkout nor a bundle commit is available.
@@ -74,12 +75,13 @@ def code_state() -> dict:
         commit = git(root, "rev-parse", "HEAD", check=False).strip()
         if len(commit) == 40:
             dirty, diff_hash = _dirty_state(root)
-            return {"commit": commit, "dirty": dirty, "diff_sha256": diff_hash, "source": "git"}
+            tree = git(root, "rev-parse", f"{commit}^{{tree}}", check=False).strip() or None
+            return {"commit": commit, "dirty": dirty, "diff_sha256": diff_hash, "source": "git", "tree": tree}
     commit = os.environ.get("COVTOKEN_CODE_COMMIT", "")
     if len(commit) == 40:
         dirty = os.environ.get("COVTOKEN_CODE_DIRTY", "0") == "1"
         return {"commit": commit, "dirty": dirty, "diff_sha256": os.environ.get("COVTOKEN_CODE_DIFF_SHA256") or None,
-                "source": "bundle"}
+                "source": "bundle", "tree": os.environ.get("COVTOKEN_CODE_TREE") or None}
     raise ProvenanceError("cannot establish the code commit: not a git checkout with a commit, and "
                           "COVTOKEN_CODE_COMMIT is not set by a job bundle")
 

@@ -136,20 +136,25 @@ def write_json_atomic(path: str | Path, obj: Any, *, overwrite: bool = False) ->
     """
     path = Path(path)
     text = dumps_strict(obj)  # raises before anything touches the disk
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)  # fails with FileExistsError when the target exists
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+                fh.flush()
+                os.fsync(fh.fileno())
+            if overwrite:
+                os.replace(tmp, path)
+            else:
+                os.link(tmp, path)  # fails with FileExistsError when the target exists
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError):
+            raise
+        raise OSError(exc.errno, f"{path}: cannot write ({exc.strerror or exc})", str(path)) from None
     return path
 
 
@@ -210,15 +215,20 @@ class ArtefactWriter:
         dest = self.dir / name
         if dest.exists():
             raise FileExistsError(f"{dest}: artefacts are never overwritten")
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.dir)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.link(tmp, dest)
-        finally:
-            os.unlink(tmp)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=self.dir)
+            try:
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                os.link(tmp, dest)
+            finally:
+                os.unlink(tmp)
+        except OSError as exc:
+            if isinstance(exc, FileExistsError):
+                raise
+            raise OSError(exc.errno, f"{dest}: cannot write artefact ({exc.strerror or exc})", str(dest)) from None
         self.entries.append({"path": f"{self.rel.as_posix()}/{name}", "sha256": hashlib.sha256(data).hexdigest(),
                              "bytes": len(data), "description": description})
         return dest
@@ -238,7 +248,7 @@ def iter_record_paths(folder: str | Path) -> list[Path]:
     out = []
     for p in sorted(folder.rglob("*.json")):
         rel = p.relative_to(folder)
-        if "artefacts" in rel.parts[:-1] or p.name.startswith("."):
+        if "artefacts" in rel.parts[:-1] or any(part.startswith(".") for part in rel.parts):
             continue
         out.append(p)
     return out

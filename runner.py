@@ -19,9 +19,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
-from .lock import DEFAULT_LOCK_PATH, ThresholdLock, gate_template_entry, judge
+from .lock import DEFAULT_LOCK_PATH, LockError, ThresholdLock, gate_template_entry, judge
 from .provenance import code_state, package_versions, runtime
-from .record import ArtefactWriter, dumps_strict, loads_strict, new_run_id, utc_now, write_json_atomic, write_record
+from .record import ArtefactWriter, RecordError, dumps_strict, loads_strict, new_run_id, utc_now, write_json_atomic, write_record
 
 __all__ = ["load_config", "add_config_arguments", "Run", "stage", "default_lock_path", "ConfigError", "JobConfig",
            "job_main", "load_gate_dataset"]
@@ -76,12 +76,20 @@ def job_main(cls: type[C], run: Any, *, script: str, doc: str | None, argv: list
     cfg = load_config(cls, args)
     if cfg.smoke:
         cfg = dataclasses.replace(cfg, **smoke)
-    return int(run(cfg, command=[script, *argv]))
+    from .data.errors import DataError
+
+    try:
+        return int(run(cfg, command=[script, *argv]))
+    except DataError as exc:  # wrong data, too few patients: one line, exit 2, before any compute
+        print(f"error: {exc}", file=sys.stderr)
+        return int(exc.exit_status)
 
 
 def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str, root: str | None = None,
                       options: Mapping[str, Any] | None = None) -> Any:
-    """Load a gate's dataset with its locked options (a ``covtoken.data.catalog.LoadedDataset``).
+    """Load a gate's dataset with its locked options (a ``covtoken.data.catalog.LoadedDataset``), then run the
+    data checks (:func:`covtoken.data.checks.run_data_checks`: near-duplicate split units, enough patients in every
+    judged split) before the job touches a backbone.
 
     Embedded (phantom) datasets are generated from the run's seed; a calibration run draws its patients from the
     seed plus the locked ``calibration_seed_offset``, so they are disjoint from every judged run.
@@ -94,6 +102,7 @@ def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str
         options: loader options replacing ``params["dataset_options"]`` (per-modality options of G2).
     """
     from .data.catalog import is_embedded, load_dataset
+    from .data.checks import run_data_checks
 
     opts = dict(params.get("dataset_options", {}) if options is None else options)
     if is_embedded(dataset):
@@ -101,7 +110,10 @@ def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str
     if root:
         opts["root"] = root
     with stage("load_data", dataset=dataset):
-        return load_dataset(dataset, **opts)
+        data = load_dataset(dataset, **opts)
+    # identity is checked by the loader; near-duplicate units and split sizes here, before any backbone work
+    with stage("data_checks", dataset=dataset):
+        return run_data_checks(data, params, seed=cfg.seed, dataset=dataset, embedded=is_embedded(dataset))
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
@@ -226,30 +238,74 @@ class Run:
         # HF Jobs backend (set by `covtoken submit`): the run id is the submitted one, results are uploaded as made
         self.hub: Any = None
         if backend is None and os.environ.get("COVTOKEN_BACKEND") == "hf-jobs":
-            from .hubsync import HubSync
+            from .hfjobs.hubsync import HubSync
 
             self.hub = HubSync.from_environment()
             run_id = self.hub.claim_run_id(run_id)
         self.run_id = run_id or new_run_id(gate_id)
-        if (self.results_dir / f"{self.run_id}.json").exists():
-            raise FileExistsError(f"run {self.run_id} already has a record in {self.results_dir}; use a new run id")
+        resumed = self._open_staging()
         self.backend = dict(backend or (self.hub.backend() if self.hub else {"name": "local", "job_id": None}))
         self.device = device
         self.command = list(command) if command else [Path(sys.argv[0]).name, *sys.argv[1:]]
         self.code = code_state()
         self.started_at = utc_now()
         self._t0 = time.perf_counter()
-        self.artefacts = ArtefactWriter(self.results_dir, self.run_id)
+        self.artefacts = ArtefactWriter(self.staging, self.run_id)
         self.notes: list[str] = []
+        self._evaluations: list[dict] = []
+        self._evaluated: dict[str, Any] = {}
+        self.evidence: str | None = None
+        self._ledger("resume" if resumed else "start", lock_entry)
         log.info(json.dumps({"event": "run_start", "run_id": self.run_id, "gate": gate_id, "entry": lock_entry,
                              "commit": self.code["commit"], "dirty": self.code["dirty"]}))
 
     @classmethod
-    def for_gate(cls, gate_id: str, cfg: JobConfig, *, command: list[str], default_entry: str) -> "Run":
-        """Open the run of a gate job from its config: ``--lock-entry`` if given, else ``<gate>/<default_entry>``."""
-        return cls(gate_id=gate_id, results_dir=cfg.results, lock_entry=cfg.lock_entry or f"{gate_id}/{default_entry}",
+    def for_gate(cls, gate_id: str, cfg: JobConfig, *, command: list[str], default_entry: str | None = None) -> "Run":
+        """Open the run of a gate job from its config.
+
+        The lock entry is ``--lock-entry`` if given, else the one the run's evidence tier calls for
+        (:func:`covtoken.evidence.default_entry_name`; ``default_entry`` is only a fallback for a gate whose lock
+        has no such entry). A run that can only be a flow check (phantom data, or a backbone whose weights cannot
+        be verified) is refused here, before any data or weights are read, when the entry judges more.
+        """
+        from .evidence import allowed_entry, default_entry_name, upper_bound_tier
+
+        datasets = _config_datasets(cfg)
+        upper = upper_bound_tier(datasets=datasets, backbone=cfg.backbone, weights=cfg.weights, revision=cfg.revision)
+        entry = cfg.lock_entry
+        if entry is None:
+            lock_path = Path(cfg.lock) if cfg.lock else default_lock_path()
+            try:
+                names = sorted(ThresholdLock.load(lock_path).doc["gates"][gate_id]["entries"])
+            except (LockError, RecordError, KeyError):  # the constructor below reports a bad lock or gate itself
+                names = []
+            from .evidence import is_phantom
+
+            name = default_entry_name(upper, phantom=any(is_phantom(d) for d in datasets), entries=names)
+            entry = f"{gate_id}/{name if name in names or default_entry is None else default_entry}"
+        if not cfg.calibration and not any(allowed_entry(t, entry) for t in _TIERS_UP_TO[upper]):
+            from .evidence import EvidenceError
+
+            raise EvidenceError(f"this run can only be a flow check (phantom data, or backbone {cfg.backbone!r} "
+                                f"without pinned, digest-verified weights); it cannot be judged under {entry}; "
+                                f"use --lock-entry {gate_id}/embedded (or {gate_id}/sample on real files)")
+        return cls(gate_id=gate_id, results_dir=cfg.results, lock_entry=entry,
                    lock_path=cfg.lock or default_lock_path(), config=cfg, seed=cfg.seed, run_id=cfg.run_id,
                    device=cfg.device, calibration=cfg.calibration, command=command)
+
+    def check_evidence(self, *, backbone: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
+        """Derive the run's evidence tier from its backbone and dataset provenance and check it against the entry.
+
+        Jobs call it as soon as the data are split and the backbone is loaded, before any token work;
+        :meth:`finish` calls it again on the provenance it writes. Raises ``EvidenceError`` (one line).
+        """
+        from .evidence import check_entry, facts_of
+
+        facts = facts_of(backbone=backbone, dataset=dataset)
+        if not self.calibration:
+            check_entry(facts.tier, self.entry_key, why=facts.why)
+        self.evidence = facts.tier
+        return facts.tier
 
     def sync_token_bank(self, bank_dir: str | Path) -> Callable[[Path], None] | None:
         """The ``on_shard`` callback for a token bank in ``bank_dir``; None on the local backend.
@@ -270,10 +326,19 @@ class Run:
         """The locked protocol parameters of the entry (label rule, CI level, resamples...)."""
         return self._parameters
 
-    def finish(self, *, metrics: dict, backbone: dict, dataset: dict, sample_run: bool = False) -> Path:
-        """Judge ``metrics`` under the locked entry and write the record; returns its path."""
+    def finish(self, *, metrics: dict, backbone: dict, dataset: dict) -> Path:
+        """Judge ``metrics`` under the locked entry and write the record; returns its path.
+
+        The record's evidence tier is derived from ``backbone`` and ``dataset`` (the provenance it stores) and must
+        be one the entry judges, else nothing is written.
+        """
         if self.entry is None:
             raise RuntimeError("a calibration run is never judged; use write_calibration")
+        evidence = self.check_evidence(backbone=backbone, dataset=dataset)
+        self._seal_evaluation(metrics, sealed={
+            "code": self.code, "seed": self.seed, "evidence": evidence, "backbone": backbone, "dataset": dataset,
+            "command": self.command, "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
+            "parameters": json.loads(dumps_strict(dict(self.parameters))), "entry": self.entry_key})
         decision, criteria, reason = judge(self.entry.criteria, metrics)
         rt = runtime(self.device)
         finished = utc_now()
@@ -285,7 +350,7 @@ class Run:
             "claim": self.entry.claim,
             "decision": decision,
             "decision_reason": reason,
-            "sample_run": sample_run,
+            "evidence": evidence,
             "criteria": criteria,
             "metrics": metrics,
             "lock": self.lock.record_stamp(self.entry.key, _display_path(self.lock_path)),
@@ -307,7 +372,7 @@ class Run:
             "artefacts": self.artefacts.entries,
             "notes": self.notes,
         }
-        path = write_record(record, self.results_dir)
+        path = self._commit(record)
         log.info(json.dumps({"event": "record_written", "path": str(path), "decision": decision}))
         if self.hub is not None:
             self.hub.publish_record(path)  # artefacts and record in one commit, after everything else
@@ -320,9 +385,129 @@ class Run:
                "code": self.code, "started_at": self.started_at, "finished_at": utc_now(),
                "config": json.loads(dumps_strict(dataclasses.asdict(self.config)))}
         path = write_json_atomic(self.results_dir / "calibration" / f"{self.run_id}.json", doc)
+        self._discard_staging()  # a calibration run keeps no gate artefacts
         if self.hub is not None:
             self.hub.publish_file(path, f"calibration/{self.run_id}.json")
         return path
+
+
+    # ------------------------------------------------------------- evaluation inputs, staging, ledger
+    def evaluate(self, recipe: str, arrays: Mapping[str, Any], args: Mapping[str, Any]) -> Any:
+        """Compute metrics through the named recipe and keep its inputs as an eval-only artefact.
+
+        The arrays go to ``eval_inputs-<k>.npz`` and the call to ``evaluation.json`` (at :meth:`finish`), so the
+        audit can recompute every metric the same way (``covtoken.eval.recompute``). Returns the recipe's
+        :class:`~covtoken.eval.recompute.Evaluation`.
+        """
+        from .eval.recompute import canonical, evaluate, pack_arrays, unpack_arrays
+
+        data = pack_arrays(arrays)
+        ev = evaluate(recipe, unpack_arrays(data), args)  # exactly what the audit will load and recompute
+        clash = sorted(set(ev.metrics) & set(self._evaluated))
+        if clash:
+            raise ValueError(f"recipe {recipe} produced metrics {clash} that an earlier evaluation already produced")
+        name = f"eval_inputs-{len(self._evaluations)}.npz"
+        if not self.calibration:
+            self.artefacts.bytes(name, data, description=(
+                f"evaluation inputs of recipe {recipe} (eval-only; the audit recomputes the metrics from them)"))
+        self._evaluations.append({"recipe": recipe, "args": canonical(dict(args)), "inputs": name,
+                                  "metrics": sorted(ev.metrics)})
+        self._evaluated.update(ev.metrics)
+        return ev
+
+    def _seal_evaluation(self, metrics: Mapping[str, Any], *, sealed: Mapping[str, Any]) -> None:
+        """Check that every record metric came out of :meth:`evaluate` unchanged; write ``evaluation.json``.
+
+        ``sealed`` holds the record fields the audit cannot recompute (provenance, seed, notes...); the audit
+        requires the record to carry exactly these values, so a record edited after the run no longer matches.
+        """
+        from .eval.recompute import compare_metrics
+
+        if not self._evaluations:
+            log.warning(json.dumps({"event": "no_evaluation_inputs", "run_id": self.run_id,
+                                    "detail": "metrics were not computed through Run.evaluate; the audit will fail"}))
+            return
+        diffs = compare_metrics(self._evaluated, metrics)
+        if diffs:
+            raise RuntimeError(f"run {self.run_id}: the record's metrics are not the ones its recipes computed: "
+                               + "; ".join(diffs[:5]))
+        self.artefacts.json("evaluation.json", {
+            "kind": "covtoken.evaluation", "evaluations": self._evaluations, "notes": list(self.notes),
+            "sealed": dict(sealed)}, description="how every metric was computed: recipe, arguments and input "
+            "file per call, plus the run's notes and provenance as written (the audit recomputes and compares)")
+
+    @property
+    def staging(self) -> Path:
+        from .runstore import staging_dir
+
+        return staging_dir(self.results_dir, self.run_id)
+
+    def _open_staging(self) -> bool:
+        """Refuse a finished run id, finish an interrupted commit, or resume a staged run; True when resuming."""
+        import shutil
+
+        from .runstore import recover_commit
+
+        if (self.results_dir / f"{self.run_id}.json").exists():
+            recover_commit(self.results_dir, self.run_id)  # removes staging leftovers of a finished run
+            raise FileExistsError(f"run {self.run_id} already has a record in {self.results_dir}; use a new run id")
+        if recover_commit(self.results_dir, self.run_id) is not None:
+            raise FileExistsError(f"run {self.run_id} had finished; its interrupted commit into {self.results_dir} "
+                                  "was completed now")
+        orphan = self.results_dir / "artefacts" / self.run_id
+        if orphan.exists():
+            raise FileExistsError(f"{orphan}: artefacts of run {self.run_id} exist without a record (written outside "
+                                  "staging); remove the folder to rerun it")
+        if self.staging.exists():
+            shutil.rmtree(self.staging)  # a killed attempt: its partial artefacts are recomputed
+            return True
+        return False
+
+    def _ledger(self, event: str, lock_entry: str) -> None:
+        from .runstore import append_ledger, config_digest
+
+        append_ledger(self.results_dir, {
+            "event": event, "run_id": self.run_id, "gate_id": self.gate_id, "entry": lock_entry,
+            "time": self.started_at, "commit": self.code["commit"], "calibration": self.calibration,
+            "command_sha256": config_digest(self.command),
+            "config_sha256": config_digest(json.loads(dumps_strict(dataclasses.asdict(self.config)))
+                                           if dataclasses.is_dataclass(self.config) else repr(self.config))})
+
+    def _commit(self, record: dict) -> Path:
+        from .runstore import DiskWriteError, commit_run
+
+        try:
+            write_record(record, self.staging)
+            return commit_run(self.results_dir, self.run_id)
+        except OSError as exc:
+            if isinstance(exc, (FileExistsError, DiskWriteError)) or exc.errno is None:
+                raise
+            where = exc.filename or self.staging
+            raise DiskWriteError(exc.errno, f"{where}: cannot write run {self.run_id}: {exc.strerror}") from None
+
+    def _discard_staging(self) -> None:
+        import shutil
+
+        if self.staging.exists():
+            shutil.rmtree(self.staging)
+        try:
+            self.staging.parent.rmdir()
+        except OSError:
+            pass
+
+
+_TIERS_UP_TO = {"flow-check": ("flow-check",), "sample": ("flow-check", "sample"),
+                "real": ("flow-check", "sample", "real")}
+
+
+def _config_datasets(cfg: Any) -> list[str]:
+    """The dataset names a job config names: ``dataset``, or the ``modality=dataset`` pairs of ``datasets``."""
+    out = []
+    if isinstance(getattr(cfg, "dataset", None), str):
+        out.append(cfg.dataset)
+    for pair in getattr(cfg, "datasets", None) or ():
+        out.append(str(pair).partition("=")[2] or str(pair))
+    return out
 
 
 def _display_path(p: Path) -> str:

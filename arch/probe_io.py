@@ -222,8 +222,10 @@ def render_model_card(record: Mapping[str, Any], *, checkpoint: str, selection: 
     if phantom:
         caveats.insert(0, "Embedded default: synthetic phantoms and a randomly initialised tiny ViT. These numbers "
                           "check the pipeline; they are not evidence about real backbones or patients.")
-    if record.get("sample_run"):
-        caveats.insert(0, "Sample run on a small real-data sample: not evidence for the claim.")
+    tier = record.get("evidence", "flow-check")
+    if tier != "real":
+        caveats.insert(0, f"Evidence tier: {tier} (derived from the record's facts). Only real-tier records are "
+                          "evidence for the claim.")
     sel = ""
     if selection:
         sel = ("\n## Selected on validation\n\n```json\n" + json.dumps(

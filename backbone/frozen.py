@@ -71,6 +71,16 @@ class FrozenBackbone:
     def grid(self) -> tuple[int, int]:
         return self.spec.grid
 
+    @property
+    def weights_verified(self) -> bool:
+        """True when the weights are a pinned pretrained checkpoint whose file digest matched the registry."""
+        from .registry import pinned_digest_verified
+
+        return pinned_digest_verified(self.spec, origin=self.source.get("origin", "unknown" if self.spec.hub_id
+                                                                         else "embedded"),
+                                      resolved_revision=self.source.get("resolved_revision"),
+                                      files=self.source.get("files", {}))[0]
+
     def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Images in the common layout -> normalised ``(B, 3, S, S)`` float32 tensor.
 
@@ -135,7 +145,8 @@ class FrozenBackbone:
                      "pinned_revision": self.spec.revision,
                      "resolved_revision": resolved,
                      "weights_origin": self.source.get("origin", "unknown" if self.spec.hub_id else "embedded"),
-                     "weights_files": self.source.get("files", {})})
+                     "weights_files": self.source.get("files", {}),
+                     "weights_verified": self.weights_verified})
         return prov
 
 

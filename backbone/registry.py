@@ -15,7 +15,8 @@ from typing import Callable, Literal
 
 import torch
 
-__all__ = ["BackboneSpec", "register", "get_spec", "list_backbones", "UnknownBackboneError", "COMMIT_SHA"]
+__all__ = ["BackboneSpec", "register", "get_spec", "list_backbones", "UnknownBackboneError", "COMMIT_SHA",
+           "pinned_digest_verified"]
 
 #: A full Hub commit sha; pinned revisions (and revisions passed for unpinned entries) must match it.
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -153,6 +154,39 @@ def _load_builtin() -> None:
     # The built-in entries live in their own modules and register themselves on first use.
     from . import hub, tiny  # noqa: F401
     from . import trained  # noqa: F401  (after tiny: it reuses the tiny ViT's spec)
+
+
+def pinned_digest_verified(spec: BackboneSpec, *, origin: str, resolved_revision: str | None,
+                           files: dict[str, str]) -> tuple[bool, str]:
+    """Are a model's weights a pinned pretrained checkpoint whose file digest matches the registry?
+
+    The fact the evidence tier rests on. True only when the registry entry pins a revision and the sha256 of its
+    weight file, the weights came from the Hub at exactly that revision (``origin == "hub"``) or from a local file
+    (``override:<path>``), and a weight file read has the registry's digest. A random initialisation (no files),
+    an entry without a recorded digest, another revision or other bytes are not verified.
+
+    Args:
+        spec: the registry entry.
+        origin: where the weights came from (``"hub"``, ``"override:<path>"``, ``"embedded"``...).
+        resolved_revision: the Hub commit actually served (None for local files).
+        files: weight file name -> ``"sha256:<hex>"`` of the files read.
+
+    Returns:
+        ``(verified, reason)``; the reason says which condition failed.
+    """
+    if not spec.weights_sha256:
+        return False, f"{spec.name}: the registry records no sha256 of its weight file"
+    if not (spec.revision and spec.revision_pinned):
+        return False, f"{spec.name}: the registry pins no revision"
+    if origin == "hub":
+        if resolved_revision != spec.revision:
+            return False, f"{spec.name}: weights served at {resolved_revision}, the pinned revision is {spec.revision}"
+    elif not origin.startswith("override:"):
+        return False, f"{spec.name}: weights origin {origin or 'unknown'!r} is neither the Hub nor a local file"
+    want = "sha256:" + spec.weights_sha256.lower()
+    if not any(str(d).lower().startswith(want) for d in files.values()):
+        return False, f"{spec.name}: no weight file read has the registry's sha256 {spec.weights_sha256[:12]}..."
+    return True, f"{spec.name}: pinned at {spec.revision}, weight file sha256 verified"
 
 
 def weights_dir(weights: str | Path | None) -> Path | None:

@@ -3,7 +3,9 @@
 * ``phantom-ct``, ``phantom-kidney``, ``phantom-us``, ``phantom-derm``: generated from a seed (the embedded default).
 * ``busi`` and ``lidc`` (option ``root``): the BUSI and LIDC-IDRI folder layouts, e.g. the samples in
   ``../shared/realdata``; their revision is a digest of every file read.
-* any other source with a ``/`` - a local image folder, ``org/name`` or ``hf://datasets/org/name[@rev]/sub`` -
+* ``folder`` (option ``root``): any folder of images + masks (+ optional ``index.csv``) with a ``dataset.json``
+  giving its name, licence and modality (:mod:`covtoken.data.folder`).
+* any other source with a ``/`` - a materialized local folder, ``org/name`` or ``hf://datasets/org/name[@rev]/sub`` -
   goes through Hugging Face ``datasets`` (:mod:`covtoken.data.hub`) with the same code for all three.
 
 Unknown names raise with the list of choices.
@@ -99,12 +101,35 @@ def _folder_dataset(name: str, module: str, function: str, info: dict[str, str])
     def load(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
         import importlib
 
+        from .identity import IDENTITIES, check_identity
+
         path = _require_root(name, root)
         items, masks = getattr(importlib.import_module(module, __package__), function)(path)
+        identity = IDENTITIES.get(name)
+        if identity is not None:
+            check_identity(name, items, identity)  # wrong data stops here, naming the file
         revision = folder_digest(path, _files_read(path, items, masks))
         return LoadedDataset(items, masks, {"id": info.get("id", name), "revision": revision, "source": str(path),
-                                            **{k: v for k, v in info.items() if k != "id"}})
+                                            **{k: v for k, v in info.items() if k != "id"},
+                                            **content_facts(name, items, masks, root=path),
+                                            **({"identity": identity.describe()} if identity else {})})
     return load
+
+
+def content_facts(name: str, items: list[ImageItem], masks: EvalMasks, *, root: str | Path | None) -> dict[str, Any]:
+    """Provenance facts every loader adds: catalog name, content digest, image and lesion-free counts, and the
+    registered sample the content is (if any)."""
+    from .identity import content_digest, registered_sample
+    from .layout import unseal
+
+    digest, basis = content_digest(items, root)
+    facts: dict[str, Any] = {"catalog_name": name, "content_digest": digest, "content_digest_basis": basis,
+                             "n_images": len(items),
+                             "n_lesion_free_images": sum(1 for k in masks if not unseal(masks[k]).any())}
+    sample = registered_sample(name, digest)
+    if sample is not None:
+        facts["registered_sample"] = sample
+    return facts
 
 
 _FOLDER_DATASETS = {
@@ -139,6 +164,13 @@ def _hub_dataset(source: str, *, revision: str | None = None, layout: str = "cov
     from .materialize import load_hub_layout
 
     src = parse_source(source, revision=revision)
+    if src.is_local and layout == "covtoken" and not (Path(src.path) / (src.data_dir or "") / "images"
+                                                      / "metadata.jsonl").is_file():
+        from .errors import DataError
+
+        raise DataError(f"{source}: not a covtoken dataset folder (no images/metadata.jsonl from the materialize "
+                        "job); for a plain folder of images and masks use --dataset folder --data-root "
+                        f"{source} with a dataset.json naming it, its licence and modality (see covtoken.data.folder)")
     if layout == "covtoken":
         items, masks = load_hub_layout(source, revision=revision)
     elif layout == "imagefolder":
@@ -153,7 +185,25 @@ def _hub_dataset(source: str, *, revision: str | None = None, layout: str = "cov
         if rev is None or len(rev) != 40:
             raise ValueError(f"{source}: pin the dataset to a commit sha (...@<sha> or --revision) for a judged run")
     return LoadedDataset(items, masks, {"id": src.path if not src.is_local else f"local:{Path(src.path).name}",
-                                        "revision": rev, "source": source})
+                                        "revision": rev, "source": source,
+                                        **content_facts(source, items, masks,
+                                                        root=Path(src.path) if src.is_local else None)})
+
+
+def _generic_folder(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
+    """``--dataset folder``: images + masks + optional index.csv with a user-given name and licence
+    (:mod:`covtoken.data.folder`)."""
+    from .folder import load_folder
+
+    path = _require_root("folder", root)
+    items, masks, info = load_folder(path)
+    revision = folder_digest(path, _files_read(path, items, masks))
+    return LoadedDataset(items, masks, {"id": f"folder:{info['name']}", "revision": revision, "source": str(path),
+                                        "licence": info["licence"], "citation": info.get("citation", "not given"),
+                                        "licence_given_by": "user (dataset.json)",
+                                        **content_facts("folder", items, masks, root=path),
+                                        "identity": {"modality": info["modality"], "channels": info["channels"],
+                                                     "declared_by": "user (dataset.json)"}})
 
 
 def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], per_patient_key: str) -> Loader:
@@ -162,7 +212,7 @@ def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], pe
         return LoadedDataset(items, masks, {"id": f"phantom-{kind}", "revision": f"generator-seed-{seed}",
                                             "source": f"covtoken.data.phantoms.{fn.__name__}",
                                             "n_patients": n_patients, "images_per_patient": per_patient,
-                                            "size": size})
+                                            "size": size, **content_facts(f"phantom-{kind}", items, masks, root=None)})
     return load
 
 
@@ -170,5 +220,6 @@ register_dataset("phantom-ct", _phantom("ct", ct_phantoms, "slices_per_patient")
 register_dataset("phantom-kidney", _phantom("kidney", kidney_phantoms, "slices_per_patient"))
 register_dataset("phantom-us", _phantom("us", us_phantoms, "images_per_patient"))
 register_dataset("phantom-derm", _phantom("derm", derm_phantoms, "lesions_per_patient"))
+register_dataset("folder", _generic_folder)
 for _name, (_module, _function, _info) in _FOLDER_DATASETS.items():
     register_dataset(_name, _folder_dataset(_name, _module, _function, _info))

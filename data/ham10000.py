@@ -45,7 +45,7 @@ def load_ham10000(root: str | Path, *, metadata: str = "HAM10000_metadata.csv", 
     root = Path(root)
     table = root / metadata
     try:
-        rows = list(csv.DictReader(open(table, newline="")))
+        rows = list(csv.DictReader(open(table, newline="", encoding="utf-8-sig")))
     except FileNotFoundError:
         raise ValueError(f"{table}: missing") from None
     if not rows:

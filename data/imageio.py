@@ -140,3 +140,21 @@ def check_mask(mask: np.ndarray, image_shape: tuple[int, ...], *, mask_where: st
     if mask.all():
         raise ValueError(f"{mask_where}: mask covers the whole image (all lesion); wrong file or inverted mask?")
     return not mask.any()
+
+
+def colour_fraction(arr: np.ndarray, *, spread: float = 16 / 255) -> float:
+    """Fraction of pixels whose channels differ by more than ``spread`` (0 for a 2-D grey image).
+
+    Grey ultrasound/CT stored as RGB scores near 0 (annotation marks may colour a few per cent); a colour
+    photograph (dermoscopy) scores near 1.
+
+    Args:
+        arr: ``(H, W)`` or ``(H, W, 3)`` image, uint8 or float in [0, 1].
+        spread: channel spread (in [0, 1] units) above which a pixel counts as coloured.
+    """
+    a = np.asarray(arr)
+    if a.ndim != 3:
+        return 0.0
+    if a.dtype == np.uint8:
+        a = a.astype(np.float32) / np.float32(255.0)
+    return float(((a.max(axis=2) - a.min(axis=2)) > spread).mean())

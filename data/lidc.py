@@ -85,7 +85,7 @@ def load_lidc(
         raise ValueError(f"{npz_path}: images {images.shape} and masks {masks.shape} must both be (N, H, W)")
     if masks.dtype != bool and not set(np.unique(masks).tolist()) <= {0, 1}:
         raise ValueError(f"{npz_path}: masks are not binary")
-    with open(index_path, newline="") as fh:
+    with open(index_path, newline="", encoding="utf-8-sig") as fh:
         reader = csv.DictReader(fh)
         columns = set(reader.fieldnames or [])
         rows = list(reader)

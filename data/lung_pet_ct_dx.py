@@ -36,7 +36,7 @@ def load_lung_pet_ct_dx(root: str | Path, *, preset: str = "lung") -> tuple[list
     root = Path(root)
     index = root / "index.csv"
     try:
-        rows = list(csv.DictReader(open(index, newline="")))
+        rows = list(csv.DictReader(open(index, newline="", encoding="utf-8-sig")))
     except FileNotFoundError:
         raise ValueError(f"{index}: missing") from None
     if not rows:
@@ -82,7 +82,7 @@ def deidentified_copy(root: str | Path, dest: str | Path, *, key: bytes, date_sh
     root, dest = Path(root), Path(dest)
     if dest.exists():
         raise ValueError(f"{dest}: exists; de-identify into a new folder")
-    rows = list(csv.DictReader(open(root / "index.csv", newline="")))
+    rows = list(csv.DictReader(open(root / "index.csv", newline="", encoding="utf-8-sig")))
     tmp = dest.with_name(f".{dest.name}.tmp")
     if tmp.exists():
         import shutil

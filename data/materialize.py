@@ -5,8 +5,13 @@ Repository layout written by :func:`write_hub_layout`::
     README.md                 dataset card (YAML: licence, configs "images" and "masks", source, citation)
     images/metadata.jsonl     file_name, image_id, patient_id, modality, spacing_mm, meta   (config "images")
     images/<name>.png
-    masks/metadata.jsonl      file_name, image_id                                          (config "masks")
+    masks/metadata.jsonl      file_name, image_id, labels (JSON: every image-level label)  (config "masks")
     masks/<name>.png          0/255, evaluation only
+
+Labels (diagnosis, ``dx``...) travel with the masks, in the evaluation-only config, and come back sealed.
+The card names the licence by its SPDX id and says what was de-identified and how
+(:func:`describe_deidentification`): DICOM headers through covtoken's PS3.15 profile, or - for PNG/JPEG
+sources - that there were no headers to de-identify and the pixels were left as they are.
 
 :func:`load_hub_layout` reads both configs back through ``datasets`` (a local folder or a Hub repo, same code)
 and joins them on ``image_id`` into items and sealed masks. :func:`check_publishable` refuses any DICOM-derived
@@ -25,10 +30,10 @@ import numpy as np
 from PIL import Image
 
 from .hub import _encode_image, _safe_name, parse_source
-from .layout import EvalMasks, ImageItem, SealedMask, unseal
+from .layout import EvalMasks, ImageItem, SealedMask, unseal, unseal_labels
 
 __all__ = ["check_publishable", "write_hub_layout", "dataset_card", "load_hub_layout", "push_dataset",
-           "NotDeidentifiedError"]
+           "NotDeidentifiedError", "describe_deidentification", "label_names"]
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +50,48 @@ def check_publishable(items: list[ImageItem]) -> None:
                                        "(run the materialize job with --deidentify); nothing was written")
 
 
+def label_names(masks: Mapping[str, SealedMask]) -> list[str]:
+    """Sorted names of every image-level label sealed with ``masks``."""
+    return sorted({k for m in masks.values() for k in unseal_labels(m)})
+
+
+def describe_deidentification(items: list[ImageItem], *, date_shift_days: int | None = None) -> str:
+    """What was de-identified, and how, for the dataset card (from the items' own metadata)."""
+    dicom = [it for it in items if it.meta.get("dicom")]
+    suffixes = sorted({Path(it.source).suffix.lower() or "(no suffix)" for it in items
+                       if not it.meta.get("dicom") and it.source and Path(it.source).is_file()})
+    parts = []
+    if dicom:
+        dates = (f"dates shifted by {date_shift_days} days (intervals kept)" if date_shift_days is not None
+                 else "dates removed")
+        parts.append(f"{len(dicom)} DICOM-derived image(s): headers de-identified with covtoken's DICOM PS3.15 "
+                     "Annex E Basic Profile implementation (covtoken.data.deid): identifying attributes removed or "
+                     "emptied, patient name/id replaced by keyed pseudonyms, UIDs remapped with a keyed HMAC, "
+                     f"{dates}, private tags removed; every file checked afterwards. Pixel data are unchanged: "
+                     "burned-in text is not removed.")
+    rest = len(items) - len(dicom)
+    if rest:
+        kind = ", ".join(suffixes) if suffixes else "non-DICOM"
+        parts.append(f"{rest} image(s) from {kind} files: these carry no DICOM header, so covtoken de-identified "
+                     "nothing in them; pixels were exported as they are (they may hold burned-in text such as "
+                     "calipers or annotations from the source), and local file paths were not written. Identifiers "
+                     "are the source's own image and patient ids.")
+    return " ".join(parts)
+
+
 def dataset_card(*, name: str, provenance: Mapping[str, Any], n_images: int, n_patients: int, licence: str,
-                 citation: str, kit_commit: str) -> str:
-    """README.md with YAML metadata declaring the two configs."""
+                 citation: str, kit_commit: str, deidentification: str | None = None,
+                 label_columns: list[str] | None = None) -> str:
+    """README.md with YAML metadata declaring the two configs.
+
+    Args:
+        licence: the SPDX id (written lower-case as the Hub's ``license:`` tag, and as is in the text).
+        deidentification: what was de-identified and how (:func:`describe_deidentification`).
+        label_columns: the image-level labels stored in the ``masks`` config.
+    """
     yaml = "\n".join([
         "---",
-        f"license: {licence}",
+        f"license: {licence.lower()}",
         f"pretty_name: {json.dumps(name)}",
         "tags: [medical-imaging, covtoken]",
         "configs:",
@@ -73,11 +114,17 @@ def dataset_card(*, name: str, provenance: Mapping[str, Any], n_images: int, n_p
 patient id per image, and one lesion mask per image.
 
 - **`images`** (default config): what label-free code may read — pixels, image id, patient id, modality, spacing.
-- **`masks`**: lesion masks, **evaluation only**. Never fit anything on them; split by `patient_id`, never by image.
+- **`masks`**: lesion masks, **evaluation only**, with every image-level label in the JSON column `labels`
+  ({", ".join(f"`{c}`" for c in label_columns) if label_columns else "none in the source"}). Never fit anything
+  on them; split by `patient_id`, never by image.
 
 ## Source and licence
 
-Licence: {licence}. Cite: {citation}.
+Licence (SPDX): {licence}. Cite: {citation}.
+
+## De-identification
+
+{deidentification or "Not stated by the materializing job."}
 
 Source provenance (revision = digest of the files read, or the source's commit):
 
@@ -85,8 +132,7 @@ Source provenance (revision = digest of the files read, or the source's commit):
 {prov}
 ```
 
-Materialized by covtoken at commit `{kit_commit}`. DICOM-derived images were de-identified with covtoken's
-DICOM PS3.15 Basic Profile implementation before export; images may still carry burned-in text.
+Materialized by covtoken at commit `{kit_commit}`.
 """
 
 
@@ -114,7 +160,10 @@ def write_hub_layout(items: list[ImageItem], masks: EvalMasks, out_dir: str | Pa
                                      "spacing_mm": None if it.spacing_mm is None else [float(v) for v in it.spacing_mm],
                                      "meta": json.dumps(dict(it.meta), allow_nan=False, sort_keys=True)},
                                     allow_nan=False) + "\n")
-                fm.write(json.dumps({"file_name": f"{name}.png", "image_id": it.image_id}) + "\n")
+                labels = {k: v for k, v in unseal_labels(masks[it.image_id]).items()}
+                fm.write(json.dumps({"file_name": f"{name}.png", "image_id": it.image_id,
+                                     "labels": json.dumps(labels, allow_nan=False, sort_keys=True)},
+                                    allow_nan=False) + "\n")
         (tmp / "README.md").write_text(card, encoding="utf-8")
         tmp.rename(out_dir)
     except BaseException:
@@ -146,6 +195,7 @@ def load_hub_layout(source: str, *, revision: str | None = None, cache_dir: str 
 
 def _join(source: str, imgs: Any, msks: Any) -> tuple[list[ImageItem], EvalMasks]:
     by_id = {row["image_id"]: row["image"] for row in msks}
+    labels_of = {row["image_id"]: json.loads(row.get("labels") or "{}") for row in msks}
     items, sealed = [], {}
     for row in imgs:
         iid = row["image_id"]
@@ -161,7 +211,7 @@ def _join(source: str, imgs: Any, msks: Any) -> tuple[list[ImageItem], EvalMasks
         items.append(ImageItem(image=arr, image_id=iid, patient_id=row["patient_id"], modality=row["modality"],
                                spacing_mm=None if spacing is None else tuple(spacing), source=where,
                                meta=json.loads(row["meta"]) if row.get("meta") else {}))
-        sealed[iid] = SealedMask(mask, source=f"{source}[masks]/{iid}")
+        sealed[iid] = SealedMask(mask, source=f"{source}[masks]/{iid}", labels=labels_of.get(iid))
     if by_id:
         raise ValueError(f"{source}[masks]: rows without an image: {sorted(by_id)[:3]}")
     return items, EvalMasks(sealed, items)

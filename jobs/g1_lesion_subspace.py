@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G1 - a label-free subspace in mid-layer patch tokens localises lesions better than the final layer.
@@ -45,7 +45,6 @@ class G1Config(JobConfig):
     data_root: str | None = field(default=None, metadata={"help": "folder of a file-based dataset (busi, lidc)"})
     work_dir: str = field(default=".cache/covtoken", metadata={"help": "token banks (resumable)"})
     constructions: tuple = field(default=("A_gauss", "A_knn", "B_pca"), metadata={"help": "comma-separated"})
-    sample_run: bool = field(default=False, metadata={"help": "a run on a small real-data sample (lock entry G1/sample)"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,25 +100,28 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
     from covtoken.backbone.tokenbank import TokenBank
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
-    from covtoken.eval.localisation import SplitScores, evaluate_g1, mid_layer_blocks
+    from covtoken.eval.localisation import SplitScores, mid_layer_blocks
+    from covtoken.eval.recipes import pack_split
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G1", cfg, command=command,
-                       default_entry="sample" if cfg.sample_run else "embedded" if embedded else "real")
+    run = Run.for_gate("G1", cfg, command=command)  # the entry follows the evidence tier; --lock-entry overrides
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset, root=cfg.data_root)
     items = data.items
     splits = split_patients([it.patient_id for it in items], fractions=P["split_fractions"], seed=cfg.seed)
     validate_splits(splits, items)
+    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
+    dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "select": "val", "judge": "test"},
+                                            calibration=cfg.calibration)
     with stage("backbone", backbone=cfg.backbone):
         bb = load_backbone(cfg.backbone, weights=cfg.weights, revision=cfg.revision, device=cfg.device)
     blocks = list(range(bb.spec.depth))
+    backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
+    run.check_evidence(backbone=backbone_prov, dataset=dataset_prov)  # tier vs entry, before any token work
     final_block = blocks[-1]
     mid_blocks = mid_layer_blocks(P["mid_blocks"], bb.spec.depth)  # a bad locked rule fails before any work
     bank_dir = TokenBank.folder_for(cfg.work_dir, dataset=data.provenance["id"], revision=data.provenance["revision"],
@@ -144,30 +146,28 @@ def run_g1(cfg: G1Config, *, command: list[str]) -> int:
     val, test = split_scores("val", slice(0, n_val)), split_scores("test", slice(n_val, None))
     base = {"bright": (bright[rows["val"]].reshape(-1), bright[rows["test"]].reshape(-1)),
             "dark": (-bright[rows["val"]].reshape(-1), -bright[rows["test"]].reshape(-1))}
-    with stage("evaluate"):
-        res = evaluate_g1(val=val, test=test, constructions=list(cfg.constructions),
-                          mid_blocks=mid_blocks,
-                          final_block=final_block, baseline=base, n_boot=int(P["n_boot"]),
-                          ci_level=float(P["ci_level"]), seed=cfg.seed)
+    inputs = {**pack_split("val", val), **pack_split("test", test),
+              **{f"baseline.{k}.{s}": v[i] for k, v in base.items() for i, s in enumerate(("val", "test"))}}
+    with stage("evaluate"):  # through the recipe the audit recomputes from the stored inputs
+        res = run.evaluate("g1.localisation", inputs, {
+            "constructions": list(cfg.constructions), "mid_blocks": mid_blocks, "final_block": final_block,
+            "n_boot": int(P["n_boot"]), "ci_level": float(P["ci_level"]), "seed": cfg.seed})
+    table, selection = res.extras["table"], res.extras["selection"]
 
-    backbone_prov = bb.provenance(blocks=blocks, final_norm=bool(P["final_norm"]))
-    split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     manifest = split.to_dict()
-    dataset_prov = split.dataset_provenance(data.provenance, roles={"fit": "train", "select": "val", "judge": "test"},
-                                            calibration=cfg.calibration)
     if cfg.calibration:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         logging.getLogger("covtoken.g1").info("calibration metrics written to %s", path)
         return 0
-    run.artefacts.json("auroc_per_block.json", res.table, description="val/test token AUROC of every arm with CI")
-    run.artefacts.json("selection.json", res.selection, description="what was selected on validation, and how")
+    run.artefacts.json("auroc_per_block.json", table, description="val/test token AUROC of every arm with CI")
+    run.artefacts.json("selection.json", selection, description="what was selected on validation, and how")
     run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
-    run.notes.append(f"selected {res.selection['mid_arm']} on validation (AUROC {res.selection['val_auroc']:.4f})")
+    run.notes.append(f"selected {selection['mid_arm']} on validation (AUROC {selection['val_auroc']:.4f})")
     n_test = res.metrics["mid_auroc"]["n"]["patients"]
     if n_test < MIN_PATIENTS_FOR_CI:
         run.notes.append(f"only {n_test} test patients: a patient-clustered bootstrap over so few clusters "
                          "understates the uncertainty; read the CIs as descriptive")
-    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov, sample_run=cfg.sample_run)
+    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
     logging.getLogger("covtoken.g1").info("record: %s", path)
     return 0
 

@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G2 - the density construction localises lesions across modalities and beats a fair saliency baseline.
@@ -79,23 +79,22 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
     sal = cls_attention_maps(bb, test_images, [block], batch_size=cfg.batch_size)[block]
     high = high_norm_tokens(bank.tokens(block, rows["test"]))
     scores = {"density": dens[f"A_gauss@{block}"], "saliency": sal.reshape(-1).astype(np.float64)}
-    return bank, rows, scores, {"high_norm_fraction": float(high.mean())}
+    return bank, rows, scores, {"high_norm_fraction": float(high.mean()), "high_norm": high}
 
 
 def run_g2(cfg: G2Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
     from covtoken.backbone.tokenbank import TokenBank
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import token_labels, token_lesion_fraction
-    from covtoken.eval.localisation import SplitScores, paired_auroc_metrics
+    from covtoken.eval.localisation import SplitScores
+    from covtoken.eval.recipes import pack_split
     from covtoken.runner import Run, load_gate_dataset, stage
 
     get_spec(cfg.backbone)
     datasets, roots = _pairs(cfg.datasets, "datasets"), _pairs(cfg.data_roots, "data-roots")
-    embedded = all(is_embedded(d) for d in datasets.values()) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G2", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G2", cfg, command=command)
     P = run.parameters
     if sorted(datasets) != sorted(P["modalities"]):
         raise ValueError(f"--datasets must name exactly the locked modalities {P['modalities']}, got {sorted(datasets)}")
@@ -122,13 +121,10 @@ def run_g2(cfg: G2Config, *, command: list[str]) -> int:
         n_tok = bank.grid[0] * bank.grid[1]
         test = SplitScores(scores, labels, np.repeat(np.array(bank.patient_ids)[rows["test"]], n_tok),
                            np.repeat(np.array(bank.image_ids)[rows["test"]], n_tok))
-        with stage("evaluate", modality=m):
-            mm = paired_auroc_metrics(test, arms={f"auroc_density_{m}": "density", f"auroc_saliency_{m}": "saliency"},
-                                      diffs={f"delta_density_saliency_{m}": (f"auroc_density_{m}", f"auroc_saliency_{m}")},
-                                      n_boot=int(P["n_boot"]), ci_level=float(P["ci_level"]), seed=cfg.seed)
-        mm[f"high_norm_fraction_{m}"] = {"value": extras["high_norm_fraction"], "ci": None, "ci_method": None,
-                                         "n": {"tokens": int(test.labels.size)}, "unit": "fraction of test tokens",
-                                         "description": "tokens with a norm above 4x their image's median (artefact check)"}
+        with stage("evaluate", modality=m):  # through the recipe the audit recomputes from the stored inputs
+            mm = run.evaluate("g2.modality", {**pack_split("test", test), "high_norm": np.asarray(extras["high_norm"])},
+                              {"modality": m, "n_boot": int(P["n_boot"]), "ci_level": float(P["ci_level"]),
+                               "seed": cfg.seed}).metrics
         metrics.update(mm)
         per_modality[m] = {"dataset": data.provenance, "splits": SplitManifest(cfg.seed, dict(P["split_fractions"]),
                                                                                splits).to_dict()}

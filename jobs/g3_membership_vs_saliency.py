@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G3 - at equal keep rates, membership pruning misses fewer small lesions than CLS-attention (saliency) pruning.
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from covtoken.eval.gate_g3 import evaluate_g3, g3_inputs  # noqa: F401  (evaluate_g3: moved to covtoken.eval)
 from covtoken.runner import JobConfig, job_main, load_gate_dataset
 
 log = logging.getLogger("covtoken.g3")
@@ -96,83 +97,6 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None) -> Label
     return LabelFree(bank, rows, membership, saliency, high_norm)
 
 
-def evaluate_g3(lf: LabelFree, lesions: dict, P, n_tok: int, seed: int) -> tuple[dict, dict, list]:  # noqa: ANN001
-    """Select each arm on validation, compare on test. ``lesions``: split -> LesionSet (rows index the split).
-
-    Returns:
-        ``(metrics, selection, curve)``: record metrics, what was selected and how, the per-keep-rate table.
-    """
-    from covtoken.eval.lesion_miss import (best_rank, clustered_rate_bootstrap, diff_metric,
-                                           random_miss_probability, rate_metric, select_lowest_miss)
-    from covtoken.gate.keep import keep_count, token_ranks
-
-    small_max = float(P["small_max_area_tokens"])
-    n_val = len(lf.rows["val"])
-    rates = [float(r) for r in P["keep_rates"]]
-    primary = float(P["primary_keep_rate"])
-    if primary not in rates:
-        raise ValueError(f"primary keep rate {primary} is not on the keep-rate grid {rates}")
-    ks = {r: keep_count(n_tok, r) for r in rates}
-    arms = {**{a: s for a, s in lf.membership.items()}, **{f"cls@{b}": s for b, s in lf.saliency.items()}}
-    split_rows = {"val": slice(0, n_val), "test": slice(n_val, None)}
-    small = {sp: les.select(les.area <= small_max) for sp, les in lesions.items()}
-    for sp, les in small.items():
-        if len(les) == 0:
-            raise ValueError(f"no small lesion (area <= {small_max} tokens) among the {sp} patients")
-    best = {sp: {a: best_rank(token_ranks(s[split_rows[sp]]), small[sp]) for a, s in arms.items()} for sp in small}
-    mem, val_miss = select_lowest_miss({a: r for a, r in best["val"].items() if not a.startswith("cls@")}, ks[primary])
-    sal, val_sal = select_lowest_miss({a: r for a, r in best["val"].items() if a.startswith("cls@")}, ks[primary])
-    val_miss.update(val_sal)
-
-    test = small["test"]
-    touched = test.n_touched
-    events = []
-    for r in rates:
-        events += [best["test"][mem] >= ks[r], best["test"][sal] >= ks[r], random_miss_probability(n_tok, touched, ks[r])]
-    rb = clustered_rate_bootstrap(np.array(events, dtype=np.float64), test, n_boot=int(P["n_boot"]),
-                                  ci_level=float(P["ci_level"]), seed=seed)
-    all_test = lesions["test"]
-    all_best = [best_rank(token_ranks(arms[a][split_rows["test"]]), all_test) >= ks[primary] for a in (mem, sal)]
-    rb_all = clustered_rate_bootstrap(np.array(all_best, dtype=np.float64), all_test, n_boot=int(P["n_boot"]),
-                                      ci_level=float(P["ci_level"]), seed=seed)
-
-    def tag(r: float) -> str:
-        return f"keep{int(round(100 * r)):02d}"
-
-    unit, dunit = "small-lesion miss rate", "small-lesion miss rate difference"
-    metrics, curve = {}, []
-    for i, r in enumerate(rates):
-        m, s, z = 3 * i, 3 * i + 1, 3 * i + 2
-        what = f"at keep rate {r} ({ks[r]} of {n_tok} tokens)"
-        metrics[f"small_miss_membership_{tag(r)}"] = rate_metric(rb, m, unit=unit, description=f"membership ({mem}) {what}")
-        metrics[f"small_miss_saliency_{tag(r)}"] = rate_metric(rb, s, unit=unit, description=f"CLS attention ({sal}) {what}")
-        metrics[f"delta_small_miss_{tag(r)}"] = diff_metric(rb, s, m, unit=dunit,
-                                                            description=f"saliency minus membership {what}")
-        curve.append({"keep_rate": r, "keep_count": ks[r], "membership": rb.value[m], "membership_ci": rb.ci(m),
-                      "saliency": rb.value[s], "saliency_ci": rb.ci(s), "random": rb.value[z], "random_ci": rb.ci(z),
-                      "delta": rb.diff(s, m)[0], "delta_ci": rb.diff(s, m)[1]})
-    i = rates.index(primary)
-    metrics["delta_small_miss"] = {**metrics[f"delta_small_miss_{tag(primary)}"],
-                                   "description": f"primary: saliency ({sal}) minus membership ({mem}) small-lesion "
-                                                  f"miss rate at keep rate {primary}, paired over patients"}
-    metrics["small_miss_membership"] = metrics[f"small_miss_membership_{tag(primary)}"]
-    metrics["small_miss_saliency"] = metrics[f"small_miss_saliency_{tag(primary)}"]
-    metrics["small_miss_random"] = rate_metric(rb, 3 * i + 2, unit=unit, description=(
-        f"expected miss rate of keeping {ks[primary]} tokens uniformly at random (C(N-t,k)/C(N,k) per lesion)"))
-    metrics["all_miss_membership"] = rate_metric(rb_all, 0, unit="lesion miss rate", description=(
-        f"all lesions (any size), membership ({mem}) at keep rate {primary}"))
-    metrics["delta_all_miss"] = diff_metric(rb_all, 1, 0, unit="lesion miss rate difference", description=(
-        f"all lesions (any size): saliency minus membership at keep rate {primary}"))
-    n_val_pat = {"patients": int(len(np.unique(small["val"].patient)))}
-    for name, arm in (("membership_block", mem), ("saliency_block", sal)):
-        metrics[name] = {"value": float(arm.rpartition("@")[2]), "ci": None, "ci_method": None, "n": n_val_pat,
-                         "unit": "0-based block index", "description": f"{arm} chosen on validation"}
-    selection = {"membership_arm": mem, "saliency_arm": sal, "val_small_miss_at_primary": val_miss,
-                 "rule": "lowest validation small-lesion miss rate at the primary keep rate; ties -> lower block, then name",
-                 "primary_keep_rate": primary, "small_max_area_tokens": small_max}
-    return metrics, selection, curve
-
-
 def run_g3(cfg: G3Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.tokenbank import TokenBank
@@ -185,10 +109,9 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G3", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G3", cfg, command=command)
     P = run.parameters
-    if not embedded and spec.num_registers == 0:
+    if not (is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit") and spec.num_registers == 0:
         log.warning("%s has no register tokens: its CLS attention may be dominated by high-norm artefact tokens "
                     "(Darcet et al. 2024); use a registers-aware backbone for a fair saliency arm", cfg.backbone)
 
@@ -212,7 +135,8 @@ def run_g3(cfg: G3Config, *, command: list[str]) -> int:
             r = lf.rows[sp]
             comps = lesion_components(data.masks, [lf.bank.image_ids[i] for i in r], lf.bank.grid)
             lesions[sp] = LesionSet.from_components(comps, [lf.bank.patient_ids[i] for i in r])
-        metrics, selection, curve = evaluate_g3(lf, lesions, P, n_tok, cfg.seed)
+        ev = run.evaluate("g3.miss", *g3_inputs(lf, lesions, P, n_tok, cfg.seed))  # the audit recomputes it
+        metrics, selection, curve = ev.metrics, ev.extras["selection"], ev.extras["curve"]
 
     sal_block = int(selection["saliency_arm"].rpartition("@")[2])
     n_val = len(lf.rows["val"])

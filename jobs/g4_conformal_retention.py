@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G4 - a conformal retention certificate keeps the lesion tokens at exactly the promised rate.
@@ -76,19 +76,17 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
 
 
 def run_g4(cfg: G4Config, *, command: list[str]) -> int:
-    from covtoken.arch.conformal import RetentionData, evaluate_certificate
+    from covtoken.arch.conformal import RetentionData
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
-    from covtoken.eval.bootstrap import draw_cluster_counts
+    from covtoken.eval.gate_arch import g4_inputs
     from covtoken.eval.labels import token_lesion_fraction
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G4", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G4", cfg, command=command)
     P = run.parameters
     if not 0 <= int(P["score_block"]) < spec.depth:
         raise ValueError(f"locked score_block {P['score_block']} outside the {spec.depth} blocks of {cfg.backbone}")
@@ -114,11 +112,10 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
     cal_units = np.flatnonzero(np.isin(units.unit_ids, list(splits["calib"])))
     test_units = np.flatnonzero(np.isin(units.unit_ids, list(splits["test"])))
     n_free = len(set(patients)) - units.n_units
-    counts = draw_cluster_counts([np.arange(test_units.size)], test_units.size, int(P["n_boot"]), cfg.seed)
     with stage("certificates", calibration_patients=int(cal_units.size), test_patients=int(test_units.size)):
-        res = evaluate_certificate(units, cal_units=cal_units, test_units=test_units, counts=counts,
-                                   alpha=float(P["alpha"]), bound=float(P["loss_bound"]), n_splits=int(P["n_splits"]),
-                                   seed=cfg.seed, ci_level=float(P["ci_level"]), calibrate_on=P["calibrate_on"])
+        res = run.evaluate("g4.certificate", *g4_inputs(units, cal_units=cal_units, test_units=test_units, P=P,
+                                                        seed=cfg.seed))  # the audit recomputes it from the inputs
+    res_details = res.extras["details"]
 
     backbone_prov = bb.provenance(blocks=[int(P["score_block"])], final_norm=bool(P["final_norm"]))
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
@@ -130,11 +127,11 @@ def run_g4(cfg: G4Config, *, command: list[str]) -> int:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         log.info("calibration metrics written to %s", path)
         return 0
-    run.artefacts.json("certificate.json", res.details,
+    run.artefacts.json("certificate.json", res_details,
                        description="thresholds, bands, Beta law, flags and the per-split test coverages and kept fractions")
     run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
     for key, name in (("crc", "conformal risk control"), ("allkept", "all-kept split conformal")):
-        run.notes.append(f"{name}: {res.details['flags'][key]} (band {res.details['bands'][key]})")
+        run.notes.append(f"{name}: {res_details['flags'][key]} (band {res_details['bands'][key]})")
     if n_free:
         run.notes.append(f"{n_free} pooled patient(s) without lesion tokens are outside the certificate")
     path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)

@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G5 - lesion-routed depth: fewer MACs without losing small lesions.
@@ -98,19 +98,16 @@ def label_free_stage(data, bb, splits, P, cfg, bank_dir, on_shard=None):  # noqa
 
 def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     from covtoken.arch.routed_depth import time_forwards, top_keep
-    from covtoken.arch.routing_eval import routing_metrics
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
-    from covtoken.eval.bootstrap import draw_cluster_counts
+    from covtoken.eval.gate_arch import g5_inputs
     from covtoken.eval.labels import lesion_components
     from covtoken.runner import Run, stage
 
     spec = get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G5", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G5", cfg, command=command)
     P = run.parameters
     if not 0 <= int(P["exit_after"]) < spec.depth - 1:
         raise ValueError(f"locked exit_after {P['exit_after']} must lie in [0, {spec.depth - 1}) for {cfg.backbone}")
@@ -136,11 +133,12 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
     lesions = [[c["tokens"] for c in comps] for comps in components]
     areas = [[c["area_tokens"] for c in comps] for comps in components]
     patients = np.array(bank.patient_ids)[rows["test"]]
-    counts = draw_cluster_counts([np.arange(len(splits["test"]))], len(splits["test"]), int(P["n_boot"]), cfg.seed)
-    with stage("evaluate"):
-        res = routing_metrics(rd=rd, kept=routed["kept"], bank_kept=bank_kept, scores=scores, lesions=lesions,
-                              areas=areas, patients=patients, patient_order=sorted(splits["test"]), counts=counts,
-                              macs=routed["macs"], timing=timing, P=P, device=str(bb.device))
+    with stage("evaluate"):  # through the recipe the audit recomputes from the stored inputs
+        res = run.evaluate("g5.routing", *g5_inputs(
+            rd=rd, kept=routed["kept"], bank_kept=bank_kept, scores=scores, lesions=lesions, areas=areas,
+            patients=patients, patient_order=sorted(splits["test"]), macs=routed["macs"], timing=timing, P=P,
+            device=str(bb.device), seed=cfg.seed))
+    res_curve, res_notes = res.extras["curve"], res.extras["notes"]
 
     backbone_prov = bb.provenance(blocks=sorted(scores), final_norm=False)
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
@@ -151,12 +149,12 @@ def run_g5(cfg: G5Config, *, command: list[str]) -> int:
         path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
         log.info("calibration metrics written to %s", path)
         return 0
-    run.artefacts.json("curve.json", res.curve, description="MACs ratio vs small-lesion sensitivity over (exit block, "
+    run.artefacts.json("curve.json", res_curve, description="MACs ratio vs small-lesion sensitivity over (exit block, "
                        "keep fraction), with patient-clustered CIs and the random-routing baseline")
     run.artefacts.json("macs.json", {**routed["macs"], "timing": timing},
                        description="analytic vs directly counted MACs of one batch, and wall-clock of both forwards")
     run.artefacts.json("splits.json", manifest, description="patient membership of each split, with its digest")
-    run.notes.extend(res.notes)
+    run.notes.extend(res_notes)
     path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
     log.info("record: %s", path)
     return 0

@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G6 - the negative result: a coverage-constrained token pruner does not protect small lesions.
@@ -39,7 +39,7 @@ import numpy as np
 from covtoken.runner import JobConfig, job_main, load_gate_dataset
 
 log = logging.getLogger("covtoken.g6")
-FUNCTIONAL_PARAMS = {"rankme": {}, "coding_rate": {"eps": 0.5}, "energy": {}}
+from covtoken.eval.gate_g6 import FUNCTIONAL_PARAMS, evaluate_g6, g6_inputs  # noqa: E402,F401  (moved to covtoken.eval)
 
 
 @dataclass(frozen=True)
@@ -84,110 +84,6 @@ def prune_stage(tokens: np.ndarray, P, seed: int, device: str = "cpu"):  # noqa:
     return fit_pruner(tokens, PrunerConfig(**dict(P["pruner"]), seed=seed), device=device)
 
 
-def _median_metric(values: np.ndarray, patients: np.ndarray, P, seed: int, *, unit: str, description: str) -> dict:  # noqa: ANN001
-    from covtoken.eval.lesion_miss import clustered_median_bootstrap
-
-    med, ci, n = clustered_median_bootstrap(values, patients, n_boot=int(P["n_boot"]), ci_level=float(P["ci_level"]),
-                                            seed=seed)
-    return {"value": med, "ci": list(ci), "ci_level": float(P["ci_level"]),
-            "ci_method": "patient-clustered percentile bootstrap of the median over images", "n": n, "unit": unit,
-            "description": description}
-
-
-def evaluate_g6(*, tokens: np.ndarray, membership: np.ndarray, pruned, lesions, small_max: float, P,  # noqa: ANN001
-                seed: int) -> tuple[dict, list[dict]]:
-    """Recall at equal keep counts (C1) and the mechanism (C2) on test images.
-
-    Args:
-        tokens: ``(B, N, d)`` test tokens of the pruner's block.
-        membership: ``(B, N)`` membership scores of the selected arm on the same images.
-        pruned: the pruner's result on ``tokens``.
-        lesions: LesionSet of the test images (rows index ``tokens``).
-        small_max: small-lesion area cut-off in tokens.
-        P: locked parameters.
-        seed: bootstrap / random-removal seed.
-
-    Returns:
-        ``(metrics, per_image)``.
-    """
-    from covtoken.coverage import evaluate, relative_change
-    from covtoken.eval.lesion_miss import (best_rank, clustered_rate_bootstrap, diff_metric, random_miss_probability,
-                                           rate_metric, retained_by)
-    from covtoken.gate.keep import token_ranks
-
-    n_img, n_tok = membership.shape
-    k = pruned.kept.sum(axis=1)
-    small = lesions.select(lesions.area <= small_max)
-    if len(small) == 0:
-        raise ValueError(f"no small lesion (area <= {small_max} tokens) among the test patients")
-    kk = k[small.image]
-    events = [retained_by(pruned.kept, small), best_rank(token_ranks(membership), small) < kk,
-              1.0 - random_miss_probability(n_tok, small.n_touched, kk)]
-    rb = clustered_rate_bootstrap(np.array(events, dtype=np.float64), small, n_boot=int(P["n_boot"]),
-                                  ci_level=float(P["ci_level"]), seed=seed)
-    unit = "small-lesion recall"
-    metrics = {
-        "small_recall_pruner": rate_metric(rb, 0, unit=unit, description="coverage-constrained pruner, deterministic gates"),
-        "small_recall_membership": rate_metric(rb, 1, unit=unit, description=(
-            "membership pruning keeping as many tokens as the pruner in each image")),
-        "small_recall_random": rate_metric(rb, 2, unit=unit, description=(
-            "expected recall of as many tokens kept uniformly at random, 1 - C(N-t,k)/C(N,k)")),
-        "delta_small_recall": diff_metric(rb, 0, 1, unit="small-lesion recall difference", description=(
-            "pruner minus membership at equal per-image keep counts, paired over patients")),
-        "delta_small_recall_vs_random": diff_metric(rb, 0, 2, unit="small-lesion recall difference",
-                                                    description="pruner minus random keep at equal keep counts"),
-    }
-
-    les_img = np.unique(lesions.image)
-    mask = np.zeros((n_img, n_tok), dtype=bool)
-    for img, toks in zip(lesions.image, lesions.tokens):
-        mask[img, toks] = True
-    mask = mask[les_img]
-    x = tokens[les_img]
-    rng = np.random.default_rng(seed)
-    rand = np.zeros_like(mask)
-    for i in range(len(les_img)):
-        free = np.flatnonzero(~mask[i])
-        rand[i, rng.choice(free, size=min(int(mask[i].sum()), free.size), replace=False)] = True
-    patient_of = dict(zip(lesions.image.tolist(), lesions.patient.tolist()))
-    patients = np.array([patient_of[int(img)] for img in les_img], dtype=object)
-    per_image = [{"test_row": int(r), "lesion_tokens": int(m.sum()), "kept": int(k[r])} for r, m in zip(les_img, mask)]
-    pc = dict(P["pruner"])
-    slack = 1.0 - float(pc["target"])
-    for name, params in FUNCTIONAL_PARAMS.items():
-        drop = -relative_change(name, x, mask, **params)
-        drop_random = -relative_change(name, x, rand, **params)
-        for rec, a, b in zip(per_image, drop, drop_random):
-            rec[f"drop_{name}"], rec[f"random_drop_{name}"] = float(a), float(b)
-        metrics[f"lesion_drop_{name}"] = _median_metric(drop, patients, P, seed, unit="relative drop", description=(
-            f"(F(all) - F(all minus every lesion token)) / F(all) for {name}, median over lesion images"))
-        metrics[f"random_drop_{name}"] = _median_metric(drop_random, patients, P, seed, unit="relative drop",
-                                                        description=f"the same for as many random non-lesion tokens ({name})")
-    cf, cp = pc["functional"], ({} if pc.get("eps") is None else {"eps": float(pc["eps"])})
-    drop_cf = -relative_change(cf, x, mask, **cp)
-    metrics["lesion_drop_over_slack"] = _median_metric(drop_cf / slack, patients, P, seed, unit="ratio", description=(
-        f"relative drop of the constraint functional ({cf}) when every lesion token is removed, over the slack "
-        f"1 - c = {slack:.3g}; below 1 the constraint holds with every lesion token dropped"))
-    full = evaluate(cf, x, None, **cp)
-    kept = pruned.kept[les_img]
-    gain = (evaluate(cf, x, kept | mask, **cp) - evaluate(cf, x, kept, **cp)) / full
-    for rec, g in zip(per_image, gain):
-        rec["restore_gain"] = float(g)
-    metrics["restore_gain_over_slack"] = _median_metric(gain / slack, patients, P, seed, unit="ratio", description=(
-        "(F(pruner keep set + lesion tokens) - F(pruner keep set)) / F(all), over the slack: what restoring the "
-        "lesion tokens would buy the optimiser"))
-    metrics["pruner_keep_fraction"] = {
-        "value": float(pruned.keep_fraction.mean()), "ci": None, "ci_method": None,
-        "n": {"images": int(n_img), "tokens": int(n_img * n_tok)}, "unit": "fraction of tokens",
-        "description": "mean fraction of tokens the pruner keeps per test image (membership keeps the same counts)"}
-    metrics["constraint_met_fraction"] = {
-        "value": float(np.mean(pruned.ratio >= float(pc["target"]) - 1e-9)), "ci": None, "ci_method": None,
-        "n": {"images": int(n_img)}, "unit": "fraction of images",
-        "description": f"test images whose returned keep set satisfies F(kept) >= {pc['target']} F(all) "
-                       f"({int((pruned.repaired > 0).sum())} of {n_img} images needed dropped tokens added back)"}
-    return metrics, per_image
-
-
 def explain(metrics: dict, arm: str, P) -> list[str]:  # noqa: ANN001
     """The record's notes: what the numbers say about the hypothesis, for NEGATIVE_RESULT.md."""
     def v(name: str) -> str:
@@ -226,7 +122,6 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.tokenbank import TokenBank
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
     from covtoken.eval.labels import lesion_components
     from covtoken.eval.lesion_miss import LesionSet, best_rank, select_lowest_miss
@@ -234,8 +129,7 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     from covtoken.runner import Run, stage
 
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G6", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G6", cfg, command=command)
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset)
@@ -265,12 +159,10 @@ def run_g6(cfg: G6Config, *, command: list[str]) -> int:
     test_tokens = bank.tokens(block, rows["test"])
     with stage("prune", images=len(rows["test"]), block=block):
         pruned = prune_stage(test_tokens, P, cfg.seed, cfg.device)
-    with stage("evaluate"):
-        metrics, per_image = evaluate_g6(tokens=test_tokens, membership=membership[arm][n_val:], pruned=pruned,
-                                         lesions=lesions["test"], small_max=small_max, P=P, seed=cfg.seed)
-    metrics["membership_block"] = {"value": float(block), "ci": None, "ci_method": None,
-                                   "n": {"patients": int(len(np.unique(val_small.patient)))},
-                                   "unit": "0-based block index", "description": f"{arm} chosen on validation"}
+    with stage("evaluate"):  # selection and test metrics through the recipe the audit recomputes
+        ev = run.evaluate("g6.pruner", *g6_inputs(tokens=test_tokens, membership=membership, n_val=n_val,
+                                                  pruned=pruned, lesions=lesions, arm=arm, P=P, seed=cfg.seed))
+    metrics, per_image = ev.metrics, ev.extras["per_image"]
 
     backbone_prov = bb.provenance(blocks=list(range(bb.spec.depth)), final_norm=bool(P["final_norm"]))
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)

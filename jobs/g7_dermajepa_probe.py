@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G7 - a DermaJEPA-style probe head generalises to a held-out nuisance family.
@@ -34,6 +34,7 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -136,16 +137,15 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     from covtoken.backbone.embed import embedding_model_id
     from covtoken.backbone.frozen import load_backbone
     from covtoken.backbone.registry import get_spec
-    from covtoken.data.catalog import is_embedded
     from covtoken.data.pairs import lesion_table
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
-    from covtoken.eval.change import EvalLesions, build_pairs, evaluate_g7, score_pairs
+    from covtoken.eval.change import EvalLesions, build_pairs, score_pairs
+    from covtoken.eval.gate_g7 import g7_inputs
     from covtoken.runner import Run, stage
 
     log = logging.getLogger("covtoken.g7")
     get_spec(cfg.backbone)  # an unknown backbone fails here, before any data is touched
-    embedded = is_embedded(cfg.dataset) and cfg.backbone == "tiny-vit"
-    run = Run.for_gate("G7", cfg, command=command, default_entry="embedded" if embedded else "real")
+    run = Run.for_gate("G7", cfg, command=command)
     P = run.parameters
 
     data = load_gate_dataset(cfg, P, dataset=cfg.dataset, root=cfg.data_root)
@@ -170,8 +170,9 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
                                     images=lf.eval_pixels, pixel_size=int(P["pixel_size"]))
                   for name, p in pairs.items()}
         heads = {h: [f"{h}/seed{t.seed}" for t in ts] for h, ts in lf.trained.items()}
-        res = evaluate_g7(val=pairs["val"], test=pairs["test"], val_scores=scores["val"], test_scores=scores["test"],
-                          heads=heads, n_boot=int(P["n_boot"]), ci_level=float(P["ci_level"]), seed=cfg.seed)
+        ev = run.evaluate("g7.change", *g7_inputs(pairs=pairs, scores=scores, heads=heads, n_boot=int(P["n_boot"]),
+                                                  ci_level=float(P["ci_level"]), seed=cfg.seed))  # audit recomputes
+        res = SimpleNamespace(metrics=ev.metrics, **ev.extras)
 
     backbone_prov = {**bb.provenance(blocks=[bb.spec.depth - 1], final_norm=True),
                      "embedding": "pooled image embedding (covtoken.backbone.embed), L2-normalised",

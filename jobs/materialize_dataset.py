@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """Materialize a raw dataset into covtoken's common layout as a Hugging Face dataset.
@@ -37,11 +37,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deidentify", action="store_true", help="run DICOM files through the de-identifier first")
     p.add_argument("--deid-key-env", default="COVTOKEN_DEID_KEY", help="environment variable holding the key")
     p.add_argument("--date-shift-days", type=int, default=None, help="shift dates instead of removing them")
+    p.add_argument("--licence", help="SPDX licence id of the data (default: read from the catalog's licence text)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
 
     from covtoken.data.catalog import load_dataset
-    from covtoken.data.materialize import dataset_card, push_dataset, write_hub_layout
+    from covtoken.data.errors import DataError
+    from covtoken.data.licences import spdx_licence
+    from covtoken.data.materialize import dataset_card, describe_deidentification, push_dataset, write_hub_layout
     from covtoken.provenance import code_state
 
     log = logging.getLogger("covtoken.materialize")
@@ -58,10 +61,16 @@ def main(argv: list[str] | None = None) -> int:
             root = deidentified_copy(root, Path(staging) / "deid", key=key, date_shift_days=args.date_shift_days)
         data = load_dataset(args.dataset, root=root)
         prov = {k: v for k, v in data.provenance.items() if k != "source"}
+        try:
+            licence = spdx_licence(args.licence or data.provenance.get("licence", ""))
+        except DataError as exc:
+            p.error(str(exc))
         card = dataset_card(name=args.dataset, provenance=prov, n_images=len(data.items),
-                            n_patients=len({it.patient_id for it in data.items}),
-                            licence=_licence_id(data.provenance.get("licence", "other")),
-                            citation=data.provenance.get("citation", "see source"), kit_commit=code_state()["commit"])
+                            n_patients=len({it.patient_id for it in data.items}), licence=licence,
+                            citation=data.provenance.get("citation", "see source"), kit_commit=code_state()["commit"],
+                            deidentification=describe_deidentification(
+                                data.items, date_shift_days=args.date_shift_days if args.deidentify else None),
+                            label_columns=_label_columns(data.masks))
         out = write_hub_layout(data.items, data.masks, args.out, card=card)
     log.info("materialized %d images into %s", len(data.items), out)
     if args.push_to:
@@ -70,13 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _licence_id(text: str) -> str:
-    """Hub licence identifier from the adapter's licence text."""
-    t = text.lower()
-    for needle, ident in (("cc0", "cc0-1.0"), ("cc by 4.0", "cc-by-4.0"), ("cc by 3.0", "cc-by-3.0")):
-        if needle in t:
-            return ident
-    return "other"
+def _label_columns(masks) -> list[str]:  # noqa: ANN001 (EvalMasks)
+    """Names of the image-level labels sealed with the masks (read by the data layer, which writes them)."""
+    from covtoken.data.materialize import label_names
+
+    return label_names(masks)
 
 
 if __name__ == "__main__":

@@ -130,3 +130,14 @@ def wait_until(cond: Any, timeout: float = 60.0, what: str = "condition") -> Non
 def grep_tree(root: Path, needle: bytes) -> list[str]:
     """Files under ``root`` whose bytes contain ``needle``."""
     return [str(p) for p in root.rglob("*") if p.is_file() and not p.is_symlink() and needle in p.read_bytes()]
+
+
+def hf_cli() -> list[str]:
+    """argv prefix of the real ``hf`` CLI of this interpreter (its script, or its console entry point)."""
+    import sys
+
+    script = Path(sys.executable).parent / "hf"
+    if script.is_file():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys, importlib.metadata as m; "
+            "(ep,) = m.entry_points(group='console_scripts', name='hf'); sys.argv[0] = 'hf'; sys.exit(ep.load()())"]

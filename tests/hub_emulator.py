@@ -315,7 +315,7 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 def _error_reply(err: HubHTTPError) -> Reply:
-    headers = {"X-Error-Message": err.message.replace("\n", " ").encode("ascii", "replace").decode()}
+    headers = {"X-Error-Message": err.message.replace("\n", " ").encode("ascii", "replace").decode(), **err.headers}
     if err.error_code:
         headers["X-Error-Code"] = err.error_code
     return Reply(status=err.status, body={"error": err.message}, headers=headers)
@@ -343,6 +343,12 @@ class HubEmulator:
                                       scheduling_delay_s=scheduling_delay_s, keepalive_s=keepalive_s,
                                       kill_grace_s=kill_grace_s)
         self.requests: list[tuple[str, str]] = []
+        # commit rate limit (see `limit_commits`): (k commits, per window_s, Retry-After seconds or None)
+        self.commit_limit: tuple[int, float, float | None] | None = None
+        self.commit_times: dict[str, list[float]] = {}
+        self.rate_limited: list[str] = []  # repo id of every commit answered 429
+        self.validate_yaml_error: str | None = None
+        self._limit_lock = threading.Lock()
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -377,6 +383,32 @@ class HubEmulator:
         self.stop()
 
     # -------------------------------------------------------------- test helpers
+    def limit_commits(self, k: int | None, window_s: float = 3600.0, retry_after_s: float | None = 1.0) -> None:
+        """Answer 429 to a repo's commit once it had ``k`` commits in the last ``window_s`` seconds (the Hub's
+        "128 per hour" limit, scaled); ``Retry-After`` is sent when ``retry_after_s`` is not None. None lifts it."""
+        with self._limit_lock:
+            self.commit_limit = None if k is None else (int(k), float(window_s), retry_after_s)
+            self.commit_times.clear()
+
+    def _check_commit_rate(self, repo_key: str) -> None:
+        with self._limit_lock:
+            if self.commit_limit is None:
+                return
+            k, window, retry_after = self.commit_limit
+            now = time.monotonic()
+            times = [t for t in self.commit_times.get(repo_key, []) if now - t < window]
+            self.commit_times[repo_key] = times
+            if len(times) >= k:
+                self.rate_limited.append(repo_key)
+                headers = {} if retry_after is None else {"Retry-After": f"{retry_after:g}"}
+                raise HubHTTPError(429, f"You have exceeded the rate limit for repository commits ({k} per "
+                                        f"{window:g} s, emulated). Please retry later.", headers=headers)
+            times.append(now)
+
+    def kill_attempt(self, job_id: str) -> None:
+        """SIGKILL the running attempt of a job; with attempts left the job reruns (a Hub-native retry)."""
+        self.job_manager.kill_attempt(job_id)
+
     def kill_job(self, job_id: str, message: str = "Job was killed (emulated node failure)") -> dict[str, Any]:
         """SIGKILL a job's process group abruptly, mark it ERROR with `message`; returns its JobInfo payload."""
         return self.job_manager.info(self.job_manager.kill(job_id, message))
@@ -440,6 +472,8 @@ class HubEmulator:
             self.store.delete(data.get("type") or "model", f"{ns}/{data['name']}")
             return Reply(body={})
         if segs == ["api", "validate-yaml"] and method == "POST":
+            if self.validate_yaml_error:
+                raise HubHTTPError(400, self.validate_yaml_error)
             return Reply(body={"errors": [], "warnings": []})
         if len(segs) >= 4 and segs[0] == "api" and segs[1] in REPO_TYPES:
             return self._repo_api(method, REPO_TYPES[segs[1]], f"{segs[2]}/{segs[3]}", segs[4:], query, body)
@@ -490,6 +524,7 @@ class HubEmulator:
                                           "oid": files.get(f["path"].strip("/"), {}).get("oid")}
                                          for f in _json_body(body).get("files", [])]})
         if method == "POST" and rest[0] == "commit" and len(rest) == 2:
+            self._check_commit_rate(f"{rtype}/{repo_id}")
             return self._commit(rtype, repo_id, rest[1], query, body)
         if method == "GET" and rest[0] == "commits" and len(rest) == 2:
             history = self.store.history(rtype, repo_id, rest[1])

@@ -13,7 +13,8 @@ Jobs run as local subprocesses (own process group, cwd `jobs_dir/<id>/work`):
 - merged stdout/stderr lines, timestamped, are the job log (memory + `logs.jsonl`), served as SSE with a
   `===== Job started ... =====` marker first, replayed in full on every request, open while the job runs.
 Stages: SCHEDULING (`scheduling_delay_s`) -> RUNNING -> COMPLETED | ERROR (`Job failed with exit code: N`, timeout,
-failed mount, `kill`) | CANCELED. `attempts` > 1 reruns a failing command in place (same log, stays RUNNING).
+failed mount, `kill`) | CANCELED. `attempts` > 1 reruns a failing command (same job, same log, stays RUNNING)
+in a fresh `work/` folder, as a new container would start; `kill_attempt` SIGKILLs one attempt so the next runs.
 Only the standard library is used. Xet/bucket staging, buckets, expose/ssh/networks and scheduled jobs are not
 emulated.
 """
@@ -23,6 +24,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,9 +106,11 @@ def iso(ts: float | None) -> str | None:
 class HubHTTPError(Exception):
     """An HTTP error reply; `error_code` goes to `X-Error-Code` (e.g. RepoNotFound, EntryNotFound)."""
 
-    def __init__(self, status: int, message: str, error_code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, error_code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.error_code = status, message, error_code
+        self.headers = dict(headers or {})
 
 
 @dataclass
@@ -225,6 +229,14 @@ class JobManager:
         self.wait(job_id, wait_s)
         return job
 
+    def kill_attempt(self, job_id: str) -> None:
+        """Test helper: SIGKILL the running attempt of a job (a node failure); with attempts left it reruns."""
+        job = self.jobs[job_id]
+        with job.cond:
+            proc = job.proc
+        if proc is not None:
+            _killpg(proc, signal.SIGKILL)
+
     def wait(self, job_id: str, timeout: float) -> Job:
         """Block until the job is terminal (TimeoutError otherwise)."""
         job = self.jobs[job_id]
@@ -272,6 +284,9 @@ class JobManager:
             if rc == 0 or job.cancel_requested or job.kill_message or job.timed_out or attempt + 1 == attempts:
                 break
             self._append_log(job, f"===== Job started again (attempt {attempt + 2}/{attempts}) =====")
+            _make_writable(job.dir / "work")  # a retry starts in a fresh container: nothing on disk survives
+            shutil.rmtree(job.dir / "work", ignore_errors=True)
+            (job.dir / "work").mkdir()
         with job.cond:
             if job.kill_message:
                 self._finish(job, "ERROR", job.kill_message)

@@ -37,7 +37,7 @@ def workspace(g1_run, tmp_path) -> tuple[Path, Path, Path]:
 
 
 def problems(results: Path, lock: Path) -> list[str]:
-    rep = audit_folder(results, lock_path=lock)
+    rep = audit_folder(results, lock_path=lock, allow_unproven_prereg=True, allow_dirty=True)
     return rep.all_problems() if not rep.ok else []
 
 
@@ -50,16 +50,16 @@ def rewrite(path: Path, fn) -> None:
 def test_clean_run_passes_and_writes_summaries(workspace):
     results, record, lock = workspace
     assert problems(results, lock) == []
-    rc = cli_main(["audit", str(results), "--lock", str(lock)])
+    rc = cli_main(["audit", str(results), "--lock", str(lock), "--allow-unproven-prereg", "--allow-dirty"])
     assert rc == 0
     summary = (results / "SUMMARY.md").read_text()
     rec = json.loads(record.read_text())
     assert rec["run_id"] in summary and f"**{rec['decision']}**" in summary
     assert (results / "NEGATIVE_RESULT.md").is_file()
     # --check accepts fresh summaries and rejects a stale one
-    assert cli_main(["audit", str(results), "--lock", str(lock), "--check"]) == 0
+    assert cli_main(["audit", str(results), "--lock", str(lock), "--allow-unproven-prereg", "--allow-dirty", "--check"]) == 0
     (results / "SUMMARY.md").write_text(summary.replace(rec["decision"], "edited"))
-    assert cli_main(["audit", str(results), "--lock", str(lock), "--check"]) == 1
+    assert cli_main(["audit", str(results), "--lock", str(lock), "--allow-unproven-prereg", "--allow-dirty", "--check"]) == 1
 
 
 def test_record_is_complete(workspace):
@@ -126,6 +126,25 @@ def test_edited_protocol_parameters_are_caught(workspace):
     rewrite(record, lambda d: d["provenance"]["parameters"].__setitem__("n_boot", 10))
     msgs = problems(results, lock)
     assert any("field provenance/parameters" in m and "n_boot" in m for m in msgs), msgs
+
+
+def test_record_claiming_real_with_random_weights_fails(workspace):
+    """The tier is recomputed from the record's facts: a flow check relabelled as real evidence is caught."""
+    results, record, lock = workspace
+    assert json.loads(record.read_text())["evidence"] == "flow-check"
+    rewrite(record, lambda d: d.__setitem__("evidence", "real"))
+    msgs = problems(results, lock)
+    assert any("field evidence: claims 'real', more than its facts allow: 'flow-check'" in m for m in msgs), msgs
+    rewrite(record, lambda d: d["provenance"]["backbone"].__setitem__("weights_verified", True))  # a flag is no fact
+    assert any("field evidence" in m for m in problems(results, lock))
+
+
+def test_flow_check_judged_under_a_real_entry_fails(workspace):
+    results, record, lock = workspace
+    real = ThresholdLock.load(lock).entry("G1/real")
+    rewrite(record, lambda d: d["lock"].update(entry="G1/real", entry_digest=real.digest))
+    msgs = problems(results, lock)
+    assert any("field lock/entry: a flow-check run judged under G1/real" in m for m in msgs), msgs
 
 
 def test_flipped_artefact_byte_is_caught(workspace):

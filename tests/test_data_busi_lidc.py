@@ -59,12 +59,22 @@ def test_busi_loads_grey_masks_and_stem_patients(tmp_path: Path) -> None:
     assert masks["benign_1"]._labels == {"diagnosis": "benign"}
 
 
-def test_busi_colour_image_uses_luma(tmp_path: Path) -> None:
-    img, mask = _pair()
-    rgb = np.stack([img, 255 - img, img // 2], axis=2).astype(np.uint8)
+def test_busi_grey_image_with_coloured_marks_uses_luma(tmp_path: Path) -> None:
+    img, mask = _pair(20, 20)
+    rgb = np.repeat(img[..., None], 3, axis=2).astype(np.uint8)
+    rgb[0, :10] = (255, 0, 0)  # a red caliper mark on 10 of 400 pixels, as on real BUSI images
     items, _ = load_busi(_busi(tmp_path, {"x": (rgb, mask)}))
     expected = np.asarray(Image.fromarray(rgb).convert("L")) / 255.0
     np.testing.assert_allclose(items[0].image, expected, atol=1e-7)
+
+
+def test_busi_refuses_colour_content_naming_file_and_row(tmp_path: Path) -> None:
+    from covtoken.data.errors import DatasetIdentityError
+
+    img, mask = _pair()
+    rgb = np.stack([img, 255 - img, img // 2], axis=2).astype(np.uint8)  # dermoscopy-like: every pixel coloured
+    with pytest.raises(DatasetIdentityError, match=r"index\.csv:2: .*x\.png: \d+% of pixels are coloured"):
+        load_busi(_busi(tmp_path, {"x": (rgb, mask)}))
 
 
 def test_busi_shape_mismatch_names_both_files(tmp_path: Path) -> None:

@@ -20,14 +20,15 @@ from huggingface_hub import HfApi
 from huggingface_hub.utils import parse_hf_mount
 from scipy import stats
 
-from covtoken import launcher
-from covtoken.bundle import BundleError, build_bundle, source_state, verify_bundle
-from covtoken.hfspec import HFJobsError, make_request, parse_timeout
-from covtoken.hfsweep import t_interval
-from covtoken.hubsync import HubSync, HubSyncError, JobEnv
+from covtoken.hfjobs import launcher
+from covtoken.hfjobs.bundle import BundleError, build_bundle, source_state, verify_bundle
+from covtoken.hfjobs.errors import HFJobsError
+from covtoken.hfjobs.hubsync import HubSync, HubSyncError, JobEnv
+from covtoken.hfjobs.spec import make_request, parse_timeout
+from covtoken.hfjobs.sweep import t_interval
 from covtoken.provenance import _dirty_state
-from hfjobs_support import (FAKE_TOKEN, G1, NS, covtoken, fake_token, head, hf_cache, jobs_of, new_repo,  # noqa: F401
-                            snapshot)
+from hfjobs_support import (FAKE_TOKEN, G1, NS, covtoken, fake_token, head, hf_cache, hf_cli, jobs_of,  # noqa: F401
+                            new_repo, snapshot)
 from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
 
 
@@ -54,15 +55,15 @@ def test_timeouts_and_labels() -> None:
         with pytest.raises(HFJobsError, match="--timeout"):
             parse_timeout(bad)
     req = make_request(run_id="g1-20260101t000000-abcdef", attempt=0, namespace=NS, results_repo=f"{NS}/r",
-                       job=G1, job_args=["--smoke"], commit="a" * 40)
+                       job=G1, job_args=["--smoke"], commit="a" * 40, image="img")
     assert req.labels["run"] == "g1-20260101t000000-abcdef" and req.labels["code"] == "a" * 12
     assert req.labels["gate"] == "g1" and req.labels["name"] == req.run_id
     with pytest.raises(HFJobsError, match="label seed=1.5"):
         make_request(run_id="g1-20260101t000000-abcdef", attempt=0, namespace=NS, results_repo=f"{NS}/r", job=G1,
-                     job_args=[], commit="a" * 40, labels={"seed": "1.5"})
+                     job_args=[], commit="a" * 40, labels={"seed": "1.5"}, image="img")
     with pytest.raises(HFJobsError, match="g<N>_<name>.py"):
         make_request(run_id="x-20260101t000000-abcdef", attempt=0, namespace=NS, results_repo=f"{NS}/r",
-                     job="jobs/lesions.py", job_args=[], commit="a" * 40)
+                     job="jobs/lesions.py", job_args=[], commit="a" * 40, image="img")
     mount = parse_hf_mount(req.volume("b" * 40).to_uri())
     assert (mount.source.type, mount.source.id, mount.source.revision, mount.source.path_in_repo, mount.mount_path,
             mount.read_only) == ("dataset", f"{NS}/r", "b" * 40, f"runs/{req.run_id}/code", "/code", True)
@@ -113,8 +114,9 @@ def test_bundle_and_launcher_refuse_a_tampered_bundle(snapshot: Path, tmp_path: 
     assert set(info["files"]) >= {G1, "launch.py", "configs/thresholds.lock.json", "constraints.txt", info["wheel"]}
     with zipfile.ZipFile(bundle / info["wheel"]) as zf:
         names = zf.namelist()
-    assert "covtoken/runner.py" in names and "covtoken/hubsync.py" in names and "covtoken/launcher.py" in names
-    assert (bundle / "launch.py").read_bytes() == (snapshot / "launcher.py").read_bytes()
+    assert "covtoken/runner.py" in names and "covtoken/hfjobs/hubsync.py" in names
+    assert "covtoken/hfjobs/launcher.py" in names
+    assert (bundle / "launch.py").read_bytes() == (snapshot / "hfjobs" / "launcher.py").read_bytes()
     copy = tmp_path / "bundle"
     subprocess.run(["cp", "-r", str(bundle), str(copy)], check=True)
     (copy / "configs" / "thresholds.lock.json").write_text("{}")
@@ -135,7 +137,7 @@ def test_dirty_tree_is_refused_unless_allowed(hub: HubEmulator, fake_token: str,
     target.write_bytes(original + b"\n# an uncommitted edit\n")
     try:
         res = covtoken("submit", G1, "--results-repo", new_repo(), "--dry-run", "--", "--smoke", cwd=snapshot)
-        assert res.rc == 1 and "uncommitted changes (record.py)" in res.err and "--allow-dirty" in res.err
+        assert res.rc == 2 and "uncommitted changes (record.py)" in res.err and "--allow-dirty" in res.err
         res = covtoken("submit", G1, "--results-repo", new_repo(), "--dry-run", "--allow-dirty", "--", "--smoke",
                        cwd=snapshot)
         assert res.rc == 0, res.text
@@ -154,7 +156,7 @@ def test_dirty_tree_is_refused_unless_allowed(hub: HubEmulator, fake_token: str,
 def test_dry_run_prints_a_spec_and_commands_that_paste(hub: HubEmulator, fake_token: str, snapshot: Path) -> None:
     repo = new_repo()
     res = covtoken("submit", G1, "--results-repo", repo, "--flavor", "t4-small", "--timeout", "2h", "--dry-run",
-                   "--", "--smoke", cwd=snapshot)
+                   "--namespace", NS, "--", "--smoke", cwd=snapshot)
     assert res.rc == 0, res.text
     assert "t4-small" in res.err and "$0.40/hour" in res.err and "worst case  $0.80" in res.err
     assert FAKE_TOKEN not in res.text
@@ -163,7 +165,7 @@ def test_dry_run_prints_a_spec_and_commands_that_paste(hub: HubEmulator, fake_to
     run = shlex.split(next(ln for ln in lines if ln.startswith("hf jobs run ")))
     spec = json.loads(res.out[res.out.index("{"):])
     rid = spec["environment"]["COVTOKEN_RUN_ID"]
-    assert spec["command"] == ["uv", "run", "/code/launch.py", "--smoke"] and spec["flavor"] == "t4-small"
+    assert spec["command"] == ["python", "/code/launch.py", "--smoke"] and spec["flavor"] == "t4-small"
     assert spec["timeoutSeconds"] == 7200 and spec["labels"]["run"] == rid
     assert FAKE_TOKEN not in json.dumps(spec["secrets"])
     assert spec["volumes"] == [{"type": "dataset", "source": repo, "mountPath": "/code", "readOnly": True,
@@ -172,10 +174,9 @@ def test_dry_run_prints_a_spec_and_commands_that_paste(hub: HubEmulator, fake_to
     assert not api.repo_exists(repo, repo_type="dataset") and jobs_of(hub, rid) == []  # nothing was submitted
 
     # paste both commands into the real `hf` CLI: the emulator receives the spec that was printed
-    hf = str(Path(sys.executable).parent / "hf")
     api.create_repo(repo, repo_type="dataset", private=True)
     for cmd in (upload, run):
-        r = subprocess.run([hf, *cmd[1:]], capture_output=True, text=True, cwd=snapshot, timeout=120)
+        r = subprocess.run([*hf_cli(), *cmd[1:]], capture_output=True, text=True, cwd=snapshot, timeout=120)
         assert r.returncode == 0, r.stdout + r.stderr
     (job,) = jobs_of(hub, rid)
     api.cancel_job(job_id=job.id, namespace=NS)
@@ -192,10 +193,11 @@ def test_submit_asks_before_spending(hub: HubEmulator, fake_token: str, snapshot
     repo = new_repo()
     res = covtoken("submit", G1, "--results-repo", repo, "--flavor", "a10g-small", "--timeout", "30m", "--", "--smoke",
                    cwd=snapshot)
-    assert res.rc == 1 and "pass --yes" in res.err and "worst case  $0.50" in res.err
+    assert res.rc == 2 and "pass --yes" in res.err and "worst case  $0.50" in res.err
     assert not HfApi().repo_exists(repo, repo_type="dataset")
     bad = covtoken("submit", G1, "--results-repo", repo, "--flavor", "a10g-tiny", "--yes", cwd=snapshot)
-    assert bad.rc == 1 and "--flavor 'a10g-tiny' is not offered" in bad.err and "a10g-small" in bad.err
+    assert bad.rc == 2 and "--flavor 'a10g-tiny' is not offered" in bad.err and "a10g-small" in bad.err
+    assert "hf jobs hardware" in bad.err and len(bad.err.strip().splitlines()) == 1
 
 
 def _project(root: Path, name: str, deps: list[str]) -> Path:
@@ -233,7 +235,11 @@ def test_launcher_installs_the_wheel_with_the_constraints(tmp_path: Path, monkey
                           "print(m.version('covtoken-fakedep'), covtoken_fakekit.__file__)"],
                          capture_output=True, text=True, check=True).stdout.split()
     assert got[0] == "1.0" and str(tmp_path / "venv") in got[1]
-    assert "--constraint" in (tmp_path / "install.log").read_text()
+    text = (tmp_path / "install.log").read_text()
+    assert "--constraint" in text and "--system-site-packages" in text  # the image's own packages are kept
+    done = json.loads(next(ln for ln in text.splitlines() if '"event": "install_done"' in ln).split(" ", 1)[1])
+    assert done["installed"] == ["covtoken_fakedep-1.0", "covtoken_fakekit-1.0"] and done["bytes"] > 0
+    assert f"installed 2 distribution(s), {done['bytes']} bytes" in text
 
 
 def test_a_job_refuses_to_record_code_that_is_not_the_bundle(tmp_path: Path, monkeypatch) -> None:

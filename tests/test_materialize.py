@@ -87,3 +87,40 @@ def test_materialize_busi_sample_round_trip(realdata, tmp_path):
     card = (tmp_path / "b" / "README.md").read_text()
     assert "license: cc0-1.0" in card and "Al-Dhabyani" in card
     _same(load_dataset(str(tmp_path / "b")), load_dataset("busi", root=realdata / "busi"))
+
+
+def test_materialize_keeps_dx_labels_spdx_licence_and_says_what_was_deidentified(tmp_path):
+    """HAM10000-like data: the 'dx' label reaches the eval-only config (G7 needs it), CC BY-NC stays CC-BY-NC-4.0."""
+    from test_data_ham10000 import make
+
+    from covtoken.data.layout import unseal_labels  # noqa: F401 (the test peeks at sealed labels below)
+
+    job = load_job("materialize_dataset")
+    src = make(tmp_path / "ham")
+    assert job.main(["--dataset", "ham10000", "--data-root", str(src), "--out", str(tmp_path / "m")]) == 0
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "license: cc-by-nc-4.0" in card and "Licence (SPDX): CC-BY-NC-4.0" in card and "other" not in card
+    assert "no DICOM header" in card and ".jpg" in card and "de-identified as DICOM" not in card
+    assert "`dx`" in card
+    back = load_dataset(str(tmp_path / "m"))
+    orig = load_dataset("ham10000", root=src)
+    for iid in orig.masks:
+        assert back.masks[iid]._labels == orig.masks[iid]._labels  # test-only look inside the seals
+    assert {back.masks[i]._labels["dx"] for i in back.masks} == {"nv", "mel"}
+
+
+def test_materialize_refuses_an_unrecognised_licence_unless_stated(tmp_path):
+    import json
+
+    from test_data_checks import _folder_dataset
+
+    job = load_job("materialize_dataset")
+    root = _folder_dataset(tmp_path / "f", info={"name": "x", "licence": "ask the hospital", "modality": "US"},
+                           index=None)
+    with pytest.raises(SystemExit):
+        job.main(["--dataset", "folder", "--data-root", str(root), "--out", str(tmp_path / "m")])
+    assert not (tmp_path / "m").exists()
+    assert job.main(["--dataset", "folder", "--data-root", str(root), "--out", str(tmp_path / "m"),
+                     "--licence", "CC-BY-4.0"]) == 0
+    assert "license: cc-by-4.0" in (tmp_path / "m" / "README.md").read_text()
+    assert json.loads((tmp_path / "m" / "masks" / "metadata.jsonl").read_text().splitlines()[0])["labels"] == "{}"

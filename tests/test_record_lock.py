@@ -133,3 +133,59 @@ def test_run_ids_are_unique_and_valid():
 def test_schema_rejects_malformed_record():
     with pytest.raises(RecordError, match="<root>"):
         validate_record({"record_type": "covtoken.gate_record"}, source="x.json")
+
+
+GAIN = {"id": "C2", "metric": "delta", "comparator": ">", "threshold": 0.0, "judged_on": "ci_low",
+        "calibration_rule": "fixed", "min_effect": 0.02,
+        "min_effect_reason": "AUROC differences below 0.02 are not worth reporting (reader-study convention)"}
+
+
+@pytest.mark.parametrize("delta,lo,hi,outcome", [
+    (0.003, 0.0012, 0.005, "not_met"),      # a negligible gain whose CI excludes 0 is not a pass
+    (0.0006, -0.001, 0.002, "not_met"),
+    (0.05, 0.01, 0.09, "not_established"),   # worth reporting, not established above the bar
+    (0.05, 0.021, 0.09, "met"),
+])
+def test_minimum_effect_moves_the_bar(delta, lo, hi, outcome):
+    decision, (_, c), reason = judge([CRITERIA[0], GAIN], metrics(0.85, delta, lo, hi))
+    assert c["outcome"] == outcome and c["bar"] == pytest.approx(0.02) and c["min_effect"] == 0.02
+    assert decision == {"met": "pass", "not_met": "fail", "not_established": "inconclusive"}[outcome]
+    assert "needs > 0.020 (null 0.000 + minimum effect 0.020)" in reason
+    # without the minimum effect the same 0.003 gain passed: the field is what changes the decision
+    assert judge([CRITERIA[0], CRITERIA[1]], metrics(0.85, 0.003, 0.0012, 0.005))[0] == "pass"
+
+
+def test_decision_reason_reads_as_observed_and_needed():
+    nonin = {"id": "C1_recall_noninferior", "metric": "delta", "comparator": ">", "threshold": -0.1,
+             "judged_on": "ci_low"}
+    _, _, reason = judge([nonin], metrics(0.85, -0.2, -0.3158, 0.01))
+    assert reason == "C1_recall_noninferior: ci_low -0.316; needs > -0.100: not met"
+    _, _, reason = judge([CRITERIA[1]], metrics(0.85, 0.05, -0.0003, 0.1))
+    assert reason == "C2: ci_low -0.0003; needs > 0.000: not established (point 0.050 meets it)"
+    _, _, reason = judge([CRITERIA[0]], {})
+    assert reason == "C1: point n/a; needs >= 0.800: not computable"
+
+
+def test_validity_criterion_makes_the_decision_inconclusive():
+    validity = {"id": "V1", "metric": "auc", "comparator": "<", "threshold": 0.99, "judged_on": "point",
+                "role": "validity"}
+    fail_claim = dict(CRITERIA[1])
+    m = metrics(0.995, -0.05, -0.10, 0.01)
+    decision, judged, reason = judge([fail_claim, validity], m)
+    assert decision == "inconclusive" and judged[1]["outcome"] == "not_met"
+    assert reason.startswith("validity V1: point 0.995; needs < 0.990: not met: the measurement cannot decide")
+    assert judge([fail_claim, validity], metrics(0.9, -0.05, -0.10, 0.01))[0] == "fail"  # valid proxy: fail stands
+
+
+def test_lock_checks_effect_fields():
+    base = dict(GAIN)
+    for bad, match in [({"min_effect": -0.01}, "min_effect"), ({"min_effect_reason": ""}, "min_effect_reason"),
+                       ({"effect_kind": "other"}, "effect_kind"), ({"role": "x"}, "role"),
+                       ({"effect_kind": "non_inferiority"}, "margin")]:
+        with pytest.raises(LockError, match=match):
+            lock_entry({}, gate_id="G9", claim="A claim long enough to be one.", name="real",
+                       criteria=[{**base, **bad}], parameters={}, calibration={})
+    ok = {**base, "threshold": -0.1, "min_effect": 0.1, "effect_kind": "non_inferiority"}
+    doc = lock_entry({}, gate_id="G9", claim="A claim long enough to be one.", name="real", criteria=[ok],
+                     parameters={}, calibration={})
+    assert ThresholdLock(doc).entry("G9/real").criteria[0]["effect_kind"] == "non_inferiority"

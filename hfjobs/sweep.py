@@ -15,10 +15,10 @@ notes, config and ``cells.json`` artefact; they are never dropped silently, and 
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import shlex
+import math
 import tempfile
+from dataclasses import dataclass, field
 from datetime import datetime
 from itertools import product
 from pathlib import Path
@@ -26,20 +26,26 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..lock import ThresholdLock, judge
+from ..record import ArtefactWriter, dumps_strict, new_run_id, read_record, sha256_file, utc_now, write_record
+from ..runner import default_lock_path
 from .bundle import build_bundle
-from .hffetch import download_run, fetch_and_audit
-from .hfjobs import (add_submit_options, cli_command, committed_job, hub_api, jobs_of_run, local_token, namespace_of,
-                     out, read_json, results_repo_of, start_job, upload_bundle)
-from .hfspec import (DEFAULT_FLAVOR, DEFAULT_IMAGE, DEFAULT_TIMEOUT, HFJobsError, confirm, console, job_gate,
-                     label_value, make_request, parse_timeout, price, show_price)
+from .errors import HFJobsError
+from .fetch import download_run
 from .hubsync import commit_record
-from .lock import ThresholdLock, judge
-from .record import ArtefactWriter, dumps_strict, new_run_id, read_record, sha256_file, utc_now, write_record
-from .runner import default_lock_path
+from .query import hub_api, hub_call, jobs_of_run, namespace_of, read_json
+from .runs import (PLACEHOLDER_NAMESPACE, Plan, SubmitRequest, _check_repo_id, _image, _secret_names, committed_job,
+                     refuse_public_repo)
+from .prices import live_price, offline_price
+from .spec import job_gate, label_value, make_request, parse_duration
 
-__all__ = ["t_interval", "plan_cells", "aggregate_group", "register", "CI_LEVEL"]
+__all__ = ["t_interval", "plan_cells", "aggregate_group", "SweepRequest", "plan_sweep", "sweep_commit_every",
+           "aggregate_sweep", "AggregateResult", "run_sweep", "CI_LEVEL", "COMMIT_BUDGET_PER_HOUR"]
 
 CI_LEVEL = 0.95
+#: Periodic commits (token-bank batches, logs) a whole sweep may make per hour in its shared results repo:
+#: half of the 128 per hour a public Hub 429 message quotes, leaving room for records, logs and other runs.
+COMMIT_BUDGET_PER_HOUR = 64
 
 
 def t_interval(values: Sequence[float], level: float = CI_LEVEL) -> dict[str, Any]:
@@ -147,6 +153,8 @@ def aggregate_group(outcomes: list[dict[str, Any]], *, sweep: dict[str, Any], lo
     art.json("aggregate.json", {"sweep_id": sweep["sweep_id"], "ci_level": CI_LEVEL,
                                 "method": "mean, sd (ddof 1), t-based CI of the mean over seeds", "metrics": stats},
              description="per-seed values, mean, sd and t-based CI of every metric")
+    from .evidence import tier_of
+
     art.json("cells.json", cells, description="every cell of the group: run, job, stage, whether it is included")
     decision, criteria, reason = judge(entry.criteria, metrics)
     names_failed = ", ".join(f"{cell_name(o)} (run {o['run_id']})" for o in failed)
@@ -172,7 +180,7 @@ def aggregate_group(outcomes: list[dict[str, Any]], *, sweep: dict[str, Any], lo
     record = {"record_type": "covtoken.gate_record", "schema_version": 1, "run_id": run_id,
               "gate_id": first["gate_id"], "claim": entry.claim, "decision": decision,
               "decision_reason": reason + (f"; failed cells not aggregated: {names_failed}" if failed else ""),
-              "sample_run": bool(first.get("sample_run", False)), "criteria": criteria, "metrics": metrics,
+              "evidence": tier_of({"provenance": prov}), "criteria": criteria, "metrics": metrics,
               "lock": lock.record_stamp(entry.key, first["lock"]["path"]), "provenance": prov,
               "artefacts": art.entries, "notes": notes}
     return write_record(record, results_dir)
@@ -188,11 +196,12 @@ def collect(api: Any, repo: str, sweep_id: str, staging: Path, timeout: float | 
         if not jobs:
             raise HFJobsError(f"sweep {sweep_id}: no job for cell {cell_name(cell)} (run {cell['run_id']})")
         latest.append(jobs[-1])
-    console.print(f"sweep {sweep_id}: waiting for {len(latest)} job(s)", markup=False)
     try:
-        finals = api.wait_for_job([j.id for j in latest], namespace=ns, timeout=timeout)
+        finals = hub_call(api.wait_for_job, [j.id for j in latest], what="wait_for_job", namespace=ns,
+                          timeout=timeout)
     except TimeoutError:
-        raise HFJobsError(f"sweep {sweep_id}: jobs still running after {timeout} s") from None
+        raise HFJobsError(f"sweep {sweep_id}: jobs still running after {timeout:g} s; run `covtoken aggregate "
+                          f"{sweep_id}` again later") from None
     outcomes = []
     for cell, job in zip(plan["cells"], finals):
         rec_path = download_run(api, repo, cell["run_id"], staging)
@@ -203,12 +212,22 @@ def collect(api: Any, repo: str, sweep_id: str, staging: Path, timeout: float | 
     return plan, outcomes
 
 
-def aggregate_sweep(api: Any, repo: str, sweep_id: str, results: Path, *, timeout: float | None = None) -> int:
-    """Collect a sweep, write and upload one aggregate per group, fetch everything into ``results`` and audit."""
+@dataclass
+class AggregateResult:
+    """What an aggregation did: the aggregate run ids (with decision), the failed cells and the problems."""
+
+    aggregates: dict[str, tuple[str, int, int]] = field(default_factory=dict)  # run id -> (decision, used, cells)
+    failed: list[dict] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    done: list[str] = field(default_factory=list)  # cell runs with a record, then the aggregates
+
+
+def aggregate_sweep(api: Any, repo: str, sweep_id: str, *, timeout: float | None = None) -> AggregateResult:
+    """Collect a sweep, write and upload one aggregate record per (dataset, backbone) group."""
+    res = AggregateResult()
     with tempfile.TemporaryDirectory() as tmp:
         plan, outcomes = collect(api, repo, sweep_id, Path(tmp) / "cells", timeout)
         lock = ThresholdLock.load(default_lock_path())
-        aggregates, problems = [], []
         groups: dict[tuple, list[dict]] = {}
         for o in outcomes:
             groups.setdefault((o["dataset"], o["backbone"]), []).append(o)
@@ -217,96 +236,82 @@ def aggregate_sweep(api: Any, repo: str, sweep_id: str, results: Path, *, timeou
                 path = aggregate_group(group, sweep=plan, lock=lock, results_dir=Path(tmp) / "aggregate",
                                        command=["covtoken", "aggregate", sweep_id, "--results-repo", repo])
             except HFJobsError as exc:
-                problems.append(f"group dataset={key[0]} backbone={key[1]}: {exc}")
+                res.problems.append(f"group dataset={key[0]} backbone={key[1]}: {exc}")
                 continue
             commit_record(api, repo, path)
             rec = read_record(path)
-            aggregates.append(rec["run_id"])
-            out(rec["run_id"])
-            console.print(f"aggregate {rec['run_id']}: [bold]{rec['decision'].upper()}[/bold] over "
-                          f"{len(rec['provenance']['backend']['aggregate_of'])} of {len(group)} cell(s)")
-    failed = [o for o in outcomes if o["record"] is None]
-    for o in failed:
-        console.print(f"[red]failed cell[/red] {cell_name(o)}: run {o['run_id']} job {o['job_id']} {o['stage']}"
-                      + (f": {o['message']}" if o["message"] else ""), soft_wrap=True)
-    for p in problems:
-        console.print(f"[red]error:[/red] {p}", soft_wrap=True)
-    done = [o["run_id"] for o in outcomes if o["record"] is not None] + aggregates
-    rc = fetch_and_audit(api, repo, done, results) if done else 1
-    return 1 if failed or problems or rc else 0
+            res.aggregates[rec["run_id"]] = (rec["decision"], len(rec["provenance"]["backend"]["aggregate_of"]),
+                                             len(group))
+    res.failed = [o for o in outcomes if o["record"] is None]
+    res.done = [o["run_id"] for o in outcomes if o["record"] is not None] + list(res.aggregates)
+    return res
 
 
-@cli_command
-def cmd_sweep(args: argparse.Namespace) -> int:
-    """``covtoken sweep``: submit every cell, then (unless --detach) wait and aggregate."""
-    repo = results_repo_of(args)
-    if not repo:
-        raise HFJobsError("sweep needs --results-repo <namespace>/<name> (or COVTOKEN_RESULTS_REPO)")
-    clash = [a for a in args.job_args if a.split("=", 1)[0] in ("--seed", "--dataset", "--backbone")]
+@dataclass(frozen=True)
+class SweepRequest:
+    """One job over seeds x datasets x backbones; ``base`` carries the job and how each cell runs."""
+
+    base: SubmitRequest
+    seeds: int
+    seed_start: int = 0
+    datasets: tuple[str, ...] = ()
+    backbones: tuple[str, ...] = ()
+
+
+def sweep_commit_every(n_cells: int, base_s: float, budget_per_hour: int = COMMIT_BUDGET_PER_HOUR) -> float:
+    """The commit interval of each cell so that all cells together make at most ``budget_per_hour`` periodic
+    commits per hour in their shared repo (never below ``base_s``)."""
+    return float(max(base_s, math.ceil(n_cells * 3600 / budget_per_hour)))
+
+
+def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> tuple[Plan, dict[str, Any]]:
+    """Every cell's request on one bundle, the sweep plan (``sweeps/<id>.json``), the price of all cells."""
+    base = req.base
+    repo = _check_repo_id(base.results_repo)
+    clash = [a for a in base.job_args if a.split("=", 1)[0] in ("--seed", "--dataset", "--backbone")]
     if clash:
         raise HFJobsError(f"{clash}: the sweep sets --seed/--dataset/--backbone per cell; use --seeds/--datasets/"
                           "--backbones")
-    api = hub_api()
-    ns = namespace_of(api, args.namespace)
-    state, rel = committed_job(args.job, args.allow_dirty)
-    cells = plan_cells(args.seeds, args.seed_start, [d for d in (args.datasets or "").split(",") if d],
-                       [b for b in (args.backbones or "").split(",") if b])
-    timeout_s = parse_timeout(args.timeout or DEFAULT_TIMEOUT)
+    if offline:
+        ns = base.namespace or PLACEHOLDER_NAMESPACE
+    else:
+        api = api or hub_api()
+        ns = namespace_of(api, base.namespace)
+        refuse_public_repo(api, repo, base.public)
+    state, rel = committed_job(base.job, base.allow_dirty)
+    cells = plan_cells(req.seeds, req.seed_start, list(req.datasets), list(req.backbones))
+    timeout_s = parse_duration(base.timeout)
     sweep_id = new_run_id("sweep")
     gate = job_gate(rel)
+    image, warnings = _image(base.flavor, base.image)
+    every = sweep_commit_every(len(cells), base.commit_every_s)
     bundle = build_bundle(state, rel, state.root / "results" / "bundles")
     reqs = []
     for cell in cells:
         cell["run_id"] = new_run_id(gate)
-        labels = {"sweep": sweep_id, "seed": str(cell["seed"]),
+        labels = {**base.labels, "sweep": sweep_id, "seed": str(cell["seed"]),
                   **{k: label_value(cell[k]) for k in ("dataset", "backbone") if cell.get(k) is not None}}
         reqs.append(make_request(run_id=cell["run_id"], attempt=0, namespace=ns, results_repo=repo, job=rel,
-                                 job_args=[*args.job_args, *cell_args(cell)], commit=state.commit,
-                                 image=args.image or DEFAULT_IMAGE, flavor=args.flavor or DEFAULT_FLAVOR,
-                                 timeout_s=timeout_s, log_every_s=args.log_every, labels=labels))
-    p = price(api, reqs[0].flavor, timeout_s, n_jobs=len(reqs))
-    show_price(p)
-    plan = {"kind": "covtoken.sweep", "sweep_id": sweep_id, "job": rel, "job_args": list(args.job_args),
-            "namespace": ns, "results_repo": repo, "created_at": utc_now(), "code": state.commit, "cells": cells}
-    if args.dry_run:
-        for req in reqs:
-            out(shlex.join(req.hf_command(None)))
-        out(dumps_strict(plan))
-        return 0
-    confirm(f"submit {len(reqs)} job(s) of sweep {sweep_id}?", args.yes)
-    token = local_token()
-    revision = upload_bundle(api, repo, bundle, [c["run_id"] for c in cells], f"{sweep_id}: code bundle and plan",
-                             extra={f"sweeps/{sweep_id}.json": dumps_strict(plan).encode()})
-    for req in reqs:
-        start_job(api, req, revision, token, p)
-    if args.detach:
-        console.print(f"aggregate it when done: covtoken aggregate {sweep_id} --results-repo {repo}", markup=False)
-        out(sweep_id)
-        return 0
-    return aggregate_sweep(api, repo, sweep_id, Path(args.results))
+                                 job_args=[*base.job_args, *cell_args(cell)], commit=state.commit, image=image,
+                                 flavor=base.flavor, timeout_s=timeout_s, attempts=base.attempts,
+                                 commit_every_s=every, labels=labels, env=base.env,
+                                 secret_names=_secret_names(base.secrets), name=base.name))
+    price = (offline_price if offline else lambda *a, **k: live_price(api, *a, **k))(
+        base.flavor, timeout_s, n_jobs=len(reqs), attempts=base.attempts)
+    plan = {"kind": "covtoken.sweep", "sweep_id": sweep_id, "job": rel, "job_args": list(base.job_args),
+            "namespace": ns, "results_repo": repo, "created_at": utc_now(), "code": state.commit,
+            "commit_every_s": every, "cells": cells}
+    warnings.append(f"sweep {sweep_id}: {len(cells)} cell(s) share {repo}; each commits at most once every "
+                    f"{every:g} s (at most {COMMIT_BUDGET_PER_HOUR} periodic commits per hour together)")
+    return Plan(requests=tuple(reqs), price=price, warnings=tuple(warnings), bundle=bundle, state=state,
+                extra_files={f"sweeps/{sweep_id}.json": dumps_strict(plan).encode()}, offline=offline), plan
 
 
-@cli_command
-def cmd_aggregate(args: argparse.Namespace) -> int:
-    """``covtoken aggregate SWEEP_ID``."""
-    repo = results_repo_of(args)
-    if not repo:
-        raise HFJobsError("aggregate needs --results-repo (or COVTOKEN_RESULTS_REPO)")
-    return aggregate_sweep(hub_api(), repo, args.sweep_id, Path(args.results), timeout=args.timeout)
+def run_sweep(req: SweepRequest, *, api: Any = None) -> tuple[str, list]:
+    """Plan and launch every cell of a sweep (no confirmation: the caller has priced it); returns the sweep id
+    and the cells' :class:`~covtoken.hfjobs.runs.RunHandle`."""
+    from .runs import launch
 
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``sweep`` and ``aggregate`` to the command line."""
-    s = sub.add_parser("sweep", help="one HF Job per seed x dataset x backbone, then an aggregate record")
-    add_submit_options(s)
-    s.add_argument("--seeds", type=int, required=True, help="number of seeds")
-    s.add_argument("--seed-start", type=int, default=0, help="first seed (default 0)")
-    s.add_argument("--datasets", help="comma-separated dataset names (default: the job's)")
-    s.add_argument("--backbones", help="comma-separated backbone names (default: the job's)")
-    s.set_defaults(fn=cmd_sweep)
-    a = sub.add_parser("aggregate", help="wait for a sweep's cells and write its aggregate record(s)")
-    a.add_argument("sweep_id")
-    a.add_argument("--results-repo", help="results dataset repo (default $COVTOKEN_RESULTS_REPO)")
-    a.add_argument("--results", default="gate_reports", help="where records are fetched to (default gate_reports)")
-    a.add_argument("--timeout", type=float, help="seconds to wait for the cells (default: no limit)")
-    a.set_defaults(fn=cmd_aggregate)
+    api = api or hub_api()
+    plan, doc = plan_sweep(req, api=api)
+    return doc["sweep_id"], launch(plan, secrets=req.base.secrets, public=req.base.public, api=api)

@@ -6,7 +6,7 @@
 
 Shipped in every bundle as ``launch.py`` and started by the job's command::
 
-    uv run /code/launch.py [JOB ARGS...]
+    python /code/launch.py [JOB ARGS...]
 
 Steps:
   1. verify every bundle file against ``build-info.json`` (the mount is read-only and pinned; this also
@@ -14,12 +14,14 @@ Steps:
   2. unpack the kit wheel into ``<work>/kit`` and put it first on ``PYTHONPATH``, so ``import covtoken`` is
      the bundle's code whatever else the interpreter has installed;
   3. check that the interpreter has the wheel's dependencies at the versions pinned in ``constraints.txt``;
-     if not (a fresh job image), create ``<work>/venv`` and install the wheel there with those constraints
-     (``uv pip install``, else ``pip install``) and run the job with that interpreter;
+     if not, create ``<work>/venv`` on top of the image's own packages (``--system-site-packages``: the GPU
+     image's torch is kept when it is the pinned one) and install the wheel there with those constraints
+     (``uv pip install``, else ``pip install``), so only the kit and what the image lacks are installed; log
+     which distributions were installed and how many bytes; run the job with that interpreter;
   4. run ``jobs/<name>.py`` from ``<work>/run`` (holding a copy of the bundle's ``configs/``) with
      ``COVTOKEN_CODE_COMMIT`` / ``_DIRTY`` / ``_DIFF_SHA256`` taken from the build info, tee its output to
-     ``<work>/logs/attempt-<n>.log`` with the HF token redacted, while ``python -m covtoken.hubsync logs``
-     uploads that file to the results repo every ``COVTOKEN_LOG_EVERY_S`` seconds;
+     ``<work>/logs/attempt-<n>.log`` with the HF token redacted, while ``python -m covtoken.hfjobs.hubsync logs``
+     uploads that file to the results repo when the job has not done so within ``COVTOKEN_COMMIT_EVERY_S``;
   5. exit with the job's exit code.
 
 Standard library only: it runs before anything is installed.
@@ -165,29 +167,74 @@ class Tee:
         self.fh.close()
 
 
+_CHILDREN: list[subprocess.Popen] = []
+
+
 def run_logged(tee: Tee, cmd: list[str], **kw) -> int:
     """Run ``cmd`` with its merged output going through ``tee``; returns the exit code."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **kw)
-    assert proc.stdout is not None
-    tee.pump(proc.stdout)
-    return proc.wait()
+    _CHILDREN.append(proc)
+    try:
+        assert proc.stdout is not None
+        tee.pump(proc.stdout)
+        return proc.wait()
+    finally:
+        _CHILDREN.remove(proc)
+
+
+def forward_sigterm(signum: int, _frame: object) -> None:
+    """The container's stop signal reaches the launcher (PID 1) only: pass it to the job, which commits its
+    pending shards and exits; the launcher then uploads the log and ends with the job's exit code."""
+    for proc in list(_CHILDREN):
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+
+def installed_distributions(venv: Path) -> dict[str, int]:
+    """``name-version`` -> bytes of every distribution installed in ``venv`` itself (not the image's)."""
+    out = {}
+    for sp in sorted(venv.glob("lib/python*/site-packages")):
+        for dist in sorted(sp.glob("*.dist-info")):
+            size = 0
+            record = dist / "RECORD"
+            if record.is_file():
+                for line in record.read_text(errors="replace").splitlines():
+                    rel = line.split(",", 1)[0]
+                    f = sp / rel
+                    if rel and f.is_file():
+                        size += f.stat().st_size
+            out[dist.name[:-len(".dist-info")]] = size
+    return out
 
 
 def install_environment(tee: Tee, wheel: Path, constraints: Path, venv: Path) -> Path:
-    """Create ``venv`` and install ``wheel`` with ``constraints``; returns the venv's python."""
+    """Create ``venv`` over the image's packages and install ``wheel`` with ``constraints``; returns its python.
+
+    The image's own distributions stay visible (``--system-site-packages``), so the installer adds only what
+    is missing or not at the pinned version. What it installed, and how many bytes, is logged.
+    """
     uv = shutil.which("uv")
     python = venv / "bin" / "python"
+    if venv.exists():  # a Hub-native retry in the same container: start clean
+        shutil.rmtree(venv)
     if uv:
-        steps = [[uv, "venv", "--python", sys.executable, str(venv)],
+        steps = [[uv, "venv", "--system-site-packages", "--python", sys.executable, str(venv)],
                  [uv, "pip", "install", "--python", str(python), "--constraint", str(constraints), str(wheel)]]
     else:
-        steps = [[sys.executable, "-m", "venv", str(venv)],
+        steps = [[sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
                  [str(python), "-m", "pip", "install", "--constraint", str(constraints), str(wheel)]]
     for cmd in steps:
         tee.say("$ " + " ".join(cmd))
         rc = run_logged(tee, cmd)
         if rc != 0:
             raise LaunchError(f"installing {wheel.name} with {constraints.name} failed: {cmd[:3]} exited {rc}")
+    dists = installed_distributions(venv)
+    dists = {k: v for k, v in dists.items() if not k.split("-")[0] in ("pip", "setuptools", "wheel")}
+    total = sum(dists.values())
+    tee.say(f"installed {len(dists)} distribution(s), {total} bytes ({total / 1e6:.1f} MB) into {venv}: "
+            + ", ".join(f"{k} ({v} B)" for k, v in dists.items()))
+    tee.say(json.dumps({"event": "install_done", "distributions": len(dists), "bytes": total,
+                        "installed": sorted(dists)}))
     return python
 
 
@@ -200,11 +247,11 @@ def work_dir() -> Path:
 
 
 def start_log_sidecar(tee: Tee, python: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen | None:
-    """``python -m covtoken.hubsync logs`` uploading ``log_path`` periodically (HF backend only)."""
+    """``python -m covtoken.hfjobs.hubsync logs`` uploading ``log_path`` periodically (HF backend only)."""
     if env.get("COVTOKEN_BACKEND") != "hf-jobs" or not env.get("COVTOKEN_RESULTS_REPO"):
         tee.say("no results repo configured: logs stay in the job")
         return None
-    cmd = [str(python), "-m", "covtoken.hubsync", "logs", "--file", str(log_path)]
+    cmd = [str(python), "-m", "covtoken.hfjobs.hubsync", "logs", "--file", str(log_path)]
     proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     threading.Thread(target=tee.pump, args=(proc.stdout,), daemon=True).start()
     return proc
@@ -231,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     log_path = work / "logs" / f"attempt-{attempt}.log"
     tee = Tee(log_path, [os.environ.get("HF_TOKEN", "")])
     sidecar = None
+    signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         info = verify(bundle)
         tee.say(f"bundle {bundle}: commit {info['commit']} dirty={info.get('dirty')} job {info['job']} "
@@ -244,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             python = install_environment(tee, bundle / info["wheel"], bundle / "constraints.txt", work / "venv")
         else:
             python = Path(sys.executable)
-            tee.say(f"{python} already has every dependency at its pinned version; nothing to install")
+            tee.say(f"{python} already has every dependency at its pinned version; nothing to install "
+                    "(installed 0 distribution(s), 0 bytes)")
         run_dir = work / "run"
         run_dir.mkdir(parents=True, exist_ok=True)
         if (run_dir / "configs").exists():

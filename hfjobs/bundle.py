@@ -4,7 +4,7 @@ Layout of a bundle folder (committed to the results dataset repo under ``runs/<r
 read-only at ``/code`` in the job, pinned to the commit of that upload)::
 
     covtoken-<version>-py3-none-any.whl   the kit, ``pip wheel --no-deps`` of the source at the commit
-    launch.py                             the stdlib-only launcher (``covtoken/launcher.py`` of the same source)
+    launch.py                             the stdlib-only launcher (``hfjobs/launcher.py`` of the same source)
     jobs/<name>.py                        the job script
     configs/thresholds.lock.json          the threshold lock, and configs/gates/*.json (gate templates)
     constraints.txt                       the pinned versions the job installs with
@@ -28,8 +28,9 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .provenance import EXCLUDED_FROM_DIRTY, _dirty_state
-from .record import dumps_strict, loads_strict, sha256_file, write_json_atomic
+from ..provenance import EXCLUDED_FROM_DIRTY, _dirty_state
+from ..record import dumps_strict, loads_strict, sha256_file, write_json_atomic
+from .errors import HFJobsError
 
 __all__ = ["BundleError", "SourceState", "source_state", "build_bundle", "read_build_info", "verify_bundle",
            "bundle_digest", "BUILD_INFO", "LAUNCHER"]
@@ -37,12 +38,14 @@ __all__ = ["BundleError", "SourceState", "source_state", "build_bundle", "read_b
 log = logging.getLogger(__name__)
 BUILD_INFO = "build-info.json"
 LAUNCHER = "launch.py"
+#: Where the launcher lives in the source tree.
+LAUNCHER_SOURCE = "hfjobs/launcher.py"
 #: Files of the source tree, besides the job script and the wheel, that every bundle carries.
 BUNDLE_CONFIGS = ("configs/thresholds.lock.json", "constraints.txt")
 BUNDLE_GLOBS = ("configs/gates/*.json",)
 
 
-class BundleError(RuntimeError):
+class BundleError(HFJobsError):
     """The bundle cannot be built or does not verify; the message names the file or the git state."""
 
 
@@ -161,13 +164,13 @@ def build_bundle(state: SourceState, job: str | Path, cache_dir: str | Path) -> 
         if not (src / job).is_file():
             raise BundleError(f"{job}: not in the {'working tree' if state.dirty else f'commit {state.commit[:12]}'}"
                               " (commit the job script before submitting it)")
-        if not (src / "launcher.py").is_file():
-            raise BundleError(f"launcher.py: missing from the source at {state.commit[:12]}")
+        if not (src / LAUNCHER_SOURCE).is_file():
+            raise BundleError(f"{LAUNCHER_SOURCE}: missing from the source at {state.commit[:12]}")
         epoch = _commit_time(state)
         wheel = _build_wheel(src, Path(tmp) / "wheel", epoch)
         stage.mkdir()
         shutil.copy2(wheel, stage / wheel.name)
-        shutil.copy2(src / "launcher.py", stage / LAUNCHER)
+        shutil.copy2(src / LAUNCHER_SOURCE, stage / LAUNCHER)
         extra = list(BUNDLE_CONFIGS) + [p.relative_to(src).as_posix()
                                         for g in BUNDLE_GLOBS for p in sorted(src.glob(g))]
         for rel in [job, *extra]:

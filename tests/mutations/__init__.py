@@ -1,0 +1,1 @@
+"""Mutation suites: tamperings of audited records (``tamper/``), each required to be caught."""

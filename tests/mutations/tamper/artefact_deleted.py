@@ -1,0 +1,6 @@
+"""A listed artefact deleted."""
+EXPECT = "is missing"
+
+
+def tamper(ws):
+    ws.art("selection.json").unlink()

@@ -1,0 +1,6 @@
+"""A criterion deleted from the record."""
+EXPECT = "criteria/"
+
+
+def tamper(ws):
+    ws.edit(lambda d: d["criteria"].pop())

@@ -1,0 +1,7 @@
+"""A ledger line made non-JSON."""
+EXPECT = "ledger.jsonl"
+
+
+def tamper(ws):
+    with open(ws.results / "ledger.jsonl", "a") as fh:
+        fh.write("{not json\n")

@@ -1,0 +1,7 @@
+"""SUMMARY.md deleted."""
+MODE = "check"
+EXPECT = ""
+
+
+def tamper(ws):
+    (ws.results / "SUMMARY.md").unlink()
