@@ -20,11 +20,12 @@ from sklearn.metrics import roc_auc_score
 
 from ..data.layout import EvalMasks
 from .bootstrap import clustered_bootstrap_auroc
+from .recompute import Evaluation, recipe
 from .labels import token_lesion_fraction
 from .ssl import (balanced_accuracy_ci, data_efficiency, dice_per_patient, image_labels, knn_episodes,
                   linear_probe, mean_ci, pixel_masks, segmentation_probe)
 
-__all__ = ["G8Inputs", "G8Result", "evaluate_g8"]
+__all__ = ["G8Inputs", "g8_inputs", "segmentation_arrays"]
 
 
 @dataclass(frozen=True)
@@ -49,35 +50,63 @@ class G8Inputs:
     grid: tuple[int, int]
 
 
-@dataclass(frozen=True)
-class G8Result:
-    metrics: dict[str, dict]
-    selection: dict[str, Any]
-    tables: dict[str, Any]
-    test_pred_masks: dict[str, list[np.ndarray]]
-
-
 def _metric(value: float | None, ci: Sequence[float] | None, method: str | None, n: Mapping[str, int], unit: str,
             description: str, ci_level: float) -> dict:
     return {"value": None if value is None else float(value), "ci": None if ci is None else [float(ci[0]), float(ci[1])],
             "ci_level": ci_level, "ci_method": method, "n": dict(n), "unit": unit, "description": description}
 
 
-def evaluate_g8(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: int) -> G8Result:
-    """Select on validation, judge on test; returns metrics in the record's format, tables and selection."""
-    n_boot, level = int(P["n_boot"]), float(P["ci_level"])
+def g8_inputs(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: int) -> tuple[dict, dict, dict, dict]:
+    """Arrays and arguments of recipes ``g8.probes`` and ``g8.segmentation`` (labels opened here, in eval).
+
+    Returns:
+        ``(probe_arrays, probe_args, seg_arrays, seg_args)``; the segmentation arrays hold the tokens of every
+        checkpoint only through the one chosen later, so the caller adds ``tok.trained`` once it is known (see
+        :func:`segmentation_arrays`).
+    """
     y = image_labels(masks, inp.image_ids)
-    pats = np.asarray(inp.patient_ids)
+    arrays = {"labels": y, "patients": np.asarray(inp.patient_ids).astype(str),
+              **{f"rows.{k}": np.asarray(v, dtype=np.int64) for k, v in inp.rows.items()},
+              **{f"feat.{arm}": np.asarray(v, dtype=np.float32) for arm, v in inp.features.items()}}
+    common = {"probe_cs": [float(c) for c in P["probe_cs"]], "n_boot": int(P["n_boot"]),
+              "ci_level": float(P["ci_level"]), "seed": int(seed)}
+    args = {**common, "checkpoints": list(inp.checkpoints), "shots": [int(s) for s in P["shots"]],
+            "primary_shots": int(P["primary_shots"]), "n_episodes": int(P["n_episodes"]),
+            "data_fractions": [float(f) for f in P["data_fractions"]]}
+    ids = inp.image_ids
     tr, va, te = (np.asarray(inp.rows[k]) for k in ("train", "val", "test"))
-    cs = [float(c) for c in P["probe_cs"]]
+    seg = {"frac.train": token_lesion_fraction(masks, [ids[i] for i in tr], inp.grid),
+           "mask.val": np.stack(pixel_masks(masks, [ids[i] for i in va])),
+           "mask.test": np.stack(pixel_masks(masks, [ids[i] for i in te])),
+           "patients.val": np.asarray(inp.patient_ids)[va].astype(str),
+           "patients.test": np.asarray(inp.patient_ids)[te].astype(str),
+           **{f"rows.{k}": np.asarray(v, dtype=np.int64) for k, v in inp.rows.items()}}
+    seg_args = {**common, "grid": list(inp.grid), "positive_min": float(P["seg_positive_min"]), "figure_images": 4}
+    return arrays, args, seg, seg_args
+
+
+def segmentation_arrays(seg: Mapping[str, np.ndarray], inp: G8Inputs, chosen: str) -> dict:
+    """The segmentation inputs with the final-block tokens of the chosen checkpoint and of the random init."""
+    return {**seg, "tok.trained": inp.tokens[chosen].astype(np.float32),
+            "tok.random_init": inp.tokens["random_init"].astype(np.float32)}
+
+
+@recipe("g8.probes")
+def g8_probes(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluation:
+    """G8 selection (checkpoint by validation linear-probe AUROC) and test metrics of the image-level probes."""
+    n_boot, level, seed = int(args["n_boot"]), float(args["ci_level"]), int(args["seed"])
+    y, pats = a["labels"], a["patients"]
+    tr, va, te = a["rows.train"], a["rows.val"], a["rows.test"]
+    cs = list(args["probe_cs"])
+    ckpts = list(args["checkpoints"])
 
     def probe(arm: str):
-        x = inp.features[arm]
+        x = a[f"feat.{arm}"]
         return linear_probe(x[tr], y[tr], x[va], y[va], x[te], cs=cs, seed=seed)
 
     # 1. select the checkpoint on validation patients (linear-probe AUROC), never on the SSL loss
-    val_table = {arm: probe(arm) for arm in inp.checkpoints}
-    chosen = max(inp.checkpoints, key=lambda a: (max(val_table[a].val_auroc.values()), -inp.checkpoints.index(a)))
+    val_table = {arm: probe(arm) for arm in ckpts}
+    chosen = max(ckpts, key=lambda c: (max(val_table[c].val_auroc.values()), -ckpts.index(c)))
     arms = {"trained": chosen, "random_init": "random_init", "pixels": "pixels"}
     probes = {name: (val_table[arm] if arm in val_table else probe(arm)) for name, arm in arms.items()}
 
@@ -97,16 +126,15 @@ def evaluate_g8(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: 
                                                   f"{desc}, {name} features", level)
     m["linear_probe_auroc_pixels"] = _metric(pix.auroc[0], pix.ci[0], pix.method, n_test, "AUROC",
                                              f"{desc}, pixel baseline (downsampled pixels)", level)
-
     knn: dict[str, Any] = {}
-    primary = int(P["primary_shots"])
-    for shots in [int(s) for s in P["shots"]]:
-        preds = [knn_episodes(inp.features[arms[a]][tr], y[tr], pats[tr], inp.features[arms[a]][te], shots=shots,
-                              n_episodes=int(P["n_episodes"]), seed=seed + shots)
-                 for a in ("trained", "random_init", "pixels")]
+    primary = int(args["primary_shots"])
+    for shots in [int(s) for s in args["shots"]]:
+        preds = [knn_episodes(a[f"feat.{arms[n]}"][tr], y[tr], pats[tr], a[f"feat.{arms[n]}"][te], shots=shots,
+                              n_episodes=int(args["n_episodes"]), seed=seed + shots)
+                 for n in ("trained", "random_init", "pixels")]
         res = balanced_accuracy_ci(preds, y[te], pats[te], n_boot=n_boot, ci_level=level, seed=seed)
-        knn[shots] = res
-        method = f"{res['method']}; {P['n_episodes']} episodes, supports from distinct training patients"
+        knn[str(shots)] = res
+        method = f"{res['method']}; {args['n_episodes']} episodes, supports from distinct training patients"
         for i, name in enumerate(("trained", "random_init", "pixels")):
             m[f"knn{shots}_balanced_accuracy_{name}"] = _metric(
                 res["value"][i], res["ci"][i], method, n_test, "balanced accuracy",
@@ -115,41 +143,43 @@ def evaluate_g8(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: 
             m[f"knn{shots}_balanced_accuracy_gain"] = _metric(
                 res["diff"], res["diff_ci"], method + " (paired difference)", n_test, "balanced accuracy difference",
                 f"{shots}-shot kNN balanced accuracy: pretrained ({chosen}) minus random init", level)
-
-    eff = {name: data_efficiency(inp.features[arm][tr], y[tr], inp.features[arm][va], y[va], inp.features[arm][te],
-                                 y[te], fractions=[float(f) for f in P["data_fractions"]], seed=seed, cs=cs)
+    eff = {name: data_efficiency(a[f"feat.{arm}"][tr], y[tr], a[f"feat.{arm}"][va], y[va], a[f"feat.{arm}"][te],
+                                 y[te], fractions=list(args["data_fractions"]), seed=seed, cs=cs)
            for name, arm in arms.items()}
+    selection = {"checkpoint": {"chosen": chosen, "rule": "max validation linear-probe AUROC over checkpoints "
+                                "(ties: earliest); the SSL loss is never used",
+                                "val_auroc": {c: max(p.val_auroc.values()) for c, p in val_table.items()},
+                                "chosen_c": {c: p.chosen_c for c, p in val_table.items()}},
+                 "probe_c": {name: p.chosen_c for name, p in probes.items()}}
+    tables = {"val_probe": {c: {str(k): v for k, v in p.val_auroc.items()} for c, p in val_table.items()},
+              "knn": knn, "data_efficiency": {n: {str(f): v for f, v in e.items()} for n, e in eff.items()},
+              "test_auroc_check": {n: float(roc_auc_score(y[te], p.test_scores)) for n, p in probes.items()},
+              "label_counts": {k: {"positive": int(y[r].sum()), "negative": int((1 - y[r]).sum())}
+                               for k, r in (("train", tr), ("val", va), ("test", te))}}
+    return Evaluation(metrics=m, extras={"selection": selection, "tables": tables})
 
-    # segmentation probe on final-block patch tokens (foreground Dice per patient; background never averaged in)
-    ids = inp.image_ids
-    frac_tr = token_lesion_fraction(masks, [ids[i] for i in tr], inp.grid)
-    va_m, te_m = pixel_masks(masks, [ids[i] for i in va]), pixel_masks(masks, [ids[i] for i in te])
-    seg: dict[str, Any] = {}
-    pred_masks = {}
+
+@recipe("g8.segmentation")
+def g8_segmentation(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluation:
+    """Segmentation probe on final-block patch tokens: foreground Dice per test patient (background never in)."""
+    n_boot, level, seed = int(args["n_boot"]), float(args["ci_level"]), int(args["seed"])
+    grid = tuple(int(g) for g in args["grid"])
+    tr, va, te = a["rows.train"], a["rows.val"], a["rows.test"]
+    va_m, te_m = list(a["mask.val"]), list(a["mask.test"])
+    m, table, preview = {}, {}, {}
     for name in ("trained", "random_init"):
-        t = inp.tokens[arms[name]]
-        c, pred = segmentation_probe(t[tr], frac_tr, t[va], va_m, list(pats[va]), t[te], te_m, grid=inp.grid,
-                                     positive_min=float(P["seg_positive_min"]), cs=cs, seed=seed)
-        d = dice_per_patient(pred, te_m, list(pats[te]))
+        t = a[f"tok.{name}"]
+        c, pred = segmentation_probe(t[tr], a["frac.train"], t[va], va_m, list(a["patients.val"]), t[te], te_m,
+                                     grid=grid, positive_min=float(args["positive_min"]),
+                                     cs=list(args["probe_cs"]), seed=seed)
+        d = dice_per_patient(pred, te_m, list(a["patients.test"]))
         value, ci = mean_ci(list(d["per_patient"].values()), n_boot=n_boot, ci_level=level, seed=seed)
-        seg[name] = {"chosen_c": c, **d, "mean": value, "ci": ci}
-        pred_masks[name] = pred
+        table[name] = {"chosen_c": c, **d, "mean": value, "ci": list(ci)}
+        step = (te_m[0].shape[0] // grid[0], te_m[0].shape[1] // grid[1])
+        preview[name] = [p[::step[0], ::step[1]].astype(int).tolist() for p in pred[:int(args["figure_images"])]]
         m[f"seg_dice_{name}"] = _metric(value, ci, "percentile bootstrap over test patients of per-patient mean "
                                         "foreground Dice", {"patients": len(d["per_patient"]), "images": d["n_images"]},
                                         "Dice", f"linear probe on final-block patch tokens, {name} features; images "
                                         "without a lesion excluded (their false-positive pixels are in the table)",
                                         level)
-
-    selection = {"checkpoint": {"chosen": chosen, "rule": "max validation linear-probe AUROC over checkpoints "
-                                "(ties: earliest); the SSL loss is never used",
-                                "val_auroc": {a: max(p.val_auroc.values()) for a, p in val_table.items()},
-                                "chosen_c": {a: p.chosen_c for a, p in val_table.items()}},
-                 "probe_c": {name: p.chosen_c for name, p in probes.items()}}
-    tables = {"val_probe": {a: {str(c): v for c, v in p.val_auroc.items()} for a, p in val_table.items()},
-              "knn": {str(k): v for k, v in knn.items()},
-              "data_efficiency": {name: {str(f): v for f, v in e.items()} for name, e in eff.items()},
-              "segmentation": seg,
-              "test_auroc_check": {name: float(roc_auc_score(y[te], p.test_scores)) for name, p in probes.items()},
-              "label_counts": {k: {"positive": int(y[r].sum()), "negative": int((1 - y[r]).sum())}
-                               for k, r in (("train", tr), ("val", va), ("test", te))}}
-    return G8Result(m, selection, tables, pred_masks)
+    return Evaluation(metrics=m, extras={"segmentation": table, "preview_token_masks": preview})

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .g8 import G8Inputs, G8Result
+    from .g8 import G8Inputs
 
 __all__ = ["pca_rgb", "feature_map_figure"]
 
@@ -24,8 +24,9 @@ def pca_rgb(tokens: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     return p.reshape(tokens.shape[0], grid[0], grid[1], 3)
 
 
-def feature_map_figure(inp: "G8Inputs", res: "G8Result", *, n_images: int = 4) -> bytes:
-    """Rows: test images; columns: PCA maps of random-init and pretrained tokens, segmentation-probe masks of both.
+def feature_map_figure(inp: "G8Inputs", chosen: str, token_masks: dict, *, n_images: int = 4) -> bytes:
+    """Rows: test images; columns: PCA maps of random-init and pretrained tokens, segmentation-probe masks of both
+    (``token_masks``: arm -> per test image a token-grid 0/1 mask, from recipe ``g8.segmentation``).
 
     Returns:
         PNG bytes.
@@ -35,14 +36,13 @@ def feature_map_figure(inp: "G8Inputs", res: "G8Result", *, n_images: int = 4) -
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    te = np.asarray(inp.rows["test"])[:n_images]
-    chosen = res.selection["checkpoint"]["chosen"]
+    te = np.asarray(inp.rows["test"])[:min(n_images, len(token_masks["trained"]))]
     maps = {name: pca_rgb(inp.tokens[arm][te], inp.grid) for name, arm in (("random init", "random_init"),
                                                                           (f"LeJEPA {chosen}", chosen))}
     fig, axes = plt.subplots(len(te), 4, figsize=(8, 2 * len(te)), squeeze=False)
     for r, i in enumerate(te):
-        cols = [*maps.items(), ("probe mask, random init", res.test_pred_masks["random_init"][r]),
-                ("probe mask, LeJEPA", res.test_pred_masks["trained"][r])]
+        cols = [*maps.items(), ("probe mask, random init", np.asarray(token_masks["random_init"][r])),
+                ("probe mask, LeJEPA", np.asarray(token_masks["trained"][r]))]
         for c, (title, img) in enumerate(cols):
             ax = axes[r, c]
             ax.imshow(img[r] if img.ndim == 4 else img, cmap=None if img.ndim == 4 else "gray",

@@ -133,7 +133,7 @@ def _run(cfg: G8Config, *, command: list[str]) -> int:
     from covtoken.backbone.registry import get_spec
     from covtoken.data.catalog import is_embedded
     from covtoken.data.splits import SplitManifest, split_patients, validate_splits
-    from covtoken.eval.g8 import evaluate_g8
+    from covtoken.eval.g8 import g8_inputs, segmentation_arrays
     from covtoken.eval.ssl_figures import feature_map_figure
     from covtoken.runner import Run, stage
 
@@ -152,10 +152,14 @@ def _run(cfg: G8Config, *, command: list[str]) -> int:
     if pre.resumed_from:
         run.notes.append(f"pretraining resumed from the checkpoint at step {pre.resumed_from} (an earlier attempt)")
 
-    # Labels are opened only here, inside covtoken.eval, after pretraining and every embedding exist.
+    # Labels are opened only here, inside covtoken.eval, after pretraining and every embedding exist; the metrics
+    # come out of stored recipes (g8.probes, g8.segmentation) that the audit recomputes.
     with stage("evaluate"):
-        res = evaluate_g8(inputs, data.masks, P, seed=cfg.seed)
-    chosen = res.selection["checkpoint"]["chosen"]
+        arrays, args, seg, seg_args = g8_inputs(inputs, data.masks, P, seed=cfg.seed)
+        probes = run.evaluate("g8.probes", arrays, args)
+        chosen = probes.extras["selection"]["checkpoint"]["chosen"]
+        segm = run.evaluate("g8.segmentation", segmentation_arrays(seg, inputs, chosen), seg_args)
+    metrics = {**probes.metrics, **segm.metrics}
     entry = next(c for c in pre.checkpoints if f"step{c['step']:06d}" == chosen)
     backbone_prov = {**spec.provenance(), "name": f"{spec.name}+lejepa", "weights_digest": entry["sha256"],
                      "weights_origin": f"pretrained by this run (LeJEPA, {chosen}); random-init baseline = "
@@ -166,7 +170,7 @@ def _run(cfg: G8Config, *, command: list[str]) -> int:
                                                                     "select": "val (checkpoint, C)", "judge": "test"},
                                             calibration=cfg.calibration)
     if cfg.calibration:
-        path = run.write_calibration(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+        path = run.write_calibration(metrics=metrics, backbone=backbone_prov, dataset=dataset_prov)
         log.info("calibration metrics written to %s", path)
         return 0
 
@@ -180,22 +184,22 @@ def _run(cfg: G8Config, *, command: list[str]) -> int:
                        "patients": sorted(splits["train"])}},
         description="LeJEPA protocol, per-step losses, checkpoint digests and collapse monitor "
                     "(SIGReg, RankMe, per-dim std), ids of the images pretraining saw")
-    run.artefacts.json("selection.json", res.selection, description="checkpoint and probe C chosen on validation")
-    run.artefacts.json("tables.json", res.tables, description="validation probes, kNN episodes, data efficiency, "
+    run.artefacts.json("selection.json", probes.extras["selection"], description="checkpoint and probe C chosen on validation")
+    run.artefacts.json("tables.json", {**probes.extras["tables"], "segmentation": segm.extras["segmentation"]}, description="validation probes, kNN episodes, data efficiency, "
                                                              "segmentation probe per patient")
     run.artefacts.json("splits.json", split.to_dict(), description="patient membership of each split, with its digest")
     state = encoder_state_from_checkpoint(ckpt_dir / entry["path"])
     run.artefacts.bytes("encoder.safetensors", save_bytes(state, metadata={"covtoken": json.dumps(  # one key: stable bytes
                             {"checkpoint_sha256": entry["sha256"], "run_id": run.run_id, "step": chosen}, sort_keys=True)}),
                         description=f"encoder weights of the selected checkpoint {chosen} (timm keys)")
-    fig = feature_map_figure(inputs, res, n_images=4)
+    fig = feature_map_figure(inputs, chosen, segm.extras["preview_token_masks"])
     run.artefacts.bytes("feature_maps.png", fig, description="PCA of final-block patch tokens (random init vs "
                                                              "pretrained) and segmentation-probe masks, test images")
     run.notes.append(f"checkpoint {chosen} chosen on validation patients (linear-probe AUROC); the SSL loss is "
                      "never used for selection")
     run.notes.append("flow check on phantoms: the encoder is pretrained here, not a pinned pretrained checkpoint"
                      if is_embedded(cfg.dataset) else "pretrained on this dataset's training patients")
-    path = run.finish(metrics=res.metrics, backbone=backbone_prov, dataset=dataset_prov)
+    path = run.finish(metrics=metrics, backbone=backbone_prov, dataset=dataset_prov)
     from covtoken.backbone.lejepa import render_card
     from covtoken.record import read_record, sha256_file
 
