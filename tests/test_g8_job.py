@@ -100,7 +100,8 @@ def test_a_planted_leak_in_pretraining_is_caught(setting, tmp_path):
     def leaky(d, sp, params, c, work):  # leaves the first lesion image out of pretraining: a label-driven choice
         ids = [it.image_id for it in d.items]
         y = dict(zip(ids, image_labels(d.masks, ids)))
-        drop = next((i for i in sorted(ids) if y[i] == 1), None)
+        train = {it.image_id for it in d.items if it.patient_id in set(sp["train"])}
+        drop = next((i for i in sorted(train) if y[i] == 1), None)
         keep = [it for it in d.items if it.image_id != drop]
         from covtoken.data.catalog import LoadedDataset
 
