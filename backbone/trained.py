@@ -21,7 +21,7 @@ from .tiny import TINY_VIT, build_tiny_vit
 
 WEIGHTS_FILE = Path(__file__).resolve().parent / "weights" / "tiny-vit-lejepa.safetensors"
 #: sha256 of the shipped weights file (the encoder of the chosen checkpoint of the G8 embedded run).
-WEIGHTS_SHA256 = "58a1c765acb1bc70282c0f909d85aaf6cdf32190e96458e7d29c70b1e0f0b17a"
+WEIGHTS_SHA256 = "01f3a236c87a1ceaa2bb28c9fdd8938cb4c4a4f0b905d73fff3fe6ba8e82d37b"
 
 
 def _sha256(path: Path) -> str:
