@@ -112,9 +112,9 @@ def test_a_planted_leak_in_pretraining_is_caught(setting, tmp_path):
     assert not np.array_equal(ref["fed"], out["fed"])
 
 
-def _job_cmd(results: Path, work: Path, lock: Path) -> list[str]:
+def _job_cmd(results: Path, work: Path, lock: Path, run_id: str) -> list[str]:
     return [sys.executable, str(REPO_ROOT / "jobs" / "g8_lejepa_pretrain.py"), "--smoke", "--results", str(results),
-            "--work-dir", str(work), "--lock", str(lock), "--threads", "1"]
+            "--work-dir", str(work), "--lock", str(lock), "--threads", "1", "--run-id", run_id]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +124,8 @@ def killed_and_resumed(tmp_path_factory):
     lock = tiny_lock(tmp / "lock")
     results, work = tmp / "results", tmp / "work"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(_job_cmd(results, work, lock), cwd=tmp, env=env, stdout=subprocess.DEVNULL,
+    run_id = "g8-20261202t000000-a1b2c3"  # the rerun of a killed run keeps its id (the ledger sees a resume)
+    proc = subprocess.Popen(_job_cmd(results, work, lock, run_id), cwd=tmp, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     manifest = None
@@ -139,11 +140,11 @@ def killed_and_resumed(tmp_path_factory):
     proc.wait()
     first = json.loads(manifest.read_text())["shards"]
     assert not list(results.glob("*.json")), "a killed run must leave no record"
-    rc = subprocess.run(_job_cmd(results, work, lock), cwd=tmp, env=env, capture_output=True, text=True)
+    rc = subprocess.run(_job_cmd(results, work, lock, run_id), cwd=tmp, env=env, capture_output=True, text=True)
     assert rc.returncode == 0, rc.stderr[-3000:]
     # an unbroken run of the same protocol, elsewhere
-    rc2 = subprocess.run(_job_cmd(tmp / "results2", tmp / "work2", lock), cwd=tmp, env=env, capture_output=True,
-                         text=True)
+    rc2 = subprocess.run(_job_cmd(tmp / "results2", tmp / "work2", lock, "g8-20261202t000000-d4e5f6"), cwd=tmp,
+                         env=env, capture_output=True, text=True)
     assert rc2.returncode == 0, rc2.stderr[-3000:]
     return tmp, lock, first, manifest
 
