@@ -181,12 +181,14 @@ def pretrain(images: Sequence[np.ndarray], image_ids: Sequence[str], cfg: LeJEPA
     dev = torch.device(device)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    run_key = hashlib.sha256(json.dumps({"cfg": cfg.as_dict(), "seed": seed, "ids": sorted(ids),
-                                         "mean": list(mean), "std": list(std)}, sort_keys=True).encode()).hexdigest()
-    manifest = _read_manifest(out, run_key)
     pixels = images_to_tensor(images, cfg.global_size)
     order = np.argsort(ids, kind="stable")  # the loop indexes images in id order: input order cannot matter
     pixels, ids = pixels[order], [ids[i] for i in order]
+    # the folder belongs to one (protocol, seed, images): same ids with other pixels are another run
+    run_key = hashlib.sha256(json.dumps({"cfg": cfg.as_dict(), "seed": seed, "ids": ids, "mean": list(mean),
+                                         "std": list(std)}, sort_keys=True).encode()
+                             + pixels.numpy().tobytes()).hexdigest()
+    manifest = _read_manifest(out, run_key)
     clean = (pixels[np.linspace(0, len(ids) - 1, min(cfg.monitor_images, len(ids))).astype(int)]
              - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 

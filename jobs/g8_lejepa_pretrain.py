@@ -117,15 +117,10 @@ def label_free_stage(data, splits, P, cfg, ckpt_dir, on_checkpoint=None, stop_af
 
 
 def run_g8(cfg: G8Config, *, command: list[str]) -> int:
-    import torch
+    from covtoken.runner import torch_threads
 
-    before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):  # on busy cores one thread is often faster for the tiny default
         return _run(cfg, command=command)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run(cfg: G8Config, *, command: list[str]) -> int:
