@@ -157,6 +157,7 @@ def get_spec(name: str) -> BackboneSpec:
 def _load_builtin() -> None:
     # The built-in entries live in their own modules and register themselves on first use.
     from . import hub, tiny  # noqa: F401
+    from . import trained  # noqa: F401  (after tiny: it reuses the tiny ViT's spec)
 
 
 def pinned_digest_verified(spec: BackboneSpec, *, origin: str, resolved_revision: str | None,

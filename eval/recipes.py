@@ -15,6 +15,7 @@ from . import gate_arch as _arch  # noqa: F401  (registers g4.certificate, g5.ro
 from . import gate_g3 as _g3  # noqa: F401  (registers g3.miss)
 from . import gate_g6 as _g6  # noqa: F401  (registers g6.pruner)
 from . import gate_g7 as _g7  # noqa: F401  (registers g7.change)
+from . import g8 as _g8  # noqa: F401  (registers g8.probes, g8.segmentation)
 from . import seed_mean as _seed_mean  # noqa: F401  (registers sweep.seed_mean)
 from . import g9 as _g9  # noqa: F401  (registers g9.classifier)
 

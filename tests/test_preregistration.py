@@ -10,6 +10,8 @@ from covtoken.lock import LockError, ThresholdLock, carry_thresholds, gate_templ
 
 LOCK = ThresholdLock.load(REPO_ROOT / "configs" / "thresholds.lock.json")
 GAIN_WORDS = ("beats", "noninferior", "gain", "misses_fewer")
+#: gates whose entries existed before issue 10 and were superseded by it (later gates are locked fresh)
+BEFORE_ISSUE_10 = {"G1", "G2", "G3", "G4", "G5", "G6", "G7"}
 
 
 def entries():
@@ -30,7 +32,8 @@ def test_every_comparison_of_real_and_sample_entries_has_a_minimum_effect(entry)
         assert len(c["min_effect_reason"]) > 40
     assert entry.parameters["min_patients_per_judged_split"] == (20 if entry.name == "real" else 10)
     assert entry.parameters["near_duplicate"] == {"method": "phash", "hash_size": 8, "max_hamming": 6}
-    assert entry.calibration["superseded_because"].startswith("issue 10")
+    if entry.gate_id in BEFORE_ISSUE_10:
+        assert entry.calibration["superseded_because"].startswith("issue 10")
 
 
 @pytest.mark.parametrize("entry", list(entries()), ids=lambda e: e.key)
@@ -69,7 +72,7 @@ def test_g7_held_out_family_and_degenerate_proxy_rule():
 
 
 def test_superseded_entries_keep_their_history():
-    for e in entries():
+    for e in (e for e in entries() if e.gate_id in BEFORE_ISSUE_10):
         raw = LOCK.doc["gates"][e.gate_id]["entries"][e.name]
         assert raw.get("supersedes"), e.key
         assert e.digest not in raw["supersedes"]
