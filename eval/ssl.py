@@ -20,7 +20,7 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.preprocessing import StandardScaler
 
 from ..data.layout import EvalMasks, unseal
-from .bootstrap import _percentile, draw_cluster_counts, encode_clusters
+from .bootstrap import draw_cluster_counts, encode_clusters, percentile_ci
 
 __all__ = ["image_labels", "pixel_masks", "LinearProbe", "linear_probe", "knn_episodes", "balanced_accuracy_ci",
            "data_efficiency", "segmentation_probe", "dice_per_patient", "mean_ci", "DEFAULT_CS"]
@@ -149,13 +149,13 @@ def balanced_accuracy_ci(predictions: Sequence[np.ndarray], y: np.ndarray, clust
         samples.append(_balanced(weights, correct, y))
     s = np.column_stack(samples)
     ok = ~np.isnan(s).any(1)
-    bounds = _percentile(s[ok], float(ci_level))
+    bounds = percentile_ci(s[ok], float(ci_level))
     res = {"value": point, "ci": [(float(bounds[0, a]), float(bounds[1, a])) for a in range(s.shape[1])],
            "n_undefined": int((~ok).sum()), "n_clusters": int(k),
            "method": "patient-clustered paired percentile bootstrap (strata: patients with/without a negative image) "
                      "of balanced accuracy, per-image correctness averaged over episodes"}
     if len(predictions) >= 2:
-        lo, hi = _percentile(s[ok, 0] - s[ok, 1], float(ci_level))
+        lo, hi = percentile_ci(s[ok, 0] - s[ok, 1], float(ci_level))
         res["diff"], res["diff_ci"] = point[0] - point[1], (float(lo), float(hi))
     return res
 
@@ -208,7 +208,7 @@ def mean_ci(values: Sequence[float], *, n_boot: int, ci_level: float, seed: int)
         raise ValueError(f"a bootstrap over patients needs >= 2 patients, got {v.size}")
     rng = np.random.default_rng(seed)
     boots = v[rng.integers(0, v.size, size=(int(n_boot), v.size))].mean(1)
-    lo, hi = _percentile(boots[:, None], float(ci_level))[:, 0]
+    lo, hi = percentile_ci(boots[:, None], float(ci_level))[:, 0]
     return float(v.mean()), (float(lo), float(hi))
 
 
