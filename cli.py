@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,24 +36,16 @@ log = logging.getLogger("covtoken.cli")
 
 # ----------------------------------------------------------------------------------------------------- run
 def fetch_local_run(src: Path, run_id: str, dest: Path) -> Path:
-    """Copy one run's record and artefacts from a results folder into ``dest`` (never overwriting)."""
-    record_path = src / f"{run_id}.json"
-    read_record(record_path)  # a malformed record is never fetched
-    target = dest / f"{run_id}.json"
-    if target.exists():
-        raise FileExistsError(f"{target}: run already fetched; records are never overwritten")
-    art_src, art_dst = src / "artefacts" / run_id, dest / "artefacts" / run_id
-    if art_src.is_dir():
-        if art_dst.exists():
-            raise FileExistsError(f"{art_dst}: artefacts already present")
-        shutil.copytree(art_src, art_dst)
-    from .runstore import append_ledger, read_ledger
+    """Install one run's record and artefacts from a results folder into ``dest`` (never overwriting a record;
+    every file through a temporary file and a rename, the record last), with the run's ledger entries."""
+    from .runstore import append_ledger, install_run, read_ledger
 
+    if (dest / f"{run_id}.json").exists():
+        raise FileExistsError(f"{dest / f'{run_id}.json'}: run already fetched; records are never overwritten")
     for entry in read_ledger(src):  # the run's ledger entries travel with it
         if entry["run_id"] == run_id:
             append_ledger(dest, entry)
-    shutil.copyfile(record_path, target)
-    return target
+    return install_run(src, run_id, dest)
 
 
 def _job_gate(job: Path) -> str:

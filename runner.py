@@ -642,3 +642,12 @@ def _display_path(p: Path) -> str:
         return p.resolve().relative_to(Path.cwd().resolve()).as_posix()
     except ValueError:
         return p.as_posix()
+
+
+def write_model_card(results: str | Path, run_id: str, text: str) -> Path:
+    """Write a run's model card to ``<results>/model_cards/<run_id>.md`` (beside the record, not an artefact: it is
+    generated from the record and can be regenerated from it); returns its path."""
+    path = Path(results) / "model_cards" / f"{run_id}.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

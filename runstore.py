@@ -21,12 +21,13 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from .record import RecordError, dumps_strict, loads_strict
+from .record import RecordError, dumps_strict, loads_strict, read_record
 
-__all__ = ["LEDGER", "STAGING", "append_ledger", "read_ledger", "staging_dir", "commit_run", "recover_commit",
+__all__ = ["atomic_copy", "install_run", "LEDGER", "STAGING", "append_ledger", "read_ledger", "staging_dir", "commit_run", "recover_commit",
            "content_digest", "config_digest", "DiskWriteError"]
 
 LEDGER = "ledger.jsonl"
@@ -160,3 +161,40 @@ def content_digest(record: dict) -> str:
     if rid:
         text = text.replace(rid, "<run_id>")
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def atomic_copy(src: Path, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
+            shutil.copyfileobj(inp, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def install_run(staging: Path, run_id: str, dest: Path) -> Path:
+    """Copy one run's record and artefacts from ``staging`` into ``dest``: artefacts first, record last, every
+    file through a temporary file and a rename; never overwrites a record or an artefact folder."""
+    src = staging / f"{run_id}.json"
+    read_record(src)  # a malformed record is never fetched
+    target = dest / f"{run_id}.json"
+    if target.exists():
+        raise FileExistsError(f"{target}: run already fetched; records are never overwritten")
+    art_src, art_dst = staging / "artefacts" / run_id, dest / "artefacts" / run_id
+    if art_src.is_dir():
+        if art_dst.exists():  # a fetch interrupted after the artefacts, before the record: take them again
+            shutil.rmtree(art_dst)
+        part = art_dst.with_name(f".{run_id}.part")
+        if part.exists():
+            shutil.rmtree(part)
+        for f in sorted(art_src.rglob("*")):
+            if f.is_file():
+                atomic_copy(f, part / f.relative_to(art_src))
+        os.replace(part, art_dst)
+    atomic_copy(src, target)
+    return target

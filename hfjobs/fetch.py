@@ -9,7 +9,6 @@ clean; a card the Hub's YAML validation rejects is a warning, never a failed fet
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ from typing import Any
 from ..audit import AuditReport, audit_folder, render_summary
 from ..record import read_record
 from ..runner import default_lock_path
+from ..runstore import install_run  # noqa: F401  (re-exported: the backend installs fetched runs with it)
 from .errors import HFJobsError
 from .hubsync import record_path, run_prefix
 from .query import last_attempt, repo_files
@@ -65,43 +65,6 @@ def download_run(api: Any, repo: str, run_id: str, staging: Path) -> Path | None
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(f, dest)
     return staging / f"{run_id}.json"
-
-
-def _atomic_copy(src: Path, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out, open(src, "rb") as inp:
-            shutil.copyfileobj(inp, out)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def install_run(staging: Path, run_id: str, dest: Path) -> Path:
-    """Copy one run's record and artefacts from ``staging`` into ``dest``: artefacts first, record last, every
-    file through a temporary file and a rename; never overwrites a record or an artefact folder."""
-    src = staging / f"{run_id}.json"
-    read_record(src)  # a malformed record is never fetched
-    target = dest / f"{run_id}.json"
-    if target.exists():
-        raise FileExistsError(f"{target}: run already fetched; records are never overwritten")
-    art_src, art_dst = staging / "artefacts" / run_id, dest / "artefacts" / run_id
-    if art_src.is_dir():
-        if art_dst.exists():  # a fetch interrupted after the artefacts, before the record: take them again
-            shutil.rmtree(art_dst)
-        part = art_dst.with_name(f".{run_id}.part")
-        if part.exists():
-            shutil.rmtree(part)
-        for f in sorted(art_src.rglob("*")):
-            if f.is_file():
-                _atomic_copy(f, part / f.relative_to(art_src))
-        os.replace(part, art_dst)
-    _atomic_copy(src, target)
-    return target
 
 
 def run_state(api: Any, repo: str, run_id: str) -> str:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -257,9 +256,9 @@ def run_g7(cfg: G7Config, *, command: list[str]) -> int:
     from covtoken.record import read_record
 
     card = render_model_card(read_record(path), checkpoint=ckpts[0], selection=res.selection)
-    card_path = Path(cfg.results) / "model_cards" / f"{run.run_id}.md"
-    card_path.parent.mkdir(parents=True, exist_ok=True)
-    card_path.write_text(card, encoding="utf-8")
+    from covtoken.runner import write_model_card
+
+    card_path = write_model_card(cfg.results, run.run_id, card)
     log.info("record: %s; model card: %s", path, card_path)
     return 0
 

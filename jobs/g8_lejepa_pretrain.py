@@ -202,9 +202,9 @@ def _run(cfg: G8Config, *, command: list[str]) -> int:
     card = render_card(read_record(path), json.loads((art / "pretraining.json").read_text()),
                        name=f"LeJEPA {spec.name} ({run.run_id})", weights_file="encoder.safetensors",
                        weights_sha256=sha256_file(art / "encoder.safetensors"))
-    card_path = Path(cfg.results) / "model_cards" / f"{run.run_id}.md"
-    card_path.parent.mkdir(parents=True, exist_ok=True)
-    card_path.write_text(card, encoding="utf-8")
+    from covtoken.runner import write_model_card
+
+    card_path = write_model_card(cfg.results, run.run_id, card)
     log.info("record: %s; model card: %s", path, card_path)
     return 0
 

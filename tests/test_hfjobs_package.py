@@ -21,7 +21,6 @@ import pytest
 from huggingface_hub import HfApi
 
 from conftest import REPO_ROOT
-from covtoken.hfjobs import fetch as fetch_mod
 from covtoken.hfjobs.errors import HFJobsError
 from covtoken.hfjobs.images import IMAGES, image_warning
 from covtoken.hfjobs.runs import ensure_private_repo
@@ -318,17 +317,19 @@ def test_fetch_survives_a_rejected_card_and_an_interruption(hub: HubEmulator, fa
     dest = tmp_path / "reports"
 
     # interrupted while writing the record: nothing partial left, no 0-byte record
-    real = fetch_mod._atomic_copy
+    from covtoken import runstore
+
+    real = runstore.atomic_copy
 
     def crash_on_record(src: Path, target: Path) -> None:
         if target.name == f"{rid}.json":
             raise KeyboardInterrupt("interrupted")
         real(src, target)
 
-    monkeypatch.setattr(fetch_mod, "_atomic_copy", crash_on_record)
+    monkeypatch.setattr(runstore, "atomic_copy", crash_on_record)
     with pytest.raises(KeyboardInterrupt):
         covtoken("fetch", rid, "--results-repo", repo, "--results", str(dest), "--no-card", cwd=snapshot)
-    monkeypatch.setattr(fetch_mod, "_atomic_copy", real)
+    monkeypatch.setattr(runstore, "atomic_copy", real)
     assert not (dest / f"{rid}.json").exists()
     assert not [p for p in dest.rglob("*") if p.is_file() and (p.name.endswith(".part") or p.stat().st_size == 0)]
 
