@@ -187,8 +187,12 @@ def _is_ancestor(root: Path, a: str, b: str) -> bool:
 
 
 def audit_folder(folder: str | Path, *, lock_path: str | Path, allow_unproven_prereg: bool = False,
-                 allow_dirty: bool = False, allow_missing_records: bool = False) -> AuditReport:
+                 allow_dirty: bool = False, allow_missing_records: bool = False,
+                 hub_repo_copy: bool = False) -> AuditReport:
     """Audit every record under ``folder`` against the lock at ``lock_path``.
+
+    ``hub_repo_copy``: the folder is a download of a Hub results repo (the dataset card's audit), which carries no
+    run ledger; every other check applies.
 
     Fails closed: pre-registration that cannot be proven, a dirty-tree record and a started run without a record
     each fail unless the matching ``allow_*`` flag is given, and then the summary row says so.
@@ -231,7 +235,8 @@ def audit_folder(folder: str | Path, *, lock_path: str | Path, allow_unproven_pr
                          allow_dirty=allow_dirty)
     from .audit_integrity import check_store
 
-    report.missing = check_store(folder, report.records, report.problems, allow_missing=allow_missing_records)
+    report.missing = check_store(folder, report.records, report.problems, allow_missing=allow_missing_records,
+                                 hub_repo_copy=hub_repo_copy)
     report.problems += calibration_overlaps(lock, [(str(r.path), r.record) for r in report.records if r.record])
     return report
 

@@ -230,7 +230,8 @@ class MissingRun(dict):
     """A ledger entry whose run has no record (``run_id``, ``gate_id``, ``time``, ``why``)."""
 
 
-def check_store(folder: Path, records: list[Any], problems: list[str], *, allow_missing: bool) -> list[MissingRun]:
+def check_store(folder: Path, records: list[Any], problems: list[str], *, allow_missing: bool,
+                hub_repo_copy: bool = False) -> list[MissingRun]:
     """Folder-level checks; appends to ``problems`` and returns the started runs that have no record.
 
     Every folder holding records (``folder`` and any subfolder such as ``samples/``) is checked on its own:
@@ -243,7 +244,7 @@ def check_store(folder: Path, records: list[Any], problems: list[str], *, allow_
     seen: dict[str, str] = {}
     check_aggregates(records)
     for d, ras in sorted(by_dir.items()):
-        missing += _check_store_dir(d, ras, problems, allow_missing=allow_missing)
+        missing += _check_store_dir(d, ras, problems, allow_missing=allow_missing, hub_repo_copy=hub_repo_copy)
     for ra in sorted((r for r in records if r.record is not None), key=lambda r: r.record["run_id"]):
         from .runstore import content_digest
 
@@ -255,7 +256,8 @@ def check_store(folder: Path, records: list[Any], problems: list[str], *, allow_
     return missing
 
 
-def _check_store_dir(folder: Path, records: list[Any], problems: list[str], *, allow_missing: bool) -> list[MissingRun]:
+def _check_store_dir(folder: Path, records: list[Any], problems: list[str], *, allow_missing: bool,
+                     hub_repo_copy: bool = False) -> list[MissingRun]:
     from .runstore import LEDGER, STAGING, read_ledger
 
     try:
@@ -274,7 +276,8 @@ def _check_store_dir(folder: Path, records: list[Any], problems: list[str], *, a
         have[rid].fail("run_id", f"run {rid} is marked refused in {folder / LEDGER} but has a record")
     for rid, ra in have.items():
         # An HF Jobs run is started on the Hub (its job id and attempt files); a local run must be in the ledger.
-        if rid not in started and not (ra.record["provenance"]["backend"]["name"] == "hf-jobs"
+        # A copy of a Hub results repo (the dataset card's audit) has no ledger: the repo holds the runs' uploads.
+        if rid not in started and not hub_repo_copy and not (ra.record["provenance"]["backend"]["name"] == "hf-jobs"
                                        and ra.record["provenance"]["backend"].get("job_id")):
             ra.fail("run_id", f"run {rid} has no start entry in {folder / LEDGER}: a run that was never started here")
     missing = []

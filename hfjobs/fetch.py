@@ -135,7 +135,8 @@ def publish_card(api: Any, repo: str, *, allow_unproven_prereg: bool = False) ->
         runs = recorded_runs(api, repo)
         for rid in runs:
             download_run(api, repo, rid, Path(tmp))
-        report = audit_folder(tmp, lock_path=default_lock_path(), allow_unproven_prereg=allow_unproven_prereg)
+        report = audit_folder(tmp, lock_path=default_lock_path(), allow_unproven_prereg=allow_unproven_prereg,
+                              hub_repo_copy=True)
         if not report.ok:
             problems = report.all_problems()
             return False, (f"{repo}: card not regenerated, the audit of its {len(runs)} record(s) failed: "

@@ -1,7 +1,7 @@
 # /// script
 # requires-python = ">=3.11"
 # dependencies = [
-#     "covtoken",  # installed from the job bundle's wheel with the bundle's constraints.txt
+#     # not "covtoken" (not on the package index): launch.py installs the bundle wheel; by hand: uv run --with WHEEL
 # ]
 # ///
 """G8 - LeJEPA pretraining on training patients' images beats the same architecture at random init.

@@ -39,7 +39,8 @@ def tiny_parameters() -> dict:
     p["dataset_options"] = {"n_patients": 24, "per_patient": 3, "size": 64}
     p["pretraining"].update(TINY_PRETRAIN)
     p.update({"shots": [1, 3], "primary_shots": 3, "n_episodes": 5, "n_boot": 200, "seg_positive_min": 0.25,
-              "probe_cs": [0.1, 1.0]})
+              "probe_cs": [0.1, 1.0],
+              "min_patients_per_judged_split": 5})  # 24 patients leave 6 per judged split in the tiny protocol
     return p
 
 
