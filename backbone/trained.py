@@ -68,6 +68,7 @@ TINY_VIT_LEJEPA = register(
         builder=build_tiny_vit_lejepa,
         weights_sha256=WEIGHTS_SHA256,
         modality="CT phantoms (embedded default; flow check)",
+        licence="Apache-2.0 (weights trained by the kit on its own synthetic phantoms)",
         notes="tiny-vit pretrained with LeJEPA (SIGReg) on the embedded CT phantoms' training patients by gate G8; "
               "model card: covtoken/backbone/weights/tiny-vit-lejepa.md",
     )

@@ -28,7 +28,7 @@ from test_backbones_hub import (SHA, hub_cache, meddinov3_checkpoint, open_clip_
                                 variant)
 
 #: backbones with a pixel-equality test below; a new registry entry must be added here with its test
-COVERED = {"tiny-vit", "meddinov3-vitb16-ct", "dinov2-base", "dinov2-base-reg", "dermlip-vitb16", "clip-vitb16-openai",
+COVERED = {"tiny-vit", "tiny-vit-lejepa", "meddinov3-vitb16-ct", "dinov2-base", "dinov2-base-reg", "dermlip-vitb16", "clip-vitb16-openai",
            "biomedclip"}
 
 
@@ -72,6 +72,17 @@ def test_tiny_vit_is_fed_by_timm() -> None:
     prov = backbone.provenance(blocks=[0], final_norm=False)["preprocess"]
     assert prov["library"] == "timm" and prov["native"]["crop_pct"] == 0.9 and prov["override"]["crop_mode"] == "squash"
     assert prov["resolved"]["interpolation"] == "bicubic" and "Resize" in prov["transform"]
+
+
+def test_tiny_vit_lejepa_is_fed_by_timm_like_its_architecture() -> None:
+    """The G8-pretrained tiny ViT (shipped weights, pinned by digest) keeps timm's transform of its architecture."""
+    import timm
+
+    backbone = load_backbone("tiny-vit-lejepa")
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=128, embed_dim=64, depth=1,
+                            num_heads=4, num_classes=0)
+    assert_equal_to(backbone, squash_timm(ref, 128))
+    assert backbone.provenance(blocks=[0], final_norm=False)["preprocess"]["library"] == "timm"
 
 
 def test_meddinov3_is_fed_by_timm_with_its_normalisation(hub_cache: Path) -> None:
