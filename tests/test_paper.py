@@ -104,8 +104,8 @@ def test_missing_record_and_bad_reference_fail(paper):
     draft.write_text(text.replace("metrics.mid_auroc.value|.3f", "metrics.mid_auroc.nope|.3f", 1))
     with pytest.raises(PaperError, match="does not resolve"):
         verify(paper)
-    draft.write_text(text.replace("{{g1:claim}}", "{{g9:claim}}"))
-    with pytest.raises(PaperError, match="unknown record key 'g9'"):
+    draft.write_text(text.replace("{{g1:claim}}", "{{g99:claim}}"))
+    with pytest.raises(PaperError, match="unknown record key 'g99'"):
         verify(paper)
     for f in (root / "gate_reports").glob("g*.json"):
         f.unlink()
@@ -141,6 +141,8 @@ def test_flow_checks_are_tagged_in_every_reference_and_caption(g1_record, tmp_pa
     (root / "gate_reports").mkdir(parents=True)
     shutil.copy(record, root / "gate_reports" / record.name)
     shutil.copytree(record.parent / "artefacts" / record.stem, root / "gate_reports" / "artefacts" / record.stem)
+    for entry in read_ledger(record.parent):  # the run's ledger entry travels with it, as `covtoken run` does
+        append_ledger(root / "gate_reports", entry)
     draft = root / "paper" / "d.md"
     draft.parent.mkdir(parents=True)
     draft.write_text(f"---\nrecords:\n  g1: gate_reports/{record.name}\n---\n"
