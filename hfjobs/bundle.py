@@ -179,8 +179,9 @@ def build_bundle(state: SourceState, job: str | Path, cache_dir: str | Path) -> 
             (stage / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src / rel, stage / rel)
         files = {p.relative_to(stage).as_posix(): sha256_file(p) for p in sorted(stage.rglob("*")) if p.is_file()}
-        info = {"kind": "covtoken.code_bundle", "version": 1, "commit": state.commit, "dirty": state.dirty,
-                "diff_sha256": state.diff_sha256, "job": job, "wheel": wheel.name, "launcher": LAUNCHER,
+        tree = _git(state.root, "rev-parse", f"{state.commit}^{{tree}}").strip() or None
+        info = {"kind": "covtoken.code_bundle", "version": 1, "commit": state.commit, "tree": tree,
+                "dirty": state.dirty, "diff_sha256": state.diff_sha256, "job": job, "wheel": wheel.name, "launcher": LAUNCHER,
                 "source_date_epoch": epoch, "files": files}
         write_json_atomic(stage / BUILD_INFO, info)
         dest.parent.mkdir(parents=True, exist_ok=True)

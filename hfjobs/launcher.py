@@ -301,7 +301,8 @@ def main(argv: list[str] | None = None) -> int:
         shutil.copytree(bundle / "configs", run_dir / "configs")
         env = dict(os.environ)
         env.update(COVTOKEN_CODE_COMMIT=info["commit"], COVTOKEN_CODE_DIRTY="1" if info.get("dirty") else "0",
-                   COVTOKEN_CODE_DIFF_SHA256=info.get("diff_sha256") or "", COVTOKEN_KIT_DIR=str(kit),
+                   COVTOKEN_CODE_DIFF_SHA256=info.get("diff_sha256") or "", COVTOKEN_CODE_TREE=info.get("tree") or "",
+                   COVTOKEN_KIT_DIR=str(kit),
                    COVTOKEN_BUNDLE_DIR=str(bundle), COVTOKEN_LOG_FILE=str(log_path), PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join([str(kit), *filter(None, [os.environ.get("PYTHONPATH")])]))
         sidecar = start_log_sidecar(tee, python, log_path, env)

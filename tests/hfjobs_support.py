@@ -51,8 +51,8 @@ def snapshot_repo(base: Path) -> Path:
     return dest
 
 
-def head(repo: Path) -> str:
-    return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+def head(repo: Path, rev: str = "HEAD") -> str:
+    return subprocess.run(["git", "-C", str(repo), "rev-parse", rev], capture_output=True, text=True,
                           check=True).stdout.strip()
 
 

@@ -55,8 +55,9 @@ def test_round_trip_submit_logs_wait_fetch_audit(hub: HubEmulator, roundtrip, sn
     assert rid in (reports / "SUMMARY.md").read_text()
 
     # the code: the bundle's commit (a commit that exists only in the snapshot), clean, from the bundle
+    tree = head(snapshot, "HEAD^{tree}")
     assert rec["provenance"]["code"] == {"commit": head(snapshot), "dirty": False, "diff_sha256": None,
-                                         "source": "bundle"}
+                                         "source": "bundle", "tree": tree}  # the tree lets the audit catch a swap
     # the backend: the job found by its labels, flavor, image, results repo, hardware, pinned bundle
     (job,) = jobs_of(hub, rid)
     be = rec["provenance"]["backend"]
@@ -208,11 +209,12 @@ def test_job_error_gives_a_clear_message_and_no_record(hub: HubEmulator, fake_to
                    "--results", str(tmp_path / "gate_reports"), "--", "--backbone", "no-such-backbone", cwd=snapshot)
     assert sub.rc == 1
     rid = re.search(r"run (g1-[0-9a-z-]+) attempt 0: job", sub.err).group(1)
-    assert "UnknownBackboneError" in sub.out  # the streamed log
-    assert "ended ERROR: Job failed with exit code: 1" in sub.err and f"No record was written for run {rid}" in sub.err
+    # the streamed log: the job's one-line user error (exit 2) naming the flag and the value, no traceback
+    assert "error: --backbone: " in sub.out and "no-such-backbone" in sub.out and "Traceback" not in sub.out
+    assert "ended ERROR: Job failed with exit code: 2" in sub.err and f"No record was written for run {rid}" in sub.err
     wait = covtoken("wait", rid, cwd=snapshot)
     assert wait.rc == 1
-    assert "ended ERROR: Job failed with exit code: 1" in wait.err and "UnknownBackboneError" in wait.err
+    assert "ended ERROR: Job failed with exit code: 2" in wait.err and "no-such-backbone" in wait.err
     assert f"No record was written for run {rid}" in wait.err
     reports = tmp_path / "gate_reports"
     fetch = covtoken("fetch", "--allow-unproven-prereg", rid, "--results", str(reports), "--no-card", cwd=snapshot)
