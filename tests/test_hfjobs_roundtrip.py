@@ -224,7 +224,7 @@ def test_job_error_gives_a_clear_message_and_no_record(hub: HubEmulator, fake_to
     files = api.list_repo_files(repo, repo_type="dataset")
     assert f"runs/{rid}/{rid}.json" not in files
     log = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.log", repo_type="dataset")).read_text()
-    assert "UnknownBackboneError" in log and "exited with code 1" in log  # the log still left the container
+    assert "no-such-backbone" in log and "exited with code 2" in log  # the log still left the container
 
 
 def _attempt_logs(hub: HubEmulator, job_id: str) -> list[list[str]]:
