@@ -23,7 +23,8 @@ from .bootstrap import clustered_bootstrap_auroc
 from .recompute import Evaluation, recipe
 from .labels import token_lesion_fraction
 from .ssl import (balanced_accuracy_ci, data_efficiency, dice_per_patient, image_labels, knn_episodes,
-                  linear_probe, mean_ci, pixel_masks, segmentation_probe)
+                  linear_probe, mean_ci, pixel_masks, segmentation_decisions,
+                  select_segmentation)
 
 __all__ = ["G8Inputs", "g8_inputs", "segmentation_arrays"]
 
@@ -60,9 +61,9 @@ def g8_inputs(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: in
     """Arrays and arguments of recipes ``g8.probes`` and ``g8.segmentation`` (labels opened here, in eval).
 
     Returns:
-        ``(probe_arrays, probe_args, seg_arrays, seg_args)``; the segmentation arrays hold the tokens of every
-        checkpoint only through the one chosen later, so the caller adds ``tok.trained`` once it is known (see
-        :func:`segmentation_arrays`).
+        ``(probe_arrays, probe_args, seg_arrays, seg_args)``; the segmentation arrays hold the masks and the
+        training lesion fractions; the caller adds the token classifiers' decisions once the checkpoint is chosen
+        (see :func:`segmentation_arrays`).
     """
     y = image_labels(masks, inp.image_ids)
     arrays = {"labels": y, "patients": np.asarray(inp.patient_ids).astype(str),
@@ -85,10 +86,21 @@ def g8_inputs(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: in
     return arrays, args, seg, seg_args
 
 
-def segmentation_arrays(seg: Mapping[str, np.ndarray], inp: G8Inputs, chosen: str) -> dict:
-    """The segmentation inputs with the final-block tokens of the chosen checkpoint and of the random init."""
-    return {**seg, "tok.trained": inp.tokens[chosen].astype(np.float32),
-            "tok.random_init": inp.tokens["random_init"].astype(np.float32)}
+def segmentation_arrays(seg: Mapping[str, np.ndarray], seg_args: Mapping[str, Any], inp: G8Inputs, chosen: str) -> dict:
+    """The stored inputs of ``g8.segmentation``: the fitted token classifiers' decisions on val and test.
+
+    The fit role runs here, on training patients' final-block tokens of the chosen checkpoint and of the random
+    init (one linear classifier per ``C``, :func:`~covtoken.eval.ssl.segmentation_decisions`); the recipe selects
+    ``C`` on validation and judges on test from the decisions alone, so the tokens themselves are not stored.
+    """
+    out = {k: v for k, v in seg.items() if k != "frac.train"}
+    tr, va, te = (np.asarray(inp.rows[k]) for k in ("train", "val", "test"))
+    for name, key in (("trained", chosen), ("random_init", "random_init")):
+        t = inp.tokens[key].astype(np.float32)
+        _, out[f"dec.{name}.val"], out[f"dec.{name}.test"] = segmentation_decisions(
+            t[tr], seg["frac.train"], t[va], t[te], grid=tuple(int(g) for g in seg_args["grid"]),
+            positive_min=float(seg_args["positive_min"]), cs=list(seg_args["probe_cs"]), seed=int(seg_args["seed"]))
+    return out
 
 
 @recipe("g8.probes")
@@ -161,17 +173,16 @@ def g8_probes(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluatio
 
 @recipe("g8.segmentation")
 def g8_segmentation(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluation:
-    """Segmentation probe on final-block patch tokens: foreground Dice per test patient (background never in)."""
+    """Segmentation probe on final-block patch tokens: ``C`` chosen on validation from the stored token decisions,
+    foreground Dice per test patient (background never in)."""
     n_boot, level, seed = int(args["n_boot"]), float(args["ci_level"]), int(args["seed"])
     grid = tuple(int(g) for g in args["grid"])
-    tr, va, te = a["rows.train"], a["rows.val"], a["rows.test"]
     va_m, te_m = list(a["mask.val"]), list(a["mask.test"])
+    cs = sorted(float(c) for c in args["probe_cs"])
     m, table, preview = {}, {}, {}
     for name in ("trained", "random_init"):
-        t = a[f"tok.{name}"]
-        c, pred = segmentation_probe(t[tr], a["frac.train"], t[va], va_m, list(a["patients.val"]), t[te], te_m,
-                                     grid=grid, positive_min=float(args["positive_min"]),
-                                     cs=list(args["probe_cs"]), seed=seed)
+        c, pred = select_segmentation(cs, a[f"dec.{name}.val"], va_m, list(a["patients.val"]), a[f"dec.{name}.test"],
+                                      te_m)
         d = dice_per_patient(pred, te_m, list(a["patients.test"]))
         value, ci = mean_ci(list(d["per_patient"].values()), n_boot=n_boot, ci_level=level, seed=seed)
         table[name] = {"chosen_c": c, **d, "mean": value, "ci": list(ci)}

@@ -23,7 +23,8 @@ from ..data.layout import EvalMasks, unseal
 from .bootstrap import draw_cluster_counts, encode_clusters, percentile_ci
 
 __all__ = ["image_labels", "pixel_masks", "LinearProbe", "linear_probe", "knn_episodes", "balanced_accuracy_ci",
-           "data_efficiency", "segmentation_probe", "dice_per_patient", "mean_ci", "DEFAULT_CS"]
+           "data_efficiency", "segmentation_probe", "segmentation_decisions", "select_segmentation",
+           "paint_decisions", "dice_per_patient", "mean_ci", "DEFAULT_CS"]
 
 DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
 
@@ -221,7 +222,8 @@ def segmentation_probe(train_tokens: np.ndarray, train_frac: np.ndarray, val_tok
 
     Tokens with lesion fraction >= ``positive_min`` are positive, lesion-free ones negative, the rest left out
     of training; classes are balanced by weight. ``C`` maximises the mean per-patient foreground Dice on
-    validation patients.
+    validation patients. The composition of :func:`segmentation_decisions` (fit) and
+    :func:`select_segmentation` (select on validation, predict on test).
 
     Args:
         train_tokens: ``(n_img, N, d)``; train_frac: ``(n_img, N)`` lesion fraction per token.
@@ -229,6 +231,22 @@ def segmentation_probe(train_tokens: np.ndarray, train_frac: np.ndarray, val_tok
 
     Returns:
         ``(chosen C, predicted test pixel masks)``.
+    """
+    cs_sorted, val_dec, test_dec = segmentation_decisions(train_tokens, train_frac, val_tokens, test_tokens,
+                                                          grid=grid, positive_min=positive_min, cs=cs, seed=seed,
+                                                          max_train_tokens=max_train_tokens)
+    return select_segmentation(cs_sorted, val_dec, val_masks, val_patients, test_dec, test_masks)
+
+
+def segmentation_decisions(train_tokens: np.ndarray, train_frac: np.ndarray, val_tokens: np.ndarray,
+                           test_tokens: np.ndarray, *, grid: tuple[int, int], positive_min: float = 0.5,
+                           cs: Sequence[float] = DEFAULT_CS, seed: int = 0, max_train_tokens: int = 20000
+                           ) -> tuple[list[float], np.ndarray, np.ndarray]:
+    """Fit one linear token classifier per ``C`` on training tokens; their token-grid decisions on val and test.
+
+    Returns:
+        ``(sorted Cs, val decisions (k, n_val, *grid) bool, test decisions (k, n_test, *grid) bool)``: everything
+        :func:`select_segmentation` needs, a small fraction of the tokens' size.
     """
     x = train_tokens.reshape(-1, train_tokens.shape[-1])
     f = train_frac.reshape(-1)
@@ -241,20 +259,36 @@ def segmentation_probe(train_tokens: np.ndarray, train_frac: np.ndarray, val_tok
         raise ValueError("segmentation probe needs lesion and background tokens among training images")
     scaler = StandardScaler().fit(x[keep])
 
-    def paint(clf: LogisticRegression, tokens: np.ndarray, masks: Sequence[np.ndarray]) -> list[np.ndarray]:
-        d = clf.predict(scaler.transform(tokens.reshape(-1, tokens.shape[-1]))).reshape(len(tokens), *grid)
-        out = []
-        for grid_pred, m in zip(d, masks):
-            rep = (-(-m.shape[0] // grid[0]), -(-m.shape[1] // grid[1]))
-            out.append(np.kron(grid_pred, np.ones(rep, dtype=np.int8))[:m.shape[0], :m.shape[1]].astype(bool))
-        return out
+    def decide(clf: LogisticRegression, tokens: np.ndarray) -> np.ndarray:
+        return clf.predict(scaler.transform(tokens.reshape(-1, tokens.shape[-1]))).reshape(len(tokens), *grid)
 
-    best, best_c, best_clf = -1.0, None, None
-    for c in sorted(float(c) for c in cs):
+    cs_sorted, val_dec, test_dec = sorted(float(c) for c in cs), [], []
+    for c in cs_sorted:
         clf = LogisticRegression(C=c, max_iter=2000, class_weight="balanced", random_state=seed)
         clf.fit(scaler.transform(x[keep]), y)
-        dice = dice_per_patient(paint(clf, val_tokens, val_masks), val_masks, val_patients)["per_patient"]
+        val_dec.append(decide(clf, val_tokens).astype(bool))
+        test_dec.append(decide(clf, test_tokens).astype(bool))
+    return cs_sorted, np.stack(val_dec), np.stack(test_dec)
+
+
+def paint_decisions(decisions: np.ndarray, masks: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """Token-grid decisions ``(n, gh, gw)`` painted over their patches, cut to each pixel mask's shape."""
+    out = []
+    for grid_pred, m in zip(decisions, masks):
+        rep = (-(-m.shape[0] // grid_pred.shape[0]), -(-m.shape[1] // grid_pred.shape[1]))
+        out.append(np.kron(grid_pred.astype(np.int8), np.ones(rep, dtype=np.int8))[:m.shape[0], :m.shape[1]]
+                   .astype(bool))
+    return out
+
+
+def select_segmentation(cs: Sequence[float], val_decisions: np.ndarray, val_masks: Sequence[np.ndarray],
+                        val_patients: Sequence[str], test_decisions: np.ndarray, test_masks: Sequence[np.ndarray]
+                        ) -> tuple[float, list[np.ndarray]]:
+    """``C`` with the best mean per-patient validation Dice (the first on ties, in ``cs`` order); its test masks."""
+    best, best_i = -1.0, None
+    for i in range(len(cs)):
+        dice = dice_per_patient(paint_decisions(val_decisions[i], val_masks), val_masks, val_patients)["per_patient"]
         score = float(np.mean(list(dice.values()))) if dice else 0.0
         if score > best:
-            best, best_c, best_clf = score, c, clf
-    return float(best_c), paint(best_clf, test_tokens, test_masks)
+            best, best_i = score, i
+    return float(cs[best_i]), paint_decisions(test_decisions[best_i], test_masks)

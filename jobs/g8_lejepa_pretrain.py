@@ -153,7 +153,7 @@ def _run(cfg: G8Config, *, command: list[str]) -> int:
         arrays, args, seg, seg_args = g8_inputs(inputs, data.masks, P, seed=cfg.seed)
         probes = run.evaluate("g8.probes", arrays, args)
         chosen = probes.extras["selection"]["checkpoint"]["chosen"]
-        segm = run.evaluate("g8.segmentation", segmentation_arrays(seg, inputs, chosen), seg_args)
+        segm = run.evaluate("g8.segmentation", segmentation_arrays(seg, seg_args, inputs, chosen), seg_args)
     metrics = {**probes.metrics, **segm.metrics}
     entry = next(c for c in pre.checkpoints if f"step{c['step']:06d}" == chosen)
     backbone_prov = {**spec.provenance(), "name": f"{spec.name}+lejepa", "weights_digest": entry["sha256"],

@@ -6,7 +6,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from covtoken.eval.ssl import (balanced_accuracy_ci, data_efficiency, dice_per_patient, knn_episodes, linear_probe,
-                               mean_ci, segmentation_probe)
+                               mean_ci, segmentation_decisions, segmentation_probe, select_segmentation)
 
 
 def split(rng, n_pat: int, per: int, signal: float, d: int = 8):
@@ -118,6 +118,10 @@ def test_segmentation_probe_finds_planted_lesion_tokens():
     c, pred = segmentation_probe(tr, ftr, va, mva, [f"v{i}" for i in range(10)], te, mte, grid=grid)
     dice = dice_per_patient(pred, mte, [f"t{i}" for i in range(10)])["per_patient"]
     assert np.mean(list(dice.values())) > 0.8
+    # the stored form (fit: decisions per C; select/judge from them) gives the same choice and the same masks
+    cs, vd, td = segmentation_decisions(tr, ftr, va, te, grid=grid)
+    c2, pred2 = select_segmentation(cs, vd, mva, [f"v{i}" for i in range(10)], td, mte)
+    assert c2 == c and all(np.array_equal(a, b) for a, b in zip(pred2, pred))
 
 
 def test_data_efficiency_uses_fewer_labels_and_keeps_both_classes(monkeypatch):

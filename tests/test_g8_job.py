@@ -187,6 +187,9 @@ def test_smoke_record_is_audited_and_complete(killed_and_resumed):
     assert rec["provenance"]["parameters"]["pretraining"]["lam"] == 0.05
     ev = json.loads((rec_path.parent / "artefacts" / rec["run_id"] / "evaluation.json").read_text())
     assert [e["recipe"] for e in ev["evaluations"]] == ["g8.probes", "g8.segmentation"]
+    # the segmentation inputs are the fitted classifiers' token decisions, not the tokens themselves
+    seg = np.load(rec_path.parent / "artefacts" / rec["run_id"] / ev["evaluations"][1]["inputs"])
+    assert not [k for k in seg.files if k.startswith("tok.")] and seg["dec.trained.test"].dtype == bool
 
 
 @pytest.mark.slow
