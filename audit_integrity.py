@@ -310,7 +310,7 @@ def _aggregate_of(record: dict) -> list[str] | None:
 
 def check_aggregates(records: list[Any]) -> None:
     """A sweep aggregate's metrics must be the t-interval of its cells' values; the cells must be audited here."""
-    from .eval.seed_mean import t_interval
+    from .eval.seed_mean import seed_stats
     from .eval.recompute import FLOAT_TOLERANCE
 
     by_id = {ra.record["run_id"]: ra for ra in records if ra.record is not None}
@@ -326,7 +326,7 @@ def check_aggregates(records: list[Any]) -> None:
         for name, m in ra.record["metrics"].items():
             vals = [by_id[c].record["metrics"][name]["value"] for c in cells if name in by_id[c].record["metrics"]
                     and by_id[c].record["metrics"][name]["value"] is not None]
-            st = t_interval(vals, float(m.get("ci_level") or 0.95))
+            st = seed_stats(vals, float(m.get("ci_level") or 0.95))
             got = [m["value"], *(m["ci"] or [None, None])]
             want = [st["mean"], *(st["ci"] or [None, None])]
             if any((a is None) != (b is None) or (a is not None and abs(a - b) > FLOAT_TOLERANCE)

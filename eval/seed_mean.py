@@ -13,11 +13,12 @@ import numpy as np
 
 from .recompute import Evaluation, RecipeError, recipe
 
-__all__ = ["t_interval", "seed_mean_inputs"]
+__all__ = ["seed_stats", "seed_mean_inputs"]
 
 
-def t_interval(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
-    """Mean, sd (ddof 1) and the t-based CI of the mean of ``values``.
+def seed_stats(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean, sd (ddof 1) and the t-based CI of the mean of ``values`` (the kit's t interval, as a dict that also
+    covers fewer than two seeds).
 
     Returns:
         ``{"k", "mean", "sd", "df", "t_quantile", "ci"}``; ``sd``, ``df``, ``t_quantile`` and ``ci`` are None
@@ -57,7 +58,7 @@ def seed_mean(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluatio
         key = f"values.{i}"
         if key not in a:
             raise RecipeError(f"sweep.seed_mean: no array {key} for metric {spec['name']}")
-        st = t_interval(a[key].tolist(), level)
+        st = seed_stats(a[key].tolist(), level)
         sd = "n/a (fewer than 2 seeds)" if st["sd"] is None else f"{st['sd']:.4f}"
         m = {"value": st["mean"], "ci": st["ci"], "ci_level": level,
              "ci_method": None if st["ci"] is None else (

@@ -26,7 +26,7 @@ from typing import Any
 
 
 from ..eval.recompute import canonical, evaluate, pack_arrays, unpack_arrays
-from ..eval.seed_mean import seed_mean_inputs, t_interval  # noqa: F401  (t_interval: re-exported)
+from ..eval.seed_mean import seed_mean_inputs
 from ..lock import ThresholdLock, judge
 from ..record import ArtefactWriter, dumps_strict, new_run_id, read_record, sha256_file, utc_now, write_record
 from ..runner import default_lock_path
@@ -40,7 +40,7 @@ from .runs import (PLACEHOLDER_NAMESPACE, Plan, SubmitRequest, _check_repo_id, _
 from .prices import live_price, offline_price
 from .spec import job_gate, label_value, make_request, parse_duration
 
-__all__ = ["t_interval", "plan_cells", "aggregate_group", "SweepRequest", "plan_sweep", "sweep_commit_every",
+__all__ = ["plan_cells", "aggregate_group", "SweepRequest", "plan_sweep", "sweep_commit_every",
            "aggregate_sweep", "AggregateResult", "run_sweep", "CI_LEVEL", "COMMIT_BUDGET_PER_HOUR"]
 
 CI_LEVEL = 0.95

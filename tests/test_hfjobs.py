@@ -25,7 +25,7 @@ from covtoken.hfjobs.bundle import BundleError, build_bundle, source_state, veri
 from covtoken.hfjobs.errors import HFJobsError
 from covtoken.hfjobs.hubsync import HubSync, HubSyncError, JobEnv
 from covtoken.hfjobs.spec import make_request, parse_timeout
-from covtoken.hfjobs.sweep import t_interval
+from covtoken.eval.seed_mean import seed_stats as t_interval
 from covtoken.provenance import _dirty_state
 from hfjobs_support import (FAKE_TOKEN, G1, NS, covtoken, fake_token, head, hf_cache, hf_cli, jobs_of,  # noqa: F401
                             new_repo, snapshot)
