@@ -12,11 +12,11 @@ Unknown names raise with the list of choices.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
-
 import hashlib
+import inspect
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 from .identity import is_registered_sample
 from .layout import EvalMasks, ImageItem
@@ -67,6 +67,12 @@ def load_dataset(name: str, **options: Any) -> LoadedDataset:
     except KeyError:
         raise KeyError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}, "
                        "or a local folder / org/name / hf://datasets/... source") from None
+    params = inspect.signature(loader).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        unknown = sorted(set(options) - set(params))
+        if unknown:  # e.g. a data root given for a generated phantom: say so instead of a TypeError
+            raise ValueError(f"dataset {name!r} takes no option {', '.join(unknown)} "
+                             f"(it takes: {', '.join(params) or 'none'})")
     return loader(**options)
 
 

@@ -29,7 +29,9 @@ DICOM_DATASETS = {"lung-pet-ct-dx"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from covtoken.errors import OneLineParser, report_errors
+
+    p = OneLineParser(prog=Path(__file__).name, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="catalog name (busi, lidc, lung-pet-ct-dx, ...)")
     p.add_argument("--data-root", required=True, help="folder of the raw dataset")
     p.add_argument("--out", required=True, help="new folder for the materialized dataset")
@@ -38,8 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--deid-key-env", default="COVTOKEN_DEID_KEY", help="environment variable holding the key")
     p.add_argument("--date-shift-days", type=int, default=None, help="shift dates instead of removing them")
     p.add_argument("--licence", help="SPDX licence id of the data (default: read from the catalog's licence text)")
+    p.add_argument("--debug", action="store_true", help="show the traceback of an error")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    # an expected error (wrong data, a raw DICOM series, an unknown licence...) is one line and exit 2
+    return report_errors(lambda: _materialize(p, args), debug=args.debug, writing=str(args.out))
+
+
+def _materialize(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
 
     from covtoken.data.catalog import load_dataset
     from covtoken.data.errors import DataError

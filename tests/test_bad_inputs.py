@@ -32,6 +32,8 @@ def _run_case(case: Case, tmp, monkeypatch, *, debug: bool = False) -> int:  # n
     args = [_fill(a, tmp, lock) for a in case.args] + (["--debug"] if debug else [])
     if case.target == "cli":
         return cli_main((["--debug"] if debug else []) + args[: len(args) - debug])
+    if case.target == "materialize":
+        return load_job("materialize_dataset").main(args)
     job = load_job("g7_dermajepa_probe" if case.target == "job7" else "g1_lesion_subspace")
     given = set(args)
     extra = [] if "--results" in given else ["--results", str(tmp / "results")]

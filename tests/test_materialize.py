@@ -61,11 +61,15 @@ def test_existing_output_is_refused_and_nothing_partial_is_left(tmp_path):
 
 
 @pytest.mark.realdata
-def test_materialize_job_refuses_raw_dicom_then_deidentifies(realdata, tmp_path, monkeypatch):
+def test_materialize_job_refuses_raw_dicom_then_deidentifies(realdata, tmp_path, monkeypatch, capsys):
     job = load_job("materialize_dataset")
     src = realdata / "lung_pet_ct_dx"
-    with pytest.raises(NotDeidentifiedError):
-        job.main(["--dataset", "lung-pet-ct-dx", "--data-root", str(src), "--out", str(tmp_path / "raw")])
+    args = ["--dataset", "lung-pet-ct-dx", "--data-root", str(src), "--out", str(tmp_path / "raw")]
+    assert job.main(args) == 2  # a user error: one line naming what is wrong, exit 2
+    errors = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "has not been de-identified" in errors[0], errors
+    assert job.main([*args, "--debug"]) == 2
+    assert f"{NotDeidentifiedError.__name__}: " in capsys.readouterr().err  # --debug shows the traceback
     assert not (tmp_path / "raw").exists()
     monkeypatch.setenv("COVTOKEN_DEID_KEY", "a-test-key-that-is-long-enough")
     assert job.main(["--dataset", "lung-pet-ct-dx", "--data-root", str(src), "--out", str(tmp_path / "ok"),

@@ -3,7 +3,8 @@ a traceback, and leave no record or temporary file behind (tests/test_bad_inputs
 
 A case is ``Case(id, target, args, culprit, setup=None, fault=None)``:
 - ``target``: ``"job"`` (jobs/g1_lesion_subspace.py's main, with --results/--work-dir/--lock of the case's folder
-  appended unless the case sets them) or ``"cli"`` (covtoken's main);
+  appended unless the case sets them), ``"cli"`` (covtoken's main) or ``"materialize"``
+  (jobs/materialize_dataset.py's main);
 - ``args``: argv; ``{tmp}`` is replaced by the case's folder, ``{lock}`` by a good copy of the lock;
 - ``culprit``: text the error line must contain (the flag, key, file or row), ``{tmp}`` replaced as above;
 - ``setup(tmp)``: writes the bad files; ``fault(monkeypatch, tmp)``: plants a disk or permission fault.
@@ -230,6 +231,12 @@ CASES: list[Case] = [
          setup=lambda t: _ham(t, "lesion_id,image_id,dx", [])),
     # ---- disk and permission faults
     Case("results-unwritable", J, ("--smoke", "--results", "{tmp}/results"), "{tmp}/results", fault=_deny_mkdir),
+    # ---- jobs/materialize_dataset.py
+    Case("materialize-unknown-dataset", "materialize", ("--dataset", "nope", "--data-root", "{tmp}",
+                                                        "--out", "{tmp}/m"), "nope"),
+    Case("materialize-missing-out", "materialize", ("--dataset", "busi", "--data-root", "{tmp}"), "--out"),
+    Case("materialize-phantom-takes-no-root", "materialize", ("--dataset", "phantom-us", "--data-root", "{tmp}",
+                                                   "--out", "{tmp}/m"), "root"),
     # ---- covtoken (cli.main)
     Case("cli-unknown-command", "cli", ("frobnicate",), "frobnicate"),
     Case("cli-unknown-option", "cli", ("audit", "--frob"), "--frob"),
