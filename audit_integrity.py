@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .provenance import git, repo_root
-from .record import RecordError, loads_strict, sha256_file
+from .record import RecordError, loads_strict, sealed_fields, sha256_file
 
 __all__ = ["check_recompute", "check_sealed", "check_code", "check_files", "check_lock_file_digest",
            "check_store", "MissingRun"]
@@ -132,9 +132,7 @@ def check_sealed(ra: Any, doc: dict | None) -> None:
     if doc is None:
         return
     sealed = doc["sealed"]
-    want = {"code": prov["code"], "seed": prov["seed"], "evidence": rec.get("evidence"),
-            "backbone": prov["backbone"], "dataset": prov["dataset"], "command": prov["command"],
-            "config": prov["config"], "parameters": prov.get("parameters"), "entry": rec["lock"]["entry"]}
+    want = sealed_fields(prov, evidence=rec.get("evidence"), entry=rec["lock"]["entry"])
     for k, v in want.items():
         if sealed.get(k) != v:
             fld = {"evidence": "evidence", "entry": "lock/entry"}.get(k, f"provenance/{k}")

@@ -35,6 +35,7 @@ __all__ = [
     "ArtefactWriter",
     "utc_now",
     "iter_record_paths",
+    "sealed_fields",
 ]
 
 RUN_ID_RE = re.compile(r"^[a-z0-9][a-z0-9-]{7,80}$")
@@ -240,6 +241,20 @@ class ArtefactWriter:
     def bytes(self, name: str, data: bytes, *, description: str) -> Path:
         """Write raw bytes (figures, CSV)."""
         return self._add(name, data, description)
+
+
+SEALED_PROVENANCE = ("code", "seed", "backbone", "dataset", "command", "config", "parameters")
+
+
+def sealed_fields(provenance: dict, *, evidence: Any, entry: str) -> dict:
+    """The record fields the audit cannot recompute, as a run seals them in its ``evaluation.json``.
+
+    One definition for the three places that need it: the runner and the sweep aggregate seal these values, and the
+    audit requires the record to carry exactly them (a record edited after the run no longer matches).
+    """
+    sealed = {k: provenance.get(k) for k in SEALED_PROVENANCE}
+    sealed.update(evidence=evidence, entry=entry)
+    return sealed
 
 
 def iter_record_paths(folder: str | Path) -> list[Path]:

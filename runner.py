@@ -22,7 +22,8 @@ from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from .lock import DEFAULT_LOCK_PATH, LockError, ThresholdLock, gate_template_entry, judge
 from .provenance import code_state, package_versions, runtime
-from .record import ArtefactWriter, RecordError, dumps_strict, loads_strict, new_run_id, utc_now, write_json_atomic, write_record
+from .record import (ArtefactWriter, RecordError, dumps_strict, loads_strict, new_run_id, sealed_fields, utc_now,
+                     write_json_atomic, write_record)
 
 __all__ = ["load_config", "add_config_arguments", "Run", "stage", "torch_threads", "default_lock_path", "ConfigError",
            "JobConfig", "job_main", "load_gate_dataset"]
@@ -445,13 +446,25 @@ class Run:
         if self.entry is None:
             raise RuntimeError("a calibration run is never judged; use write_calibration")
         evidence = self.check_evidence(backbone=backbone, dataset=dataset)
-        self._seal_evaluation(metrics, sealed={
-            "code": self.code, "seed": self.seed, "evidence": evidence, "backbone": backbone, "dataset": dataset,
-            "command": self.command, "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
-            "parameters": json.loads(dumps_strict(dict(self.parameters))), "entry": self.entry_key})
-        decision, criteria, reason = judge(self.entry.criteria, metrics)
         rt = runtime(self.device)
         finished = utc_now()
+        provenance = {
+            "code": self.code,
+            "packages": package_versions(),
+            **rt,
+            "backbone": backbone,
+            "dataset": dataset,
+            "seed": self.seed,
+            "started_at": self.started_at,
+            "finished_at": finished,
+            "wall_seconds": round(time.perf_counter() - self._t0, 3),
+            "backend": self.backend,
+            "command": self.command,
+            "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
+            "parameters": json.loads(dumps_strict(dict(self.parameters))),
+        }
+        self._seal_evaluation(metrics, sealed=sealed_fields(provenance, evidence=evidence, entry=self.entry_key))
+        decision, criteria, reason = judge(self.entry.criteria, metrics)
         record = {
             "record_type": "covtoken.gate_record",
             "schema_version": 1,
@@ -464,21 +477,7 @@ class Run:
             "criteria": criteria,
             "metrics": metrics,
             "lock": self.lock.record_stamp(self.entry.key, _display_path(self.lock_path)),
-            "provenance": {
-                "code": self.code,
-                "packages": package_versions(),
-                **rt,
-                "backbone": backbone,
-                "dataset": dataset,
-                "seed": self.seed,
-                "started_at": self.started_at,
-                "finished_at": finished,
-                "wall_seconds": round(time.perf_counter() - self._t0, 3),
-                "backend": self.backend,
-                "command": self.command,
-                "config": json.loads(dumps_strict(dataclasses.asdict(self.config))),
-                "parameters": json.loads(dumps_strict(dict(self.parameters))),
-            },
+            "provenance": provenance,
             "artefacts": self.artefacts.entries,
             "notes": self.notes,
         }

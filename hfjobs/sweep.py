@@ -28,7 +28,8 @@ from typing import Any
 from ..eval.recompute import canonical, evaluate, pack_arrays, unpack_arrays
 from ..eval.seed_mean import seed_mean_inputs
 from ..lock import ThresholdLock, judge
-from ..record import ArtefactWriter, dumps_strict, new_run_id, read_record, sha256_file, utc_now, write_record
+from ..record import (ArtefactWriter, dumps_strict, new_run_id, read_record, sealed_fields, sha256_file, utc_now,
+                      write_record)
 from ..runner import default_lock_path
 from .bundle import build_bundle
 from .errors import HFJobsError
@@ -162,9 +163,7 @@ def aggregate_group(outcomes: list[dict[str, Any]], *, sweep: dict[str, Any], lo
         "evaluations": [{"recipe": "sweep.seed_mean", "args": canonical(args), "inputs": "eval_inputs-0.npz",
                          "metrics": sorted(metrics)}],
         "notes": list(notes),
-        "sealed": {"code": prov["code"], "seed": prov["seed"], "evidence": evidence, "backbone": prov["backbone"],
-                   "dataset": prov["dataset"], "command": prov["command"], "config": prov["config"],
-                   "parameters": prov.get("parameters"), "entry": first["lock"]["entry"]}},
+        "sealed": sealed_fields(prov, evidence=evidence, entry=first["lock"]["entry"])},
         description="how every metric was computed (recipe sweep.seed_mean), the notes and provenance as written")
     record = {"record_type": "covtoken.gate_record", "schema_version": 1, "run_id": run_id,
               "gate_id": first["gate_id"], "claim": entry.claim, "decision": decision,
