@@ -22,11 +22,10 @@ from ..data.layout import EvalMasks
 from .bootstrap import clustered_bootstrap_auroc
 from .recompute import Evaluation, recipe
 from .labels import token_lesion_fraction
-from .ssl import (balanced_accuracy_ci, data_efficiency, dice_per_patient, image_labels, knn_episodes,
-                  linear_probe, mean_ci, pixel_masks, segmentation_decisions,
-                  select_segmentation)
+from .ssl import (balanced_accuracy_ci, dice_per_patient, fraction_rows, image_labels, knn_episodes, mean_ci,
+                  pixel_masks, probe_decisions, segmentation_decisions, select_probe, select_segmentation)
 
-__all__ = ["G8Inputs", "g8_inputs", "segmentation_arrays"]
+__all__ = ["G8Inputs", "g8_inputs", "probe_arrays", "segmentation_arrays"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +75,8 @@ def g8_inputs(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: in
             "data_fractions": [float(f) for f in P["data_fractions"]]}
     ids = inp.image_ids
     tr, va, te = (np.asarray(inp.rows[k]) for k in ("train", "val", "test"))
+    arrays.update(probe_arrays(inp.features, y, tr, va, te, cs=common["probe_cs"], fractions=args["data_fractions"],
+                               seed=int(seed)))
     seg = {"frac.train": token_lesion_fraction(masks, [ids[i] for i in tr], inp.grid),
            "mask.val": np.stack(pixel_masks(masks, [ids[i] for i in va])),
            "mask.test": np.stack(pixel_masks(masks, [ids[i] for i in te])),
@@ -84,6 +85,26 @@ def g8_inputs(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: in
            **{f"rows.{k}": np.asarray(v, dtype=np.int64) for k, v in inp.rows.items()}}
     seg_args = {**common, "grid": list(inp.grid), "positive_min": float(P["seg_positive_min"]), "figure_images": 4}
     return arrays, args, seg, seg_args
+
+
+def probe_arrays(features: Mapping[str, np.ndarray], y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray,
+                 *, cs: Sequence[float], fractions: Sequence[float], seed: int) -> dict[str, np.ndarray]:
+    """The fit role of the image-level probes, for every arm: decisions per ``C`` on validation and test images.
+
+    ``lp.<arm>.val|test`` from the probe on all training labels, ``de.<arm>.<j>.val|test`` from the probe on the
+    ``j``-th data fraction (:func:`~covtoken.eval.ssl.fraction_rows`). Only training labels are read; the recipe
+    selects ``C`` (and the checkpoint) on validation and judges on test from these decisions alone.
+    """
+    out: dict[str, np.ndarray] = {}
+    subsets = list(fraction_rows(y[tr], fractions, seed=seed).values())
+    for arm, x in features.items():
+        x = np.asarray(x, dtype=np.float32)
+        _, (out[f"lp.{arm}.val"], out[f"lp.{arm}.test"]) = probe_decisions(x[tr], y[tr], [x[va], x[te]], cs=cs,
+                                                                          seed=seed)
+        for j, keep in enumerate(subsets):
+            _, (out[f"de.{arm}.{j}.val"], out[f"de.{arm}.{j}.test"]) = probe_decisions(
+                x[tr][keep], y[tr][keep], [x[va], x[te]], cs=cs, seed=seed)
+    return out
 
 
 def segmentation_arrays(seg: Mapping[str, np.ndarray], seg_args: Mapping[str, Any], inp: G8Inputs, chosen: str) -> dict:
@@ -109,12 +130,12 @@ def g8_probes(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluatio
     n_boot, level, seed = int(args["n_boot"]), float(args["ci_level"]), int(args["seed"])
     y, pats = a["labels"], a["patients"]
     tr, va, te = a["rows.train"], a["rows.val"], a["rows.test"]
-    cs = list(args["probe_cs"])
+    cs = sorted(float(c) for c in args["probe_cs"])
     ckpts = list(args["checkpoints"])
 
-    def probe(arm: str):
-        x = a[f"feat.{arm}"]
-        return linear_probe(x[tr], y[tr], x[va], y[va], x[te], cs=cs, seed=seed)
+    def probe(arm: str, key: str = "lp.{arm}"):
+        stem = key.format(arm=arm)
+        return select_probe(cs, a[f"{stem}.val"], y[va], a[f"{stem}.test"])
 
     # 1. select the checkpoint on validation patients (linear-probe AUROC), never on the SSL loss
     val_table = {arm: probe(arm) for arm in ckpts}
@@ -155,8 +176,9 @@ def g8_probes(a: Mapping[str, np.ndarray], args: Mapping[str, Any]) -> Evaluatio
             m[f"knn{shots}_balanced_accuracy_gain"] = _metric(
                 res["diff"], res["diff_ci"], method + " (paired difference)", n_test, "balanced accuracy difference",
                 f"{shots}-shot kNN balanced accuracy: pretrained ({chosen}) minus random init", level)
-    eff = {name: data_efficiency(a[f"feat.{arm}"][tr], y[tr], a[f"feat.{arm}"][va], y[va], a[f"feat.{arm}"][te],
-                                 y[te], fractions=list(args["data_fractions"]), seed=seed, cs=cs)
+    fractions = [float(f) for f in args["data_fractions"]]
+    eff = {name: {f: float(roc_auc_score(y[te], probe(arm, f"de.{{arm}}.{j}").test_scores))
+                  for j, f in enumerate(fractions)}
            for name, arm in arms.items()}
     selection = {"checkpoint": {"chosen": chosen, "rule": "max validation linear-probe AUROC over checkpoints "
                                 "(ties: earliest); the SSL loss is never used",

@@ -22,7 +22,8 @@ from sklearn.preprocessing import StandardScaler
 from ..data.layout import EvalMasks, unseal
 from .bootstrap import draw_cluster_counts, encode_clusters, percentile_ci
 
-__all__ = ["image_labels", "pixel_masks", "LinearProbe", "linear_probe", "knn_episodes", "balanced_accuracy_ci",
+__all__ = ["image_labels", "pixel_masks", "LinearProbe", "linear_probe", "probe_decisions", "select_probe",
+           "fraction_rows", "knn_episodes", "balanced_accuracy_ci",
            "data_efficiency", "segmentation_probe", "segmentation_decisions", "select_segmentation",
            "paint_decisions", "dice_per_patient", "mean_ci", "DEFAULT_CS"]
 
@@ -54,6 +55,35 @@ def _fit_logreg(x: np.ndarray, y: np.ndarray, c: float, seed: int) -> tuple[Stan
     return scaler, clf
 
 
+def probe_decisions(train_x: np.ndarray, train_y: np.ndarray, eval_x: Sequence[np.ndarray], *,
+                    cs: Sequence[float] = DEFAULT_CS, seed: int = 0) -> tuple[list[float], list[np.ndarray]]:
+    """The *fit* role of the linear probe: one logistic regression per ``C`` on standardised training features.
+
+    Only training labels are read. Returns the sorted ``C`` grid and, per array in ``eval_x``, the decision values
+    ``(len(cs), n)``: what :func:`select_probe` needs to choose ``C`` on validation and to score test images, so a
+    recomputation never refits (an optimiser's last bits depend on the machine's BLAS; stored decisions do not).
+    """
+    if len(set(np.asarray(train_y).tolist())) < 2:
+        raise ValueError("linear probe needs both classes among training images")
+    grid = sorted(float(c) for c in cs)
+    out = [np.empty((len(grid), len(x)), dtype=np.float64) for x in eval_x]
+    for k, c in enumerate(grid):
+        scaler, clf = _fit_logreg(train_x, train_y, c, seed)
+        for o, x in zip(out, eval_x):
+            o[k] = clf.decision_function(scaler.transform(x))
+    return grid, out
+
+
+def select_probe(cs: Sequence[float], val_decisions: np.ndarray, val_y: np.ndarray,
+                 test_decisions: np.ndarray) -> LinearProbe:
+    """The *select* role: ``C`` with the best validation AUROC (ties: smallest C); its test decisions."""
+    if len(set(np.asarray(val_y).tolist())) < 2:
+        raise ValueError("linear probe needs both classes among validation images")
+    table = {float(c): float(roc_auc_score(val_y, d)) for c, d in zip(cs, val_decisions)}
+    best = max(table, key=lambda c: (table[c], -c))
+    return LinearProbe(best, table, np.asarray(test_decisions[list(table).index(best)]))
+
+
 def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
                  test_x: np.ndarray, *, cs: Sequence[float] = DEFAULT_CS, seed: int = 0) -> LinearProbe:
     """Logistic regression on standardised features; ``C`` with the best validation AUROC (ties: smallest C).
@@ -68,15 +98,8 @@ def linear_probe(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, va
     """
     if len(set(np.asarray(train_y).tolist())) < 2 or len(set(np.asarray(val_y).tolist())) < 2:
         raise ValueError("linear probe needs both classes among training and validation images")
-    table: dict[float, float] = {}
-    fitted = {}
-    for c in sorted(float(c) for c in cs):
-        scaler, clf = _fit_logreg(train_x, train_y, c, seed)
-        table[c] = float(roc_auc_score(val_y, clf.decision_function(scaler.transform(val_x))))
-        fitted[c] = (scaler, clf)
-    best = max(table, key=lambda c: (table[c], -c))
-    scaler, clf = fitted[best]
-    return LinearProbe(best, table, clf.decision_function(scaler.transform(test_x)))
+    grid, (val_dec, test_dec) = probe_decisions(train_x, train_y, [val_x, test_x], cs=cs, seed=seed)
+    return select_probe(grid, val_dec, val_y, test_dec)
 
 
 def knn_episodes(train_x: np.ndarray, train_y: np.ndarray, train_patients: np.ndarray, query_x: np.ndarray, *,
@@ -161,11 +184,8 @@ def balanced_accuracy_ci(predictions: Sequence[np.ndarray], y: np.ndarray, clust
     return res
 
 
-def data_efficiency(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
-                    test_x: np.ndarray, test_y: np.ndarray, *, fractions: Sequence[float], seed: int,
-                    cs: Sequence[float] = DEFAULT_CS) -> dict[float, float]:
-    """Test AUROC of the validation-tuned linear probe trained on a seeded, class-stratified fraction of the
-    training labels (at least one image per class)."""
+def fraction_rows(train_y: np.ndarray, fractions: Sequence[float], *, seed: int) -> dict[float, np.ndarray]:
+    """Seeded, class-stratified subsets of the training rows, one per fraction (at least one image per class)."""
     rng = np.random.default_rng(seed)
     out = {}
     for f in fractions:
@@ -174,9 +194,19 @@ def data_efficiency(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray,
             members = np.flatnonzero(np.asarray(train_y) == cls)
             n = max(1, int(round(f * members.size)))
             keep.extend(rng.choice(members, size=n, replace=False).tolist())
-        keep = np.sort(keep)
+        out[float(f)] = np.sort(keep)
+    return out
+
+
+def data_efficiency(train_x: np.ndarray, train_y: np.ndarray, val_x: np.ndarray, val_y: np.ndarray,
+                    test_x: np.ndarray, test_y: np.ndarray, *, fractions: Sequence[float], seed: int,
+                    cs: Sequence[float] = DEFAULT_CS) -> dict[float, float]:
+    """Test AUROC of the validation-tuned linear probe trained on a seeded, class-stratified fraction of the
+    training labels (at least one image per class)."""
+    out = {}
+    for f, keep in fraction_rows(train_y, fractions, seed=seed).items():
         probe = linear_probe(train_x[keep], train_y[keep], val_x, val_y, test_x, cs=cs, seed=seed)
-        out[float(f)] = float(roc_auc_score(test_y, probe.test_scores))
+        out[f] = float(roc_auc_score(test_y, probe.test_scores))
     return out
 
 

@@ -124,6 +124,24 @@ def test_segmentation_probe_finds_planted_lesion_tokens():
     assert c2 == c and all(np.array_equal(a, b) for a, b in zip(pred2, pred))
 
 
+def test_stored_probe_decisions_give_the_fitted_probe():
+    """fit (decisions per C) then select (C on validation) equals the one-call probe, without refitting."""
+    from covtoken.eval.ssl import probe_decisions, select_probe
+
+    rng = np.random.default_rng(11)
+    (xtr, ytr, _), (xva, yva, _), (xte, _, _) = (split(rng, 20, 4, 1.0) for _ in range(3))
+    one = linear_probe(xtr, ytr, xva, yva, xte, cs=(10.0, 0.001, 1.0))
+    cs, (vd, td) = probe_decisions(xtr, ytr, [xva, xte], cs=(10.0, 0.001, 1.0))
+    two = select_probe(cs, vd, yva, td)
+    assert cs == [0.001, 1.0, 10.0] and vd.shape == (3, len(xva)) and td.shape == (3, len(xte))
+    assert two.chosen_c == one.chosen_c and two.val_auroc == one.val_auroc
+    assert np.array_equal(two.test_scores, one.test_scores)
+    # selection reads validation only: swapping the test decisions of the other Cs changes nothing chosen
+    td2 = td.copy()
+    td2[[k for k, c in enumerate(cs) if c != two.chosen_c]] = 0.0
+    assert np.array_equal(select_probe(cs, vd, yva, td2).test_scores, two.test_scores)
+
+
 def test_data_efficiency_uses_fewer_labels_and_keeps_both_classes(monkeypatch):
     import covtoken.eval.ssl as ssl
 

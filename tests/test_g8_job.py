@@ -205,3 +205,19 @@ def test_an_edited_metric_fails_the_audit(killed_and_resumed, tmp_path):
     rec_path.write_text(json.dumps(doc))
     report = audit_folder(rec_path.parent, lock_path=lock, allow_unproven_prereg=True, allow_dirty=True)
     assert not report.ok and any("linear_probe_auroc_gain" in p for p in report.all_problems())
+
+
+@pytest.mark.slow
+def test_the_audit_recomputes_the_probes_without_refitting(killed_and_resumed, monkeypatch):
+    """The recomputation reads the stored probe decisions: an optimiser's last bits depend on the machine's BLAS,
+    so a recipe that refits would make the audit of a committed record fail on other hardware."""
+    from sklearn.linear_model import LogisticRegression
+
+    tmp, lock, *_ = killed_and_resumed
+
+    def no_fit(*a, **k):  # noqa: ANN002, ANN003, ANN202
+        raise AssertionError("the audit refitted a probe")
+
+    monkeypatch.setattr(LogisticRegression, "fit", no_fit)
+    report = audit_folder(tmp / "results", lock_path=lock, allow_unproven_prereg=True, allow_dirty=True)
+    assert report.ok, report.all_problems()
