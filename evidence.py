@@ -23,7 +23,7 @@ from typing import Any, Literal, Mapping
 __all__ = ["TIERS", "Tier", "EvidenceError", "EvidenceFacts", "derive_tier", "facts_of", "tier_of",
            "entry_tier", "allowed_entry", "check_entry", "weights_verified", "registered_sample", "is_phantom",
            "upper_bound_tier", "default_entry_name", "is_evidence", "audit_evidence",
-           "tier_marker", "tier_caption"]
+           "tier_marker", "tier_caption", "registry_spec", "weights_upper_bound", "REGISTRIES"]
 
 Tier = Literal["flow-check", "sample", "real"]
 TIERS: tuple[Tier, ...] = ("flow-check", "sample", "real")
@@ -123,30 +123,73 @@ def _fallback_registered_sample(dataset: Mapping[str, Any]) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- backbone facts
+#: The registries a record's backbone block can name (``backbone.registry``; absent: the frozen-backbone registry).
+REGISTRIES = ("frozen", "classifier")
+
+
+def registry_spec(name: str, registry: str | None = None) -> Any:
+    """The registry entry ``name`` of ``registry`` (``"frozen"``: :mod:`covtoken.backbone.registry`, the default;
+    ``"classifier"``: :mod:`covtoken.classifier.backbones`). Both entry types carry the fields the verification
+    reads (``name, hub_id, revision, revision_pinned, weights_sha256``).
+
+    Raises:
+        KeyError: an unknown registry or name (the message lists the choices).
+    """
+    registry = registry or "frozen"
+    if registry == "frozen":
+        from .backbone.registry import get_spec
+
+        return get_spec(str(name))
+    if registry == "classifier":
+        from .classifier.backbones import get_classifier_spec
+
+        return get_classifier_spec(str(name))
+    raise KeyError(f"unknown backbone registry {registry!r}; choose one of: {', '.join(REGISTRIES)}")
+
+
+def _one_weights_verified(block: Mapping[str, Any]) -> tuple[bool, str]:
+    from .backbone.registry import pinned_digest_verified
+
+    name = block.get("name")
+    try:
+        spec = registry_spec(str(name), block.get("registry"))
+    except KeyError as exc:
+        return False, f"backbone {name!r} is not in the registry ({str(exc.args[0]) if exc.args else exc})"
+    if spec.hub_id != block.get("hub_id"):
+        return False, f"backbone {name}: recorded hub id {block.get('hub_id')!r} is not the registry's {spec.hub_id!r}"
+    return pinned_digest_verified(spec, origin=str(block.get("weights_origin") or ""),
+                                  resolved_revision=block.get("resolved_revision"),
+                                  files=dict(block.get("weights_files") or {}))
+
+
 def weights_verified(backbone: Mapping[str, Any]) -> tuple[bool, str]:
     """Recompute, from a record's backbone block and the registry, whether the weights are pinned and verified.
 
-    Verified means: the registry entry of ``name`` pins a revision and a sha256 of its weight file; the weights
-    were fetched from the Hub at exactly that revision (or given as a local file) and the recorded digest of the
-    weight file matches the registry's. A random initialisation, an unpinned revision, a registry entry without a
-    digest, or a local file with other bytes is not verified. The ``weights_verified`` flag a record may carry is
-    never trusted; it is recomputed here.
+    Verified means: the registry entry of ``name`` (in the registry the block names, ``registry``: ``frozen`` by
+    default, or ``classifier``) pins a revision and a sha256 of its weight file; the weights were fetched from the
+    Hub at exactly that revision (or given as a local file) and the recorded digest of the weight file matches the
+    registry's (:func:`covtoken.backbone.registry.pinned_digest_verified`). A random initialisation, an unpinned
+    revision, a registry entry without a digest, or a local file with other bytes is not verified. The
+    ``weights_verified`` flag a record may carry is never trusted; it is recomputed here.
+
+    A claim that compares models (G9: the configured model against a baseline) rests on every one of them: their
+    weight facts are listed under ``arms/<arm>/weights`` and each must be verified too (a gain over a randomly
+    initialised baseline is no evidence).
 
     Returns:
         ``(verified, reason)``.
     """
-    from .backbone.registry import UnknownBackboneError, get_spec, pinned_digest_verified
-
-    name = backbone.get("name")
-    try:
-        spec = get_spec(str(name))
-    except UnknownBackboneError:
-        return False, f"backbone {name!r} is not in the registry"
-    if spec.hub_id != backbone.get("hub_id"):
-        return False, f"backbone {name}: recorded hub id {backbone.get('hub_id')!r} is not the registry's {spec.hub_id!r}"
-    return pinned_digest_verified(spec, origin=str(backbone.get("weights_origin") or ""),
-                                  resolved_revision=backbone.get("resolved_revision"),
-                                  files=dict(backbone.get("weights_files") or {}))
+    ok, reason = _one_weights_verified(backbone)
+    if not ok:
+        return ok, reason
+    arms = backbone.get("arms") if isinstance(backbone.get("arms"), Mapping) else {}
+    for arm, info in sorted(arms.items()):
+        block = info.get("weights") if isinstance(info, Mapping) else None
+        if isinstance(block, Mapping):
+            arm_ok, arm_reason = _one_weights_verified(block)
+            if not arm_ok:
+                return False, f"arm {arm}: {arm_reason}"
+    return ok, reason
 
 
 # ----------------------------------------------------------------------------------------------------- the tier
@@ -172,25 +215,33 @@ def tier_of(record: Mapping[str, Any]) -> Tier:
     return facts_of(backbone=prov["backbone"], dataset=prov["dataset"]).tier
 
 
-def upper_bound_tier(*, datasets: list[str], backbone: str, weights: str | None, revision: str | None) -> Tier:
+def weights_upper_bound(*, backbone: str, weights: str | None, revision: str | None,
+                        registry: str = "frozen") -> tuple[Tier, str]:
+    """The highest tier one backbone's weights allow, from the run's options alone (before anything is loaded), and
+    why it is ``flow-check`` (empty when the loaded weights may still be verified): an entry without a recorded
+    digest, a Hub entry without a pinned revision, or a revision other than the pinned one can never be verified;
+    otherwise the loaded bytes decide (:func:`weights_verified`)."""
+    spec = registry_spec(backbone, registry)
+    if not spec.weights_sha256:
+        return "flow-check", f"backbone {backbone}: the registry records no sha256 of its weight file"
+    if weights is None and not (spec.revision and spec.revision_pinned):
+        return "flow-check", f"backbone {backbone}: the registry pins no revision of {spec.hub_id}"
+    if revision is not None and revision != spec.revision:
+        return "flow-check", f"backbone {backbone}: --revision {revision} is not the pinned {spec.revision}"
+    return "real", ""
+
+
+def upper_bound_tier(*, datasets: list[str], backbone: str, weights: str | None, revision: str | None,
+                     registry: str = "frozen") -> Tier:
     """The highest tier a run can reach, from its options alone (before any data or weights are read).
 
     Phantom data, or a backbone whose registry entry cannot be verified (no pinned revision and digest, or a
     revision other than the pinned one), make it a ``flow-check`` for certain; otherwise the loaded data and
     weights decide between ``sample`` and ``real``.
     """
-    from .backbone.registry import get_spec
-
     if any(is_phantom(d) for d in datasets):
         return "flow-check"
-    spec = get_spec(backbone)
-    if not spec.weights_sha256:
-        return "flow-check"
-    if weights is None and not (spec.revision and spec.revision_pinned):
-        return "flow-check"
-    if revision is not None and revision != spec.revision:
-        return "flow-check"
-    return "real"
+    return weights_upper_bound(backbone=backbone, weights=weights, revision=revision, registry=registry)[0]
 
 
 # ------------------------------------------------------------------------------------------------ lock entries

@@ -361,18 +361,30 @@ class Run:
                              "commit": self.code["commit"], "dirty": self.code["dirty"]}))
 
     @classmethod
-    def for_gate(cls, gate_id: str, cfg: JobConfig, *, command: list[str], default_entry: str | None = None) -> "Run":
+    def for_gate(cls, gate_id: str, cfg: JobConfig, *, command: list[str], default_entry: str | None = None,
+                 upper: tuple[str, str] | None = None) -> "Run":
         """Open the run of a gate job from its config.
 
         The lock entry is ``--lock-entry`` if given, else the one the run's evidence tier calls for
         (:func:`covtoken.evidence.default_entry_name`; ``default_entry`` is only a fallback for a gate whose lock
         has no such entry). A run that can only be a flow check (phantom data, or a backbone whose weights cannot
         be verified) is refused here, before any data or weights are read, when the entry judges more.
+
+        ``upper`` replaces the upper bound computed from ``cfg.backbone`` for a job whose backbones are not the
+        frozen-backbone option (G9: the arms of its classifier configs): ``(tier, why)`` with ``why`` naming what
+        keeps it below ``real`` (see :func:`covtoken.evidence.weights_upper_bound`).
         """
-        from .evidence import allowed_entry, default_entry_name, upper_bound_tier
+        from .evidence import allowed_entry, default_entry_name, is_phantom, upper_bound_tier
 
         datasets = _config_datasets(cfg)
-        upper = upper_bound_tier(datasets=datasets, backbone=cfg.backbone, weights=cfg.weights, revision=cfg.revision)
+        phantom = any(is_phantom(d) for d in datasets)
+        why = ""
+        if upper is not None:
+            bound, why = upper
+            bound = "flow-check" if phantom else bound
+        else:
+            bound = upper_bound_tier(datasets=datasets, backbone=cfg.backbone, weights=cfg.weights,
+                                     revision=cfg.revision)
         entry = cfg.lock_entry
         if entry is None:
             lock_path = Path(cfg.lock) if cfg.lock else default_lock_path()
@@ -380,15 +392,14 @@ class Run:
                 names = sorted(ThresholdLock.load(lock_path).doc["gates"][gate_id]["entries"])
             except (LockError, RecordError, KeyError):  # the constructor below reports a bad lock or gate itself
                 names = []
-            from .evidence import is_phantom
-
-            name = default_entry_name(upper, phantom=any(is_phantom(d) for d in datasets), entries=names)
+            name = default_entry_name(bound, phantom=phantom, entries=names)
             entry = f"{gate_id}/{name if name in names or default_entry is None else default_entry}"
-        if not cfg.calibration and not any(allowed_entry(t, entry) for t in _TIERS_UP_TO[upper]):
+        if not cfg.calibration and not any(allowed_entry(t, entry) for t in _TIERS_UP_TO[bound]):
             from .evidence import EvidenceError
 
-            raise EvidenceError(f"this run can only be a flow check (phantom data, or backbone {cfg.backbone!r} "
-                                f"without pinned, digest-verified weights); it cannot be judged under {entry}; "
+            because = ("phantom data" if phantom else why) if upper is not None else (
+                f"phantom data, or backbone {cfg.backbone!r} without pinned, digest-verified weights")
+            raise EvidenceError(f"this run can only be a flow check ({because}); it cannot be judged under {entry}; "
                                 f"use --lock-entry {gate_id}/embedded (or {gate_id}/sample on real files)")
         return cls(gate_id=gate_id, results_dir=cfg.results, lock_entry=entry,
                    lock_path=cfg.lock or default_lock_path(), config=cfg, seed=cfg.seed, run_id=cfg.run_id,
@@ -400,9 +411,10 @@ class Run:
         from .evidence import EvidenceError, entry_tier
 
         if not self.calibration and entry_tier(self.entry_key) == "real" and not backbone.weights_verified:
+            why = getattr(backbone, "weights_verification", (False, ""))[1]  # the reason, where the backbone gives it
             raise EvidenceError(f"this run is a flow-check (backbone {backbone.spec.name}: the loaded weights are not a "
-                                f"pinned, digest-verified pretrained checkpoint); it cannot be judged under "
-                                f"{self.entry_key}, which judges real runs")
+                                f"pinned, digest-verified pretrained checkpoint{': ' + why if why else ''}); it cannot "
+                                f"be judged under {self.entry_key}, which judges real runs")
 
     def check_evidence(self, *, backbone: Mapping[str, Any], dataset: Mapping[str, Any]) -> str:
         """Derive the run's evidence tier from its backbone and dataset provenance and check it against the entry.

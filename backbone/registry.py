@@ -12,12 +12,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable, Literal, Protocol
 
 import torch
 
 __all__ = ["BackboneSpec", "register", "get_spec", "list_backbones", "UnknownBackboneError", "COMMIT_SHA",
-           "pinned_digest_verified"]
+           "pinned_digest_verified", "PinnedWeightsSpec"]
 
 #: A full Hub commit sha; pinned revisions (and revisions passed for unpinned entries) must match it.
 COMMIT_SHA = re.compile(r"^[0-9a-f]{40}$")
@@ -160,9 +160,22 @@ def _load_builtin() -> None:
     from . import trained  # noqa: F401  (after tiny: it reuses the tiny ViT's spec)
 
 
-def pinned_digest_verified(spec: BackboneSpec, *, origin: str, resolved_revision: str | None,
+class PinnedWeightsSpec(Protocol):
+    """What :func:`pinned_digest_verified` reads of a registry entry: a :class:`BackboneSpec`, or an entry of the
+    classifier's registry (``covtoken.classifier.backbones.ClassifierBackboneSpec``), which follows the same rule."""
+
+    name: str
+    hub_id: str | None
+    revision: str | None
+    revision_pinned: bool
+    weights_sha256: str | None
+
+
+def pinned_digest_verified(spec: PinnedWeightsSpec, *, origin: str, resolved_revision: str | None,
                            files: dict[str, str]) -> tuple[bool, str]:
     """Are a model's weights a pinned pretrained checkpoint whose file digest matches the registry?
+
+    The one implementation of this rule, for both registries (frozen backbones and the classifier's).
 
     The fact the evidence tier rests on. True only when the registry entry records the sha256 of its weight file,
     the weights came from the Hub at exactly the pinned revision (``origin == "hub"``) or from a local file

@@ -11,10 +11,17 @@ std) is read from the library's own processor configuration:
 * timm (``resnet50``, ``convnextv2-tiny``): ``timm.create_model("local-dir:<snapshot>", pretrained=True)`` with
   ``num_classes=0``; mean/std/size from ``timm.data.resolve_model_data_config`` (the snapshot's pretrained_cfg).
 
-Hub snapshots are fetched with the Hub client at an explicit 40-hex commit (``revision=``; no commit of these
-repositories could be established offline, so none is pinned and a run must name one) or read from a local folder
-(``weights=``), through the same code. The ``*-mini`` entries are the embedded default: the same architectures,
-shrunk, from a fixed seed, needing no download.
+Hub snapshots are fetched with the Hub client at the pinned commit or an explicit 40-hex ``revision=`` (entries
+registered with ``revision_pinned=False``, whose commit could not be established offline, need one: a job's
+``--revision`` / ``--baseline-revision``), or read from a local folder (``weights=``), through the same code. The
+``*-mini`` entries are the embedded default: the same architectures, shrunk, from a fixed seed, needing no download.
+
+The rule of the frozen-backbone registry applies unchanged (:class:`covtoken.backbone.registry.BackboneSpec`): an
+entry pins a revision or says ``revision_pinned=False``; ``weights_sha256`` records the digest of its weight file
+where it is known. Whether a run's weights are a pinned, digest-verified pretrained checkpoint is decided by the one
+function :func:`covtoken.backbone.registry.pinned_digest_verified`, through :func:`covtoken.evidence.weights_verified`
+on the facts :meth:`FeatureBackbone.weights_facts` records (``registry: "classifier"``); an entry without a digest is
+never verified, so its runs are flow checks.
 """
 from __future__ import annotations
 
@@ -47,6 +54,8 @@ class ClassifierBackboneSpec:
     revision: str | None = None
     mini: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
+    revision_pinned: bool = True
+    weights_sha256: str | None = None  # hex sha256 of model.safetensors at ``revision`` (None: unknown)
 
     def __post_init__(self) -> None:
         if self.library not in ("timm", "transformers"):
@@ -55,6 +64,14 @@ class ClassifierBackboneSpec:
             raise ValueError(f"{self.name}: revision must be a 40-hex commit sha, got {self.revision!r}")
         if (self.hub_id is None) == (not self.mini):
             raise ValueError(f"{self.name}: an entry has either a Hub id or a mini architecture")
+        # the frozen-backbone registry's rule (BackboneSpec): a Hub entry pins a commit or says it cannot
+        if not self.revision_pinned and (self.hub_id is None or self.revision is not None):
+            raise ValueError(f"{self.name}: revision_pinned=False is only for Hub entries registered without a revision")
+        if self.hub_id is not None and self.revision is None and self.revision_pinned:
+            raise ValueError(f"{self.name}: Hub weights {self.hub_id!r} need a pinned revision "
+                             "(or revision_pinned=False, so that loading requires an explicit revision)")
+        if self.weights_sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", self.weights_sha256):
+            raise ValueError(f"{self.name}: weights_sha256 must be 64 lower-case hex digits")
 
 
 _REGISTRY: dict[str, ClassifierBackboneSpec] = {}
@@ -90,7 +107,7 @@ class FeatureBackbone(nn.Module):
     """
 
     def __init__(self, model: nn.Module, *, kind: str, num_features: int, data_config: dict, arch_config: dict,
-                 source: dict) -> None:
+                 source: dict, spec: ClassifierBackboneSpec | None = None) -> None:
         super().__init__()
         self.model = model
         self.kind = kind
@@ -98,6 +115,27 @@ class FeatureBackbone(nn.Module):
         self.data_config = data_config
         self.arch_config = arch_config
         self.source = source
+        self.spec = spec  # the registry entry it was built from (None for a model rebuilt from a config.json)
+
+    def weights_facts(self) -> dict:
+        """The facts the evidence tier rests on, as a record's backbone block stores them: which registry entry,
+        where the starting weights came from, the commit served and the digests of the weight files read."""
+        spec = self.spec
+        return {"registry": "classifier", "name": spec.name if spec else None, "hub_id": spec.hub_id if spec else None,
+                "weights_origin": self.source.get("origin"), "resolved_revision": self.source.get("resolved_revision"),
+                "weights_files": dict(self.source.get("files", {}))}
+
+    @property
+    def weights_verification(self) -> tuple[bool, str]:
+        """``(verified, reason)`` from :func:`covtoken.evidence.weights_verified` - the same function the audit
+        runs on the record."""
+        from ..evidence import weights_verified
+
+        return weights_verified(self.weights_facts())
+
+    @property
+    def weights_verified(self) -> bool:
+        return self.weights_verification[0]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         if self.kind == "siglip":
@@ -136,6 +174,20 @@ def _sha256(path: Path) -> str:
     return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def resolve_revision(spec: ClassifierBackboneSpec, revision: str | None) -> str:
+    """The commit to fetch: an explicit ``revision`` (40-hex) or the pinned one; raises ``ValueError`` (one line,
+    naming the flag) for an entry registered with ``revision_pinned=False`` and no revision, or a malformed sha."""
+    if revision is not None:
+        if not COMMIT_SHA.fullmatch(revision):
+            raise ValueError(f"{spec.name}: revision must be a full 40-hex commit sha, got {revision!r}")
+        return revision
+    if spec.revision is None:
+        raise ValueError(f"{spec.name}: no commit of {spec.hub_id} is pinned in the registry (revision_pinned=False); "
+                         f"pass revision='<40-hex commit sha>' (jobs: --revision / --baseline-revision), e.g. the head "
+                         f"of https://huggingface.co/{spec.hub_id}/commits/main")
+    return spec.revision
+
+
 def _snapshot(spec: ClassifierBackboneSpec, files: list[str], *, weights: str | Path | None,
               revision: str | None) -> tuple[Path, dict]:
     """The folder holding ``files``: a local ``weights`` folder, or a Hub snapshot at an explicit commit."""
@@ -148,10 +200,7 @@ def _snapshot(spec: ClassifierBackboneSpec, files: list[str], *, weights: str | 
             raise FileNotFoundError(f"{spec.name}: weights folder {folder} lacks {missing}")
         return folder, {"origin": f"override:{folder}", "resolved_revision": None,
                         "files": {f: _sha256(folder / f) for f in files if f.endswith(".safetensors")}}
-    rev = revision or spec.revision
-    if rev is None or not COMMIT_SHA.fullmatch(rev):
-        raise ValueError(f"{spec.name}: no commit of {spec.hub_id} is pinned; pass revision='<40-hex commit sha>' "
-                         f"(jobs: --revision), got {rev!r}")
+    rev = resolve_revision(spec, revision)
     from huggingface_hub import hf_hub_download
 
     paths = [Path(hf_hub_download(spec.hub_id, f, revision=rev)) for f in files]
@@ -272,11 +321,13 @@ def build_feature_backbone(name: str, *, weights: str | Path | None = None,
     if spec.mini:
         if weights is not None or revision is not None:
             raise ValueError(f"{name}: an embedded (seeded) backbone takes neither weights nor a revision")
-        return _siglip_mini(spec) if spec.library == "transformers" else _timm_mini(spec)
-    folder, source = _snapshot(spec, _FILES[spec.library], weights=weights, revision=revision)
-    if spec.library == "transformers":
-        return _siglip_from_folder(spec, folder, source)
-    return _timm_from_folder(spec, folder, source)
+        bb = _siglip_mini(spec) if spec.library == "transformers" else _timm_mini(spec)
+    else:
+        folder, source = _snapshot(spec, _FILES[spec.library], weights=weights, revision=revision)
+        bb = _siglip_from_folder(spec, folder, source) if spec.library == "transformers" else \
+            _timm_from_folder(spec, folder, source)
+    bb.spec = spec
+    return bb
 
 
 def rebuild_feature_backbone(arch: dict, data_config: dict) -> FeatureBackbone:
@@ -300,14 +351,30 @@ def rebuild_feature_backbone(arch: dict, data_config: dict) -> FeatureBackbone:
 
 _register(ClassifierBackboneSpec(
     name="medsiglip-448", library="transformers", arch="siglip-vision", hub_id="google/medsiglip-448",
+    # A commit of google/medsiglip-448 seen in public code: a packaging script copies config.json, model.safetensors
+    # and preprocessor_config.json out of the Hub cache folder models--google--medsiglip-448/snapshots/9cea28a1...
+    # (a snapshot folder is named by the commit served). Not checked against the Hub here (unreachable). No digest of
+    # its model.safetensors was found, so runs of this entry are flow checks until one is recorded.
+    revision="9cea28a1a1195f665105faa6e8544c112fd960a4",
     notes="MedSigLIP-448 (Google HAI-DEF; SigLIP-400M vision tower, 448 px, patch 14, MAP head, width 1152); gated "
-          "on the Hub (accept the HAI-DEF terms). No commit sha could be established offline: runs pass --revision."))
+          "on the Hub (accept the HAI-DEF terms). Pinned commit from a public Hub-cache path; no weight digest "
+          "recorded, so its runs cannot be real evidence yet."))
 _register(ClassifierBackboneSpec(
     name="resnet50", library="timm", arch="resnet50", hub_id="timm/resnet50.a1_in1k",
-    notes="ResNet-50 (timm a1_in1k recipe, Wightman et al. 2021), the baseline; runs pass --revision."))
+    # A commit of timm/resnet50.a1_in1k seen in public code: a feature-extraction script loads
+    # models--timm--resnet50.a1_in1k/snapshots/767268603ca0cb0bfe326fa87277f19c419566ef/model.safetensors.
+    revision="767268603ca0cb0bfe326fa87277f19c419566ef",
+    # sha256 of https://huggingface.co/timm/resnet50.a1_in1k/resolve/main/model.safetensors as published in the
+    # pretrained-model registry of the ferrotorch project (ferrotorch-hub; "downloaded, hashed locally, and pinned"),
+    # hashed at main, not at the commit above: not checked here. Other bytes at the pinned commit leave the run a
+    # flow check (evidence names the mismatch); nothing else depends on it.
+    weights_sha256="773525d5821de224f8f30c33377b7a795d7863e08522698200d3217d3f2a41bb",
+    notes="ResNet-50 (timm a1_in1k recipe, Wightman et al. 2021), the baseline."))
 _register(ClassifierBackboneSpec(
     name="convnextv2-tiny", library="timm", arch="convnextv2_tiny", hub_id="timm/convnextv2_tiny.fcmae_ft_in22k_in1k",
-    notes="ConvNeXt-V2 Tiny (Woo et al. 2023), FCMAE + IN-22k/1k fine-tune; runs pass --revision."))
+    revision=None, revision_pinned=False,  # no commit sha of this repository could be found offline
+    notes="ConvNeXt-V2 Tiny (Woo et al. 2023), FCMAE + IN-22k/1k fine-tune; loading needs an explicit revision "
+          "(--revision)."))
 _register(ClassifierBackboneSpec(
     name="siglip-mini", library="transformers", arch="siglip-vision", hub_id=None,
     mini={"image_size": 32, "patch_size": 4, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,

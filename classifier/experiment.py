@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ def _meta(cfg: ClassifierConfig, items: Sequence[Any]) -> torch.Tensor | None:
 def fit_stage(data: Any, splits: Mapping[str, Sequence[str]], arms: Mapping[str, ClassifierConfig], *, seed: int,
               device: str = "cpu", weights: Mapping[str, str | None] | None = None,
               revisions: Mapping[str, str | None] | None = None, calibrate_on: str = "calib",
-              batch_size: int = 64) -> FitStage:
+              batch_size: int = 64, on_backbone: Callable[[str, Any], None] | None = None) -> FitStage:
     """Train every arm on ``train`` patients, compute logits on ``calib`` and ``test`` (TTA views of the headline
     arm on test), and calibrate the headline arm (``configured``) on ``calibrate_on`` patients.
 
@@ -87,6 +87,8 @@ def fit_stage(data: Any, splits: Mapping[str, Sequence[str]], arms: Mapping[str,
         weights, revisions: per-arm backbone overrides (local folder / Hub commit).
         calibrate_on: the split calibration is fitted on - ``"calib"``; anything else is a protocol violation that
             the leak test must catch (kept as a parameter so the test can attack it).
+        on_backbone: called as ``on_backbone(arm, feature_backbone)`` right after each arm's backbone is built,
+            before any training (the job refuses there weights a ``real`` entry cannot accept).
     """
     from ..eval.classification import open_class_labels
 
@@ -110,9 +112,15 @@ def fit_stage(data: Any, splits: Mapping[str, Sequence[str]], arms: Mapping[str,
 
     y_train = labels_of("train")
     keep = sample_other(y_train, len(labels) - 1, float(cls["other"]["train_fraction"]), seed)
+    models = {}
+    for name, cfg in arms.items():  # every backbone is built (and checked) before any arm trains
+        models[name] = build_arm_model(cfg, weights=(weights or {}).get(name), revision=(revisions or {}).get(name),
+                                       seed=seed)
+        if on_backbone is not None:
+            on_backbone(name, models[name].backbone)
     out = {}
     for name, cfg in arms.items():
-        model = build_arm_model(cfg, weights=(weights or {}).get(name), revision=(revisions or {}).get(name), seed=seed)
+        model = models.pop(name)
         dc = model.backbone.data_config
         px = {s: preprocess_images([it.image for it in v], dc) for s, v in items.items()}
         meta = {s: _meta(cfg, v) for s, v in items.items()}

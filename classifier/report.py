@@ -12,36 +12,122 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["open_g9_run", "load_arms", "finish_g9", "render_confusion", "render_risk_coverage"]
+__all__ = ["open_g9_run", "load_arms", "finish_g9", "arm_sources", "check_arm_sources", "weights_bound", "load_arm_configs",
+           "render_confusion", "render_risk_coverage"]
 
 log = logging.getLogger("covtoken.g9")
 
 
-def open_g9_run(cfg: Any, *, command: list[str]) -> tuple[Any, dict]:
-    """Validate the three arm configs and open the run under the locked entry (before any data is read)."""
-    from ..data.catalog import is_embedded
-    from ..runner import Run
+ARMS_SHARING_WEIGHTS = {"configured": ("weights", "revision"), "full": ("weights", "revision"),
+                        "baseline": ("baseline_weights", "baseline_revision")}
+
+
+def arm_sources(cfg: Any) -> dict[str, tuple[str | None, str | None]]:
+    """arm -> (local weights folder, Hub revision) from the job options: the configured and full arms share
+    ``--weights`` / ``--revision``, the baseline has ``--baseline-weights`` / ``--baseline-revision``."""
+    return {arm: (getattr(cfg, w), getattr(cfg, r)) for arm, (w, r) in ARMS_SHARING_WEIGHTS.items()}
+
+
+def check_arm_sources(cfg: Any, arms: dict) -> None:
+    """Every arm's backbone can be built from what the options give, before any data or download: a Hub entry
+    needs a local folder or a commit (its pinned one, or ``--revision`` for an entry registered with
+    ``revision_pinned=False``), never both; an embedded (seeded) entry takes neither. Raises ``ConfigError``
+    (one line naming the flag)."""
+    from ..runner import ConfigError
+    from .backbones import get_classifier_spec, resolve_revision
+
+    for arm, (weights, revision) in arm_sources(cfg).items():
+        wflag, rflag = (f"--{f.replace('_', '-')}" for f in ARMS_SHARING_WEIGHTS[arm])
+        spec = get_classifier_spec(arms[arm].backbone["name"])
+        if spec.mini:
+            if weights is not None or revision is not None:
+                raise ConfigError(f"{wflag if weights is not None else rflag}: backbone {spec.name} (arm {arm}) is "
+                                  "embedded (seeded); it takes neither weights nor a revision")
+            continue
+        if weights is not None and revision is not None:
+            raise ConfigError(f"{wflag} and {rflag}: backbone {spec.name} (arm {arm}) takes either a local weights "
+                              "folder or a Hub revision, not both")
+        if weights is None:
+            try:
+                resolve_revision(spec, revision)
+            except ValueError as exc:
+                raise ConfigError(f"{rflag}: arm {arm}: {exc}") from None
+
+
+def weights_bound(cfg: Any, arms: dict) -> tuple[str, str]:
+    """The highest evidence tier the arms' backbones allow before anything is loaded, and why it is lower
+    (:func:`covtoken.evidence.weights_upper_bound` on each arm: every arm must be verifiable for ``real``)."""
+    from ..evidence import weights_upper_bound
+
+    whys = []
+    for arm, (weights, revision) in arm_sources(cfg).items():
+        tier, why = weights_upper_bound(backbone=arms[arm].backbone["name"], weights=weights, revision=revision,
+                                        registry="classifier")
+        if tier != "real" and why not in whys:
+            whys.append(why)
+    return ("flow-check", "; ".join(whys)) if whys else ("real", "")
+
+
+def _entry_parameters(cfg: Any, entry: str) -> Any:
+    """The protocol parameters of ``entry`` as the run will read them (the lock; the gate template for a
+    calibration run)."""
+    from ..lock import ThresholdLock, gate_template_entry
+    from ..runner import default_lock_path
+
+    if cfg.calibration:
+        return gate_template_entry(entry)["parameters"]
+    return ThresholdLock.load(Path(cfg.lock) if cfg.lock else default_lock_path()).entry(entry).parameters
+
+
+def load_arm_configs(cfg: Any, params: Any) -> dict:
+    """The three arm configs an entry's parameters name (``--classifier-config`` replaces the configured one and,
+    with the full questionnaire, the full one), validated."""
     from .backbones import get_classifier_spec
     from .config import ClassifierConfig
 
-    from ..runner import ConfigError, JobConfig
+    configured = ClassifierConfig.load(cfg.classifier_config or params["classifier_config"])
+    get_classifier_spec(configured.backbone["name"])  # unknown names fail here
+    full = configured.with_feature_schema(params["full_feature_schema"])
+    if configured.feature_schema is not None:
+        configured.feature_schema.check_subset_of(full.feature_schema)
+    baseline = ClassifierConfig.load(params["baseline_config"])
+    get_classifier_spec(baseline.backbone["name"])
+    return {"configured": configured, "full": full, "baseline": baseline}
+
+
+def open_g9_run(cfg: Any, *, command: list[str]) -> tuple[Any, dict]:
+    """Validate the three arm configs and their weight sources and open the run under the locked entry, before any
+    data is read or any weights are downloaded.
+
+    Real files are judged only under ``G9/real``, which needs every arm's weights to be verifiable (a pinned revision
+    and a recorded digest in :mod:`covtoken.classifier.backbones`, or a local folder holding the registered bytes);
+    otherwise the run is refused here with one line naming what is missing.
+    """
+    from ..data.catalog import is_embedded
+    from ..evidence import EvidenceError
+    from ..runner import ConfigError, JobConfig, Run
 
     if cfg.backbone != JobConfig.backbone:
         raise ConfigError(f"--backbone {cfg.backbone}: G9 takes its backbone from the classifier config "
                           "(--classifier-config; backbones: covtoken.classifier.backbones)")
     embedded = is_embedded(cfg.dataset)
-    run = Run.for_gate("G9", cfg, command=command, default_entry="embedded" if embedded else "real")
-    P = run.parameters
-    configured = ClassifierConfig.load(cfg.classifier_config or P["classifier_config"])
+    entry = cfg.lock_entry or f"G9/{'embedded' if embedded else 'real'}"
+    arms = load_arm_configs(cfg, _entry_parameters(cfg, entry))
+    check_arm_sources(cfg, arms)
+    bound, why = weights_bound(cfg, arms)
+    if not embedded and not cfg.calibration and (entry != "G9/real" or bound != "real"):
+        raise EvidenceError(
+            f"G9 judges real files ({cfg.dataset}) only under G9/real, with pinned, digest-verified weights for every "
+            f"arm; missing: {why}" if entry == "G9/real" else
+            f"--lock-entry {entry}: G9 judges real files ({cfg.dataset}) only under G9/real (its other entries "
+            "judge phantoms)")
+    run = Run.for_gate("G9", cfg, command=command, default_entry=entry, upper=(bound, why))
+    if run.entry_key != entry:  # for_gate follows the same rule; a disagreement is a bug, not a user error
+        raise RuntimeError(f"G9 opened {run.entry_key}, expected {entry}")
     overridden = bool(cfg.classifier_config)
-    get_classifier_spec(configured.backbone["name"])  # unknown names fail here
-    full = configured.with_feature_schema(P["full_feature_schema"])
-    if configured.feature_schema is not None:
-        configured.feature_schema.check_subset_of(full.feature_schema)
-    baseline = ClassifierConfig.load(P["baseline_config"])
-    arms = {"configured": configured, "full": full, "baseline": baseline}
-    check_config_digests(P, arms, overridden=overridden)
+    check_config_digests(run.parameters, arms, overridden=overridden)
     if overridden:
+        configured = arms["configured"]
         run.notes.append(f"configured arm overridden on the command line: {configured.doc['name']} with backbone "
                          f"{configured.backbone['name']} (config digest {configured.digest})")
     return run, arms
@@ -78,7 +164,7 @@ def load_arms(cfg: Any, run: Any, data: Any, arms: dict) -> tuple[Any, dict]:
     weights = {"configured": cfg.weights, "full": cfg.weights, "baseline": cfg.baseline_weights}
     revisions = {"configured": cfg.revision, "full": cfg.revision, "baseline": cfg.baseline_revision}
     fit = fit_stage(data, splits, arms, seed=cfg.seed, device=cfg.device, weights=weights, revisions=revisions,
-                    batch_size=cfg.batch_size)
+                    batch_size=cfg.batch_size, on_backbone=lambda arm, bb: run.check_weights(bb))
     return fit, splits
 
 
@@ -122,9 +208,10 @@ def finish_g9(cfg: Any, run: Any, data: Any, fit: Any, splits: dict) -> Path:
     model = head.trained.model
     spec = get_classifier_spec(ccfg.backbone["name"])
     bb = model.backbone
-    backbone_prov = {"name": spec.name, "library": spec.library, "hub_id": spec.hub_id,
+    backbone_prov = {"registry": "classifier", "name": spec.name, "library": spec.library, "hub_id": spec.hub_id,
                      "revision": bb.source.get("resolved_revision") or spec.revision,
-                     "revision_pinned": spec.revision is not None,
+                     "pinned_revision": spec.revision, "revision_pinned": spec.revision_pinned,
+                     "resolved_revision": bb.source.get("resolved_revision"),
                      "weights_digest": state_dict_digest(model), "weights_note": "digest of the trained classifier "
                      "(EMA weights); the backbone's starting weights are in weights_origin/weights_files",
                      "weights_origin": bb.source.get("origin"), "weights_files": bb.source.get("files", {}),
@@ -137,7 +224,8 @@ def finish_g9(cfg: Any, run: Any, data: Any, fit: Any, splits: dict) -> Path:
                                                                 if arm.cfg.feature_schema else None,
                                                                 "used_ema": arm.trained.used_ema,
                                                                 "bf16": arm.trained.bf16,
-                                                                "grad_checkpointing": arm.trained.grad_checkpointing}
+                                                                "grad_checkpointing": arm.trained.grad_checkpointing,
+                                                                "weights": arm.trained.model.backbone.weights_facts()}
                                                             for a, arm in fit.arms.items()}}
     split = SplitManifest(cfg.seed, dict(P["split_fractions"]), splits)
     dataset_prov = split.dataset_provenance(

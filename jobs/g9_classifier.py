@@ -22,8 +22,13 @@ Run locally (embedded default: derm class phantoms + seeded mini architectures, 
 
 On real data (HAM10000 with age/sex/site; MedSigLIP-448 vs ResNet-50) as an HF Job:
     covtoken submit jobs/g9_classifier.py --flavor a100-large --timeout 6h --results-repo org/covtoken-results \\
-        -- --dataset ham10000 --data-root /data/ham10000 --device cuda \\
-           --revision <40-hex sha of google/medsiglip-448> --baseline-revision <40-hex sha of timm/resnet50.a1_in1k>
+        -- --dataset ham10000 --data-root /data/ham10000 --device cuda
+Real files are judged only under G9/real, which needs every arm's weights pinned and digest-verified (the rule of
+covtoken.evidence, read from covtoken.classifier.backbones). MedSigLIP-448 and ResNet-50 pin a commit; ResNet-50
+records a weight digest, MedSigLIP-448 does not yet, so the run above is refused in one line (exit 2, before any
+data or download) until its model.safetensors sha256 is recorded in the registry. --weights / --baseline-weights
+take local snapshot folders instead; --revision / --baseline-revision name a commit (required for entries registered
+with revision_pinned=False, e.g. convnextv2-tiny; a commit other than the pinned one is never real evidence).
 
 Calibration (checks the flow on calibration patients; never judged):
     python jobs/g9_classifier.py --smoke --calibration --results results/calibration-G9

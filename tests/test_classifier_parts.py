@@ -101,12 +101,12 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
-def _snapshot(cache: Path, hub_id: str) -> Path:
+def _snapshot(cache: Path, hub_id: str, sha: str = SHA) -> Path:
     repo = cache / ("models--" + hub_id.replace("/", "--"))
-    folder = repo / "snapshots" / SHA
+    folder = repo / "snapshots" / sha
     folder.mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(SHA)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(sha)
     return folder
 
 
@@ -127,11 +127,20 @@ def _small_siglip(folder: Path) -> torch.nn.Module:
 
 
 def test_medsiglip_builds_from_a_hub_snapshot_through_the_same_code(hub_cache: Path) -> None:
+    from covtoken.classifier.backbones import get_classifier_spec
+
     ref = _small_siglip(_snapshot(hub_cache, "google/medsiglip-448"))
     with pytest.raises(ValueError, match="revision"):
-        build_feature_backbone("medsiglip-448")  # nothing pinned: a run must name the commit
+        build_feature_backbone("convnextv2-tiny")  # nothing pinned: a run must name the commit
+    with pytest.raises(ValueError, match="40-hex"):
+        build_feature_backbone("medsiglip-448", revision="main")
     bb = build_feature_backbone("medsiglip-448", revision=SHA).eval()
     assert bb.source["resolved_revision"] == SHA
+    assert bb.weights_verification == (False, "medsiglip-448: the registry records no sha256 of its weight file")
+    # without a revision the pinned commit is fetched (here: served from the offline cache)
+    pinned = get_classifier_spec("medsiglip-448").revision
+    _small_siglip(_snapshot(hub_cache, "google/medsiglip-448", pinned))
+    assert build_feature_backbone("medsiglip-448").source["resolved_revision"] == pinned
     assert bb.data_config["mean"] == pytest.approx([0.4, 0.5, 0.6]) and bb.data_config["input_size"] == [3, 28, 28]
     x = torch.randn(2, 3, 28, 28)
     with torch.no_grad():
