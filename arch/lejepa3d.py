@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,8 +35,6 @@ from .volumetric import group_volumes
 
 __all__ = ["LeJEPA3DConfig", "stack_volumes", "build_encoder_3d", "LeJEPA3DModel", "volume_views", "pretrain_3d",
            "Pretrain3DResult", "training_volumes", "pretrain_volumes"]
-
-log = logging.getLogger("covtoken.pretrain3d")
 
 
 @dataclass(frozen=True)
@@ -201,9 +198,7 @@ def pretrain_3d(volumes: Sequence[np.ndarray], cfg: LeJEPA3DConfig, *, seed: int
         on_checkpoint: called with each new checkpoint folder (HF Jobs upload).
         stop_after: stop after this step as if killed (tests); checkpoints written so far stay.
     """
-    from safetensors.torch import load_file
-
-    from .pretrain import CheckpointError, _Progress, _read_manifest, _restore, _save, _sha256, _write_manifest
+    from .pretrain import _Progress, _save, _write_manifest, resume
 
     t0 = time.perf_counter()
     ids = [str(i) for i in range(len(volumes))] if volume_ids is None else [str(v) for v in volume_ids]
@@ -228,19 +223,7 @@ def pretrain_3d(volumes: Sequence[np.ndarray], cfg: LeJEPA3DConfig, *, seed: int
                                       sort_keys=True).encode())
         for v in vols:
             h.update(v.numpy().tobytes())
-        manifest = _read_manifest(out, h.hexdigest())  # a folder of another run is refused
-        if manifest["shards"]:
-            last = manifest["shards"][-1]
-            path = out / last["path"]
-            if not path.is_file() or _sha256(path) != last["sha256"]:
-                raise CheckpointError(f"{path}: missing or its sha256 differs from the manifest; refusing to resume "
-                                      "(delete the folder to start over)")
-            _restore(model, opt, load_file(str(path)))
-            start = int(last["step"])
-            log.info(json.dumps({"event": "pretrain3d_resume", "step": start, "checkpoint": str(path)}))
-        for sh in manifest["shards"]:
-            for i, row in enumerate(sh.get("losses", [])):
-                losses[sh["first_step"] + i] = row
+        manifest, start, losses = resume(out, h.hexdigest(), model, opt, cfg.steps)  # another run's folder: refused
     model.train()
     progress = _Progress(cfg.steps, start)
     first = start

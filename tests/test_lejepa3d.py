@@ -73,7 +73,6 @@ def _state(res):
     return {k: v.clone() for k, v in res.model.state_dict().items()}
 
 
-@pytest.mark.slow
 def test_3d_pretraining_resumed_after_a_kill_equals_an_unbroken_run(tmp_path):
     vols, ids = phantom_volumes()
     cfg = LeJEPA3DConfig(steps=6, batch_size=3, views=2, checkpoint_every=2, monitor_volumes=4)
