@@ -97,3 +97,34 @@ def test_3d_pretraining_resumed_after_a_kill_equals_an_unbroken_run(tmp_path):
     path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
     with pytest.raises(CheckpointError, match="sha256 differs"):
         pretrain_3d(vols, cfg, seed=0, volume_ids=ids, out_dir=tmp_path / "b")
+
+
+def test_pretraining_on_the_kits_volume_loader_sees_training_cases_in_slice_order(tmp_path):
+    """The kit's NIfTI volume loader (KiTS23 layout, phantom cases) -> training cases' volumes -> checkpoints."""
+    import nibabel as nib
+
+    from covtoken.arch.lejepa3d import pretrain_volumes
+    from covtoken.data.splits import split_patients
+
+    rng = np.random.default_rng(0)
+    for c in range(4):
+        case = tmp_path / "kits" / f"case_{c:05d}"
+        case.mkdir(parents=True)
+        img = rng.normal(40, 20, (24, 20, 9)).astype(np.float32)
+        img[..., :] += np.arange(9, dtype=np.float32) * 30  # brighter with depth: slice order is visible
+        seg = np.zeros(img.shape, np.uint8)
+        seg[8:11, 8:11, 2:7] = 2
+        aff = np.diag([0.8, 0.8, 3.0, 1.0])
+        nib.save(nib.Nifti1Image(img, aff), case / "imaging.nii.gz")
+        nib.save(nib.Nifti1Image(seg, aff), case / "segmentation.nii.gz")
+    data = load_dataset("kits23", root=tmp_path / "kits")
+    splits = split_patients([it.patient_id for it in data.items], fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+                            seed=0)
+    vols, ids = training_volumes(data.items[::-1], splits["train"])
+    depth = sum(it.patient_id == ids[0] for it in data.items)
+    assert ids == sorted(splits["train"]) and depth >= 3 and vols[0].shape[0] == depth
+    assert all(np.all(np.diff(v.mean(axis=(1, 2))) >= 0) for v in vols)  # stacked by slice_index, not input order
+    cfg = LeJEPA3DConfig(steps=2, batch_size=2, views=2, checkpoint_every=1, monitor_volumes=2)
+    res = pretrain_volumes(data, splits, cfg, seed=0, out_dir=tmp_path / "ckpt")
+    assert res.volume_ids == sorted(splits["train"]) and [c["step"] for c in res.checkpoints] == [1, 2]
+    assert all((tmp_path / "ckpt" / c["path"]).is_file() for c in res.checkpoints)
