@@ -76,6 +76,15 @@ def _check_lock(ra: RecordAudit, lock: ThresholdLock) -> None:
     if params is not None and params != dict(entry.parameters):
         diff = sorted(k for k in set(params) | set(entry.parameters) if params.get(k) != entry.parameters.get(k))
         ra.fail("provenance/parameters", f"the run's protocol parameters differ from the locked entry's in {diff}")
+    want_bb = entry.parameters.get("backbone")  # an entry calibrated on one backbone judges that backbone only
+    got_bb = (rec["provenance"].get("backbone") or {}).get("name")
+    if want_bb is not None and got_bb != want_bb:
+        ra.fail("provenance/backbone/name", f"{got_bb!r} judged under {entry.key}, which was calibrated on and "
+                                            f"judges backbone {want_bb!r} only")
+    seen = entry.parameters.get("backbone_pretraining_seeds") or []
+    if seen and rec["provenance"].get("seed") in seen:
+        ra.fail("provenance/seed", f"{rec['provenance']['seed']} drew the phantoms the backbone of {entry.key} was "
+                                   "pretrained on: its test patients were pretraining images")
     locked = [criterion_signature(c) for c in entry.criteria]  # incl. minimum effects and validity roles
     recorded = [criterion_signature(c) for c in rec["criteria"]]
     if locked != recorded:

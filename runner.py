@@ -162,6 +162,14 @@ def load_gate_dataset(cfg: JobConfig, params: Mapping[str, Any], *, dataset: str
     opts = dict(params.get("dataset_options", {}) if options is None else options)
     if is_embedded(dataset):
         opts["seed"] = cfg.seed + (int(params["calibration_seed_offset"]) if cfg.calibration else 0)
+        seen = params.get("backbone_pretraining_seeds") or []
+        if opts["seed"] in seen:
+            from .evidence import EvidenceError
+
+            raise EvidenceError(f"--seed {cfg.seed}: generator seed {opts['seed']} drew the phantoms this entry's "
+                                f"backbone ({params.get('backbone')}) was pretrained on (locked "
+                                f"backbone_pretraining_seeds {sorted(seen)}); judge it on unseen patients "
+                                f"(another --seed)")
     if root:
         opts["root"] = root
     with stage("load_data", dataset=dataset):
@@ -333,6 +341,7 @@ class Run:
             self.lock = ThresholdLock.load(self.lock_path)  # refuses a tampered lock before any work
             self.entry = self.lock.entry(lock_entry)
             self._parameters = self.entry.parameters
+        check_entry_backbone(lock_entry, self._parameters, getattr(config, "backbone", None))
         self.config = config
         self.seed = seed
         # HF Jobs backend (set by `covtoken submit`): the run id is the submitted one, results are uploaded as made
@@ -393,6 +402,8 @@ class Run:
             except (LockError, RecordError, KeyError):  # the constructor below reports a bad lock or gate itself
                 names = []
             name = default_entry_name(bound, phantom=phantom, entries=names)
+            if name == "embedded":  # a flow-check entry calibrated for this backbone (e.g. embedded-trained) wins
+                name = backbone_entry(gate_id, cfg.backbone, lock_path=lock_path, calibration=cfg.calibration) or name
             entry = f"{gate_id}/{name if name in names or default_entry is None else default_entry}"
         if not cfg.calibration and not any(allowed_entry(t, entry) for t in _TIERS_UP_TO[bound]):
             from .evidence import EvidenceError
@@ -636,6 +647,34 @@ class Run:
 
 _TIERS_UP_TO = {"flow-check": ("flow-check",), "sample": ("flow-check", "sample"),
                 "real": ("flow-check", "sample", "real")}
+
+
+def backbone_entry(gate_id: str, backbone: str, *, lock_path: str | Path, calibration: bool) -> str | None:
+    """The flow-check entry of ``gate_id`` whose locked (for calibration: templated) parameters name ``backbone``
+    (``parameters.backbone``, e.g. ``embedded-trained`` for ``tiny-vit-lejepa``); None when there is none."""
+    try:
+        if calibration:
+            from .lock import gate_template
+
+            entries = gate_template(gate_id)["entries"]
+        else:
+            entries = ThresholdLock.load(lock_path).doc["gates"][gate_id]["entries"]
+    except (LockError, RecordError, KeyError, OSError):  # the run's own lock check reports a bad lock or gate
+        return None
+    names = sorted(n for n, e in entries.items() if (e.get("parameters") or {}).get("backbone") == backbone
+                   and n not in ("real", "sample"))
+    return names[0] if len(names) == 1 else None
+
+
+def check_entry_backbone(entry_key: str, parameters: Mapping[str, Any], backbone: str | None) -> None:
+    """An entry whose parameters name a ``backbone`` judges (and calibrates) that backbone only: its thresholds were
+    calibrated on it. Raises ``EvidenceError`` (one line, exit 2) before any work."""
+    want = parameters.get("backbone")
+    if want is not None and backbone != want:
+        from .evidence import EvidenceError
+
+        raise EvidenceError(f"--backbone {backbone}: lock entry {entry_key} was calibrated on backbone {want} and "
+                            f"judges it only; use --backbone {want} or another --lock-entry")
 
 
 def _config_datasets(cfg: Any) -> list[str]:

@@ -7,12 +7,22 @@ encoder's input), flips and an intensity jitter - all from ``(seed, step)``. The
 ``monai.networks.nets.ViT`` (no hand-written transformer); a volume's embedding is the mean of its patch tokens.
 The loss is :func:`covtoken.arch.lejepa.lejepa_loss` (SIGReg + view prediction, no teacher, no stop-gradient).
 
-Scope: this module trains and returns the encoder; checkpointing/resume and the gate job are 2-D only for now.
+With ``out_dir``, training checkpoints and resumes exactly like the 2-D loop (:mod:`covtoken.arch.pretrain`, whose
+checkpoint, manifest and collapse-monitor helpers it uses): safetensors every ``checkpoint_every`` steps with their
+sha256 in a manifest, everything random in step ``s`` drawn from ``(seed, s)``, so a run killed and restarted gives
+the same weights as an unbroken one. :func:`pretrain_volumes` is the label-free stage on a loaded dataset: it
+stacks the *training* patients' slices into volumes and pretrains on them; it never reads a mask. The gate job
+and a 3-D evaluation are not built yet.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -20,9 +30,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .lejepa import lejepa_loss
+from .sigreg import DEFAULT_KNOTS, DEFAULT_T_MAX
 from .volumetric import group_volumes
 
-__all__ = ["LeJEPA3DConfig", "stack_volumes", "build_encoder_3d", "LeJEPA3DModel", "volume_views", "pretrain_3d"]
+__all__ = ["LeJEPA3DConfig", "stack_volumes", "build_encoder_3d", "LeJEPA3DModel", "volume_views", "pretrain_3d",
+           "Pretrain3DResult", "training_volumes", "pretrain_volumes"]
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,15 @@ class LeJEPA3DConfig:
     init_seed: int = 0
     vit: Mapping[str, Any] = field(default_factory=lambda: {"hidden_size": 64, "mlp_dim": 128, "num_layers": 2,
                                                             "num_heads": 4})
+    t_max: float = DEFAULT_T_MAX
+    knots: int = DEFAULT_KNOTS
+    checkpoint_every: int = 10
+    monitor_volumes: int = 16
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready parameters (tuples as lists)."""
+        return json.loads(json.dumps({f.name: (dict(v) if isinstance(v, Mapping) else v)
+                                      for f in dataclasses.fields(self) for v in [getattr(self, f.name)]}))
 
 
 def stack_volumes(images: Sequence[np.ndarray], volume_ids: Sequence[str],
@@ -127,30 +148,146 @@ def volume_views(vols: Sequence[torch.Tensor], cfg: LeJEPA3DConfig, *, seed: int
     return out
 
 
+@dataclass(frozen=True)
+class Pretrain3DResult:
+    """What 3-D pretraining hands on.
+
+    Attributes:
+        model: the trained encoder + projector.
+        losses: ``(steps, 3)`` total / SIGReg / prediction loss per step (NaN where an earlier attempt ran it and
+            the manifest does not hold it; never when checkpoints are on).
+        volume_ids: ids of every volume the loop could draw from (sorted) - the leak check reads them.
+        checkpoints: manifest entries in step order (``step``, ``path``, ``sha256``, ``monitor``); empty without
+            ``out_dir``.
+        resumed_from: step of the checkpoint the loop restarted from (0 for a fresh run).
+        seconds: wall time of this call.
+    """
+
+    model: LeJEPA3DModel
+    losses: np.ndarray
+    volume_ids: list[str]
+    checkpoints: list[dict]
+    resumed_from: int
+    seconds: float
+
+
+def _monitor_inputs(vols: Sequence[torch.Tensor], cfg: LeJEPA3DConfig) -> torch.Tensor:
+    """Whole volumes (no crop, no jitter) at the encoder's input size, for the collapse monitor."""
+    pick = np.linspace(0, len(vols) - 1, min(cfg.monitor_volumes, len(vols))).astype(int)
+    x = torch.stack([F.interpolate(vols[i][None, None], size=tuple(cfg.input_size), mode="trilinear",
+                                   align_corners=False)[0] for i in pick])
+    return (x - 0.5) / 0.5
+
+
 def pretrain_3d(volumes: Sequence[np.ndarray], cfg: LeJEPA3DConfig, *, seed: int,
-                device: str = "cpu") -> tuple[LeJEPA3DModel, np.ndarray]:
-    """Pretrain the 3-D encoder on ``volumes`` (training patients' only); returns the model and ``(steps, 3)``
-    total / SIGReg / prediction losses. Deterministic given ``seed`` (batches, crops, directions per step)."""
+                volume_ids: Sequence[str] | None = None, out_dir: str | Path | None = None, device: str = "cpu",
+                on_checkpoint: Callable[[Path], None] | None = None,
+                stop_after: int | None = None) -> Pretrain3DResult:
+    """Pretrain the 3-D encoder on ``volumes`` (training patients' only), resuming from ``out_dir`` when given.
+
+    Deterministic given ``seed``: batches, crops and SIGReg directions of step ``s`` come from ``(seed, s)``, and
+    volumes are indexed in id order, so neither the input order nor a kill-and-resume changes the weights.
+
+    Args:
+        volumes: ``(D, H, W)`` arrays in [0, 1].
+        cfg: protocol parameters.
+        seed: the run's seed.
+        volume_ids: unique ids (default ``"0"``, ``"1"``, ...).
+        out_dir: checkpoint folder (manifest + ``step<NNNNNN>/weights.safetensors``); None trains without.
+        device: ``cpu`` or ``cuda`` (bf16 autocast on CUDA only).
+        on_checkpoint: called with each new checkpoint folder (HF Jobs upload).
+        stop_after: stop after this step as if killed (tests); checkpoints written so far stay.
+    """
+    from .pretrain import _Progress, _save, _write_manifest, resume
+
+    t0 = time.perf_counter()
+    ids = [str(i) for i in range(len(volumes))] if volume_ids is None else [str(v) for v in volume_ids]
+    if len(ids) != len(volumes) or len(set(ids)) != len(ids):
+        raise ValueError("volume_ids must be unique and match the volumes one to one")
     if len(volumes) < cfg.batch_size:
         raise ValueError(f"{len(volumes)} volumes < batch_size {cfg.batch_size}")
+    order = sorted(range(len(ids)), key=lambda i: ids[i])
+    ids = [ids[i] for i in order]
+    vols = [torch.as_tensor(np.asarray(volumes[i], dtype=np.float32)) for i in order]
     dev = torch.device(device)
-    vols = [torch.as_tensor(np.asarray(v, dtype=np.float32)) for v in volumes]
     model = LeJEPA3DModel(cfg).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    losses = np.zeros((cfg.steps, 3))
+    losses = np.full((cfg.steps, 3), np.nan)
+    manifest: dict = {"shards": []}
+    start = 0
+    out = None if out_dir is None else Path(out_dir)
+    clean = _monitor_inputs(vols, cfg)
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        h = hashlib.sha256(json.dumps({"cfg": cfg.as_dict(), "seed": seed, "ids": ids, "kind": "lejepa3d"},
+                                      sort_keys=True).encode())
+        for v in vols:
+            h.update(v.numpy().tobytes())
+        manifest, start, losses = resume(out, h.hexdigest(), model, opt, cfg.steps)  # another run's folder: refused
     model.train()
-    for step in range(cfg.steps):
+    progress = _Progress(cfg.steps, start)
+    first = start
+    for step in range(start, cfg.steps):
         rng = np.random.default_rng([seed, step])
         idx = np.sort(rng.choice(len(vols), size=cfg.batch_size, replace=False))
         views = volume_views([vols[i] for i in idx], cfg, seed=int(rng.integers(2**62))).to(dev)
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             z = model(views.flatten(0, 1)).view(cfg.views, cfg.batch_size, -1)
         gen = torch.Generator(device=dev).manual_seed(int(rng.integers(2**62)))
-        parts = lejepa_loss(z, lam=cfg.lam, num_slices=cfg.num_slices, generator=gen)
+        parts = lejepa_loss(z, lam=cfg.lam, num_slices=cfg.num_slices, generator=gen, t_max=cfg.t_max,
+                            knots=cfg.knots)
         if not torch.isfinite(parts["loss"]):
             raise FloatingPointError(f"3-D LeJEPA loss is not finite at step {step}")
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
         opt.step()
         losses[step] = [float(parts[k].detach()) for k in ("loss", "sigreg", "pred")]
-    return model, losses
+        progress.update(step + 1, losses[step])
+        done = step + 1
+        if out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
+            entry = _save(model, opt, cfg, out, done, first, losses[first:done], clean, dev)
+            first = done
+            manifest["shards"].append(entry)
+            _write_manifest(out, manifest)
+            if on_checkpoint is not None:
+                on_checkpoint(out / Path(entry["path"]).parent)
+        if stop_after is not None and done >= stop_after:
+            break
+    progress.close()
+    return Pretrain3DResult(model, losses, ids, list(manifest["shards"]), start, round(time.perf_counter() - t0, 3))
+
+
+def training_volumes(items: Sequence[Any], train_patients: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+    """The training patients' slices stacked into volumes (one per patient, sorted by id).
+
+    Slices are ordered by ``meta["slice_index"]`` where the loader gives one (the NIfTI volume loaders), else by
+    image id (the phantoms' ``<patient>-sNN``). Only ``items`` of ``train_patients`` are read; no mask is touched.
+    """
+    train = set(train_patients)
+    fit = sorted((it for it in items if it.patient_id in train), key=lambda it: it.image_id)
+    if not fit:
+        raise ValueError("no training patient's slice to pretrain on")
+    rank: dict[str, int] = {}
+    positions = []
+    for it in fit:
+        if "slice_index" in it.meta:
+            positions.append(float(it.meta["slice_index"]))
+        else:
+            positions.append(float(rank.setdefault(it.patient_id, 0)))
+            rank[it.patient_id] += 1
+    return stack_volumes([it.image for it in fit], [it.patient_id for it in fit], positions)
+
+
+def pretrain_volumes(data: Any, splits: Mapping[str, Sequence[str]], cfg: LeJEPA3DConfig, *, seed: int,
+                     out_dir: str | Path | None = None, device: str = "cpu",
+                     on_checkpoint: Callable[[Path], None] | None = None,
+                     stop_after: int | None = None) -> Pretrain3DResult:
+    """The label-free 3-D stage on a loaded dataset: pretrain on the volumes of ``splits["train"]`` only.
+
+    It receives the dataset as a job has it (sealed masks included) and must not depend on them
+    (``tests/test_label_leak.py`` runs it with permuted and zeroed masks and requires bit-identical weights, and
+    checks that it saw exactly the training patients' volumes).
+    """
+    vols, ids = training_volumes(data.items, splits["train"])
+    return pretrain_3d(vols, cfg, seed=seed, volume_ids=ids, out_dir=out_dir, device=device,
+                       on_checkpoint=on_checkpoint, stop_after=stop_after)

@@ -34,7 +34,7 @@ from safetensors.torch import load_file, save_file
 from .lejepa import LeJEPAConfig, LeJEPAModel, build_encoder, images_to_tensor, lejepa_loss, make_views
 from .sigreg import sigreg
 
-__all__ = ["PretrainResult", "pretrain", "rankme", "load_encoder_state", "CheckpointError", "MANIFEST",
+__all__ = ["PretrainResult", "pretrain", "resume", "rankme", "load_encoder_state", "CheckpointError", "MANIFEST",
            "encoder_state_from_checkpoint"]
 
 log = logging.getLogger("covtoken.pretrain")
@@ -138,6 +138,35 @@ def _write_manifest(out_dir: Path, doc: dict) -> None:
     os.replace(tmp, out_dir / MANIFEST)
 
 
+def resume(out: Path, run_key: str, model: torch.nn.Module, opt: torch.optim.Optimizer,
+           steps: int) -> tuple[dict, int, np.ndarray]:
+    """Restore ``model`` and ``opt`` from the last checkpoint in ``out`` (2-D and 3-D loops alike).
+
+    Returns:
+        ``(manifest, start_step, losses)``: the manifest (empty for a fresh folder), the step to continue from, and
+        ``(steps, 3)`` losses filled from the manifest (NaN elsewhere).
+
+    Raises:
+        CheckpointError: the folder belongs to another run, or the last checkpoint is missing or its bytes differ.
+    """
+    manifest = _read_manifest(out, run_key)
+    start = 0
+    if manifest["shards"]:
+        last = manifest["shards"][-1]
+        path = out / last["path"]
+        if not path.is_file() or _sha256(path) != last["sha256"]:
+            raise CheckpointError(f"{path}: missing or its sha256 differs from {out / MANIFEST}; refusing to resume "
+                                  "(delete the folder to start over)")
+        _restore(model, opt, load_file(str(path)))
+        start = int(last["step"])
+        log.info(json.dumps({"event": "pretrain_resume", "step": start, "checkpoint": str(path)}))
+    losses = np.full((steps, 3), np.nan)
+    for sh in manifest["shards"]:
+        for i, row in enumerate(sh.get("losses", [])):
+            losses[sh["first_step"] + i] = row
+    return manifest, start, losses
+
+
 @torch.no_grad()
 def _monitor(model: LeJEPAModel, clean: torch.Tensor, cfg: LeJEPAConfig, device: torch.device) -> dict:
     model.eval()
@@ -188,27 +217,13 @@ def pretrain(images: Sequence[np.ndarray], image_ids: Sequence[str], cfg: LeJEPA
     run_key = hashlib.sha256(json.dumps({"cfg": cfg.as_dict(), "seed": seed, "ids": ids, "mean": list(mean),
                                          "std": list(std)}, sort_keys=True).encode()
                              + pixels.numpy().tobytes()).hexdigest()
-    manifest = _read_manifest(out, run_key)
     clean = (pixels[np.linspace(0, len(ids) - 1, min(cfg.monitor_images, len(ids))).astype(int)]
              - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
 
     model = LeJEPAModel(build_encoder(cfg.encoder, init_seed=cfg.init_seed), proj_hidden=cfg.proj_hidden,
                         proj_dim=cfg.proj_dim, init_seed=cfg.init_seed).to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    start = 0
-    if manifest["shards"]:
-        last = manifest["shards"][-1]
-        path = out / last["path"]
-        if not path.is_file() or _sha256(path) != last["sha256"]:
-            raise CheckpointError(f"{path}: missing or its sha256 differs from {out / MANIFEST}; refusing to resume "
-                                  "(delete the folder to start over)")
-        _restore(model, opt, load_file(str(path)))
-        start = int(last["step"])
-        log.info(json.dumps({"event": "pretrain_resume", "step": start, "checkpoint": str(path)}))
-    losses = np.full((cfg.steps, 3), np.nan)
-    for s in manifest["shards"]:
-        for i, row in enumerate(s.get("losses", [])):
-            losses[s["first_step"] + i] = row
+    manifest, start, losses = resume(out, run_key, model, opt, cfg.steps)
     model.train()
     amp = dev.type == "cuda"
     progress = _Progress(cfg.steps, start)

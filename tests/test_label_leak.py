@@ -399,3 +399,38 @@ def test_sealed_mask_has_no_reachable_pixels(setting):
         pickle.dumps(mask)
     with pytest.raises(LabelLeakError):
         copy.deepcopy(mask)
+
+
+# ------------------------------------------------------------------------------------------------
+# 3-D LeJEPA pretraining (issue 12): the same check on the weights, and it sees the training patients only.
+def _pretrain3d_arrays(splits, leak: bool = False):
+    from covtoken.arch.lejepa3d import LeJEPA3DConfig, pretrain_volumes
+
+    cfg = LeJEPA3DConfig(steps=2, batch_size=2, views=2, checkpoint_every=2, monitor_volumes=2)
+
+    def arrays(d: LoadedDataset, work: Path) -> dict[str, np.ndarray]:
+        if leak:  # the peek: a stage that lets the masks move the pixels it trains on
+            from covtoken.eval.labels import token_lesion_fraction
+
+            frac = token_lesion_fraction(d.masks, [it.image_id for it in d.items], (4, 4))
+            d = LoadedDataset([replace(it, image=it.image + 1e-3 * float(frac[i].sum()))
+                               for i, it in enumerate(d.items)], d.masks, d.provenance)
+        res = pretrain_volumes(d, splits, cfg, seed=0, out_dir=work)
+        assert res.volume_ids == sorted(splits["train"])  # never a validation or test patient's volume
+        return {f"w:{k}": v.numpy() for k, v in res.model.state_dict().items()}
+    return arrays
+
+
+def test_3d_pretraining_is_invariant_to_masks_and_sees_training_patients_only(arch_setting, tmp_path):
+    data, _ = arch_setting
+    splits = split_patients([it.patient_id for it in data.items], fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+                            seed=0)
+    assert_stage_invariant(_pretrain3d_arrays(splits), data, tmp_path)
+
+
+def test_3d_pretraining_planted_leak_is_caught(arch_setting, tmp_path):
+    data, _ = arch_setting
+    splits = split_patients([it.patient_id for it in data.items], fractions={"train": 0.5, "val": 0.25, "test": 0.25},
+                            seed=0)
+    with pytest.raises(AssertionError, match="changed with permuted masks"):
+        assert_stage_invariant(_pretrain3d_arrays(splits, leak=True), data, tmp_path)
