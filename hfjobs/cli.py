@@ -26,7 +26,7 @@ from .spec import DEFAULT_FLAVOR, DEFAULT_TIMEOUT, parse_duration
 
 __all__ = ["register_cli", "cli_command", "fetch_and_audit"]
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, emoji=False)  # ":abc" in a digest is no emoji code
 
 
 def out(text: str) -> None:
@@ -244,6 +244,8 @@ def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card
     res = fetch_runs(api, repo, run_ids, dest)
     for rid, state in res.missing.items():
         say(f"run {rid}: no record in {repo} ({state})")
+    for rid, why in res.refused.items():
+        say(f"run {rid}: refused, not fetched: {why}")
     for rid in res.present:
         say(f"run {rid}: already in {dest}")
     for rid in res.fetched:
@@ -253,7 +255,7 @@ def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card
     if card:
         _, msg = publish_card(api, repo, allow_unproven_prereg=allow_unproven_prereg)
         say(msg)
-    return 1 if res.missing or rc else 0
+    return 1 if res.missing or res.refused or rc else 0
 
 
 def _age(s: int | None) -> str:

@@ -301,8 +301,11 @@ class HubSync:
                    if h.name == str(job.flavor)), None)
         vol = next((v for v in job.volumes or [] if v.mount_path == MOUNT), None)
         image = job.docker_image or job.space_id
+        # ``image`` is what the Hub says the job runs in, ``image_requested`` what `covtoken submit` launched it
+        # with (COVTOKEN_IMAGE); the audit and `covtoken fetch` check both against the submitted spec
         return {"name": "hf-jobs", "job_id": job.id, "namespace": self.env.namespace, "url": job.url,
-                "flavor": str(job.flavor), "image": image, "image_digest": digest_of(image or ""),
+                "flavor": str(job.flavor), "image": image, "image_requested": self.env.image,
+                "image_digest": digest_of(image or ""),
                 "timeout_s": self.env.timeout_s, "attempt": self.env.attempt,
                 "attempts_allowed": (getattr(job, "retry", None) or 0) + 1, "results_repo": self.env.results_repo,
                 "run_folder": self.prefix, "commit_every_s": self.env.commit_every_s,

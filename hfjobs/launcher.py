@@ -283,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         info = verify(bundle)
         tee.say(f"bundle {bundle}: commit {info['commit']} dirty={info.get('dirty')} job {info['job']} "
                 f"(sha256 {info['files'][info['job']]}); {len(info['files'])} files verified")
+        tee.say(f"image {os.environ.get('COVTOKEN_IMAGE') or '(COVTOKEN_IMAGE not set)'} (as launched; the "
+                "registry checked any digest when the image was pulled)")
         kit = unpack_wheel(bundle / info["wheel"], work / "kit")
         missing = missing_requirements(wheel_requirements(bundle / info["wheel"]),
                                        read_pins(bundle / "constraints.txt"))

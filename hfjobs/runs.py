@@ -26,7 +26,7 @@ from ..record import dumps_strict, new_run_id, utc_now
 from .bundle import SourceState, build_bundle, source_state
 from .errors import HFJobsError
 from .hubsync import attempt_path, record_path
-from .images import image_for, image_ref, image_warning
+from .images import check_image_ref, image_for, image_ref, image_warning
 from .prices import live_price, offline_price
 from .query import LIVE, hub_api, hub_call, jobs_of_run, last_attempt, local_token, namespace_of, repo_files
 from .spec import (DEFAULT_COMMIT_EVERY_S, DEFAULT_FLAVOR, DEFAULT_TIMEOUT, MOUNT, RESERVED_LABELS, JobRequest,
@@ -130,7 +130,7 @@ def _check_repo_id(repo: str | None) -> str:
 
 
 def _image(flavor: str, image: str | None) -> tuple[str, list[str]]:
-    chosen = image or image_ref(image_for(flavor))
+    chosen = check_image_ref(image) if image is not None else image_ref(image_for(flavor))
     warn = image_warning(chosen)
     return chosen, [warn] if warn else []
 
@@ -141,6 +141,7 @@ def plan_submit(req: SubmitRequest, *, offline: bool = False, api: Any = None) -
     ``offline`` touches neither the network nor the token: the namespace is ``req.namespace`` or a placeholder.
     """
     repo = _check_repo_id(req.results_repo)
+    image, warnings = _image(req.flavor, req.image)  # a malformed --image digest fails here, before any work
     state, rel = committed_job(req.job, req.allow_dirty)
     timeout_s = parse_duration(req.timeout)
     if offline:
@@ -150,7 +151,6 @@ def plan_submit(req: SubmitRequest, *, offline: bool = False, api: Any = None) -
         ns = namespace_of(api, req.namespace)
         refuse_public_repo(api, repo, req.public)
     run_id = new_run_id(job_gate(rel))
-    image, warnings = _image(req.flavor, req.image)
     jr = make_request(run_id=run_id, attempt=0, namespace=ns, results_repo=repo, job=rel, job_args=list(req.job_args),
                       commit=state.commit, image=image, flavor=req.flavor, timeout_s=timeout_s,
                       attempts=req.attempts, commit_every_s=req.commit_every_s, labels=req.labels, env=req.env,

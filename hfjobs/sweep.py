@@ -257,6 +257,7 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
     """Every cell's request on one bundle, the sweep plan (``sweeps/<id>.json``), the price of all cells."""
     base = req.base
     repo = _check_repo_id(base.results_repo)
+    image, warnings = _image(base.flavor, base.image)  # a malformed --image digest fails here, before any work
     clash = [a for a in base.job_args if a.split("=", 1)[0] in ("--seed", "--dataset", "--backbone")]
     if clash:
         raise HFJobsError(f"{clash}: the sweep sets --seed/--dataset/--backbone per cell; use --seeds/--datasets/"
@@ -272,7 +273,6 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
     timeout_s = parse_duration(base.timeout)
     sweep_id = new_run_id("sweep")
     gate = job_gate(rel)
-    image, warnings = _image(base.flavor, base.image)
     every = sweep_commit_every(len(cells), base.commit_every_s)
     reqs = []
     for cell in cells:

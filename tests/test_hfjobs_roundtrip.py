@@ -64,6 +64,7 @@ def test_round_trip_submit_logs_wait_fetch_audit(hub: HubEmulator, roundtrip, sn
     assert be["name"] == "hf-jobs" and be["job_id"] == job.id and be["flavor"] == "cpu-basic"
     assert be["image"] == job.spec["dockerImage"] and be["results_repo"] == repo and be["attempt"] == 0
     assert "image_digest" in be and be["image_digest"] is None  # the table's CPU image has no verified digest
+    assert be["image_requested"] == job.spec["environment"]["COVTOKEN_IMAGE"] == be["image"]  # as launched
     assert be["attempts_allowed"] == 1
     assert be["hardware"]["name"] == "cpu-basic" and be["hardware"]["usd_per_hour"] == pytest.approx(0.01, abs=1e-4)
     vol = job.spec["volumes"][0]
