@@ -294,7 +294,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for j in st.jobs:
         if j["message"]:
             out(f"attempt {j['attempt']}: {j['message']}")
-    if st.results_repo:
+    if st.results_repo and st.state_bucket:
+        say(f"{st.results_repo}: record {'present' if st.record else 'not written'}; token-bank shards and "
+            f"checkpoints are kept in the bucket hf://buckets/{st.state_bucket} (runs/{st.run_id}/)")
+    elif st.results_repo:
         say(f"{st.results_repo}: {st.shards} token-bank shard(s) uploaded; record "
             f"{'present' if st.record else 'not written'}")
     return 0

@@ -371,6 +371,7 @@ class RunStatus:
     results_repo: str | None
     shards: int | None
     record: bool | None
+    state_bucket: str | None = None   # shards and checkpoints live there, not in the repo
 
 
 def _job_row(j: Any) -> dict[str, Any]:
@@ -403,7 +404,8 @@ def status(run_id: str, namespace: str | None = None, *, api: Any = None) -> Run
         shards = len({Path(f).parent.as_posix() for f in files if "/bank/" in f and "/shard-" in f})
         record = record_path(run_id) in files
     return RunStatus(run_id=run_id, namespace=ns, jobs=tuple(_job_row(j) for j in jobs), results_repo=repo,
-                     shards=shards, record=record)
+                     shards=shards, record=record,
+                     state_bucket=(jobs[-1].environment or {}).get("COVTOKEN_STATE_BUCKET"))
 
 
 @dataclass(frozen=True)

@@ -245,6 +245,8 @@ def test_hard_kill_with_a_bucket_loses_at_most_the_shard_in_flight(hub: HubEmula
     print(f"bucket: first try made {len(done_first)} shard(s), saved {len(saved_first)}, killed; the retry "
           f"restored {r} and computed {4 - r}; unbroken run {t_whole:.1f} s")
 
+    st = covtoken("status", rid, cwd=snapshot)
+    assert st.rc == 0 and f"kept in the bucket hf://buckets/{bucket}" in st.err, st.text
     rec = _fetch(rid, snapshot, tmp_path / "resumed")
     assert rec["decision"] == whole["decision"] and rec["metrics"] == whole["metrics"]
     assert rec["criteria"] == whole["criteria"]
