@@ -10,7 +10,10 @@ mounted read-only at ``/code``, pinned to the commit of the upload. The job runs
 HF token goes to the job only as the secret ``HF_TOKEN`` (other secrets by name, values never stored). Jobs
 carry the labels ``app=covtoken``, ``run``, ``attempt``, ``gate``, ``code`` and ``name``; every query finds a
 run's jobs by those labels. ``attempts > 1`` lets the Hub retry a failed job itself; each retry restores what
-the previous one committed (token-bank shards) and computes only the rest.
+the previous one committed (token-bank shards) and computes only the rest, and uploads its log under its own
+name. ``bucket`` (``--bucket NS/NAME``) adds a read-write bucket volume at ``/state`` (created private, a public
+one refused) where the job writes shards and checkpoints as they are made, instead of committing them: a hard
+kill then loses at most the shard in flight (hubsync.py).
 """
 from __future__ import annotations
 
