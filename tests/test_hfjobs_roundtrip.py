@@ -290,7 +290,8 @@ def test_attempts_2_resumes_a_killed_attempt_to_the_same_decision(hub: HubEmulat
     api = HfApi()
     log0 = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.log", repo_type="dataset")).read_text()
     log1 = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.try-1.log", repo_type="dataset")).read_text()
-    assert [e["shard"] for e in _events(log0.splitlines(), "shard_done")][:2] == ["00000", "00001"]
+    done0 = [e["shard"] for e in _events(log0.splitlines(), "shard_done")]  # as far as the last commit carried it
+    assert done0 and done0 == ["00000", "00001"][:len(done0)], done0
     assert [e["shards"] for e in _events(log0.splitlines(), "bank_restored")] == [0] and "attempt 0 try 0" in log0
     assert _events(log1.splitlines(), "bank_restored")[0]["shards"] == 2 and "record_uploaded" in log1
     files = set(api.list_repo_files(repo, repo_type="dataset"))
