@@ -118,6 +118,26 @@ def test_per_try_names() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ with the emulator
+def test_emulated_bucket_outlives_the_attempts_that_mount_it(hub: HubEmulator, fake_token: str) -> None:
+    """The emulator's bucket volume: read-write, the same folder for every attempt (a repo volume is a fresh
+    read-only copy each time), and a missing bucket fails the mount."""
+    from huggingface_hub import Volume
+
+    api, bucket = HfApi(), new_bucket()
+    api.create_bucket(bucket, private=True)
+    count = ("import pathlib, sys; p = pathlib.Path(sys.argv[1]) / 'n'; n = int(p.read_text()) if p.exists() else 0; "
+             "p.write_text(str(n + 1)); print('seen', n); sys.exit(0 if n else 1)")
+    job = api.run_job(image="img", command=["python", "-c", count, STATE_MOUNT], attempts=2, namespace=NS,
+                      volumes=[Volume(type="bucket", source=bucket, mount_path=STATE_MOUNT)])
+    assert hub.wait_job(job.id, 60)["status"]["stage"] == "COMPLETED"  # the second attempt saw the first's write
+    assert [ln for ln in hub.job_logs(job.id) if ln.startswith("seen")] == ["seen 0", "seen 1"]
+    assert (hub.bucket_dir(bucket) / "n").read_text() == "2"
+    gone = api.run_job(image="img", command=["python", "-c", "pass"], namespace=NS,
+                       volumes=[Volume(type="bucket", source=f"{NS}/no-such-bucket", mount_path=STATE_MOUNT)])
+    end = hub.wait_job(gone.id, 60)["status"]
+    assert end["stage"] == "ERROR" and "Failed to mount volume" in end["message"]
+
+
 def test_bucket_dry_run_pastes_into_the_real_cli(hub: HubEmulator, fake_token: str, snapshot: Path) -> None:
     """The dry run prints `hf buckets create` and `-v hf://buckets/NS/NAME:/state`; pasted into the real `hf`
     CLI, the emulator receives the printed spec, bucket volume included."""
