@@ -119,6 +119,8 @@ def _check_provenance(ra: RecordAudit) -> None:
         ra.fail("provenance/dataset/n_patients", f"empty split in {ds['n_patients']}")
     if prov["backend"]["name"] == "hf-jobs" and not prov["backend"]["job_id"]:
         ra.fail("provenance/backend/job_id", "an HF Jobs run must carry its job id")
+    if prov["backend"]["name"] == "hf-jobs" and "image" in prov["backend"]:
+        _check_image(ra, prov["backend"])
     if prov["code"]["dirty"] and not prov["code"].get("diff_sha256"):
         ra.fail("provenance/code/diff_sha256", "a dirty run must carry the hash of its diff")
     from datetime import datetime
@@ -129,6 +131,21 @@ def _check_provenance(ra: RecordAudit) -> None:
     span = (ts(prov["finished_at"]) - ts(prov["started_at"])).total_seconds()
     if abs(span - prov["wall_seconds"]) > WALL_TOLERANCE_S:
         ra.fail("provenance/wall_seconds", f"{prov['wall_seconds']:.1f} s but start/end span {span:.1f} s")
+
+
+def _check_image(ra: RecordAudit, be: dict) -> None:
+    """The image an HF job ran in: the Hub's report equals the launch request, and the digest field is the
+    reference's own, of the form sha256:<64 hex> (its existence was the registry's to check at pull time)."""
+    from .hfjobs.images import digest_of, is_digest
+
+    image, digest = be.get("image"), be.get("image_digest")
+    if "image_requested" in be and be["image_requested"] != image:
+        ra.fail("provenance/backend/image", f"the Hub reports {image!r}, the job was launched with "
+                                            f"{be['image_requested']!r} (COVTOKEN_IMAGE)")
+    if digest != digest_of(image or ""):
+        ra.fail("provenance/backend/image_digest", f"{digest!r} is not the digest of the image reference {image!r}")
+    elif digest is not None and not is_digest(digest):
+        ra.fail("provenance/backend/image_digest", f"{digest!r} is not sha256:<64 hex>")
 
 
 def _check_artefacts(ra: RecordAudit) -> None:

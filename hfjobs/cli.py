@@ -26,7 +26,7 @@ from .spec import DEFAULT_FLAVOR, DEFAULT_TIMEOUT, parse_duration
 
 __all__ = ["register_cli", "cli_command", "fetch_and_audit"]
 
-console = Console(stderr=True, highlight=False)
+console = Console(stderr=True, highlight=False, emoji=False)  # ":abc" in a digest is no emoji code
 
 
 def out(text: str) -> None:
@@ -153,7 +153,7 @@ def _submit_request(args: argparse.Namespace, repo: str):  # noqa: ANN202 (Submi
                          image=args.image, labels=parse_labels(args.label), env=parse_env(args.env, args.env_file),
                          secrets=parse_secrets(args.secrets, args.secrets_file), name=args.name,
                          attempts=args.attempts, commit_every_s=parse_duration(args.commit_every, "--commit-every", allow_zero=True),
-                         allow_dirty=args.allow_dirty, public=args.public)
+                         allow_dirty=args.allow_dirty, public=args.public, bucket=args.bucket)
 
 
 def _show_plan(plan: Any) -> None:
@@ -163,6 +163,9 @@ def _show_plan(plan: Any) -> None:
         st = plan.state
         say(f"code        {st.commit}" + (f" DIRTY (diff sha256 {st.diff_sha256})" if st.dirty else " (clean)"))
     say(f"image       {plan.requests[0].image}")
+    if plan.requests[0].state_bucket:
+        say(f"state       hf://buckets/{plan.requests[0].state_bucket} mounted read-write at /state (token-bank "
+            "shards and checkpoints as they are made)")
     for w in plan.warnings:
         say(("note: " if w.startswith(("resume", "sweep")) else "warning: ") + w)
 
@@ -190,6 +193,9 @@ def cmd_submit(args: argparse.Namespace) -> int:
         if args.job_args:
             raise HFJobsError(f"--resume {args.resume}: the job arguments are those of the first attempt; do not "
                               "pass new ones")
+        if args.bucket:
+            raise HFJobsError(f"--resume {args.resume} --bucket: a resumed run keeps the state bucket of its first "
+                              "attempt (where its shards are); drop --bucket")
         api = hub_api()
         plan = plan_resume(ResumeRequest(run_id=args.resume, results_repo=repo, namespace=args.namespace,
                                          job=args.job, flavor=args.flavor, timeout=args.timeout, image=args.image,
@@ -244,6 +250,8 @@ def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card
     res = fetch_runs(api, repo, run_ids, dest)
     for rid, state in res.missing.items():
         say(f"run {rid}: no record in {repo} ({state})")
+    for rid, why in res.refused.items():
+        say(f"run {rid}: refused, not fetched: {why}")
     for rid in res.present:
         say(f"run {rid}: already in {dest}")
     for rid in res.fetched:
@@ -253,7 +261,7 @@ def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card
     if card:
         _, msg = publish_card(api, repo, allow_unproven_prereg=allow_unproven_prereg)
         say(msg)
-    return 1 if res.missing or rc else 0
+    return 1 if res.missing or res.refused or rc else 0
 
 
 def _age(s: int | None) -> str:
@@ -286,7 +294,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     for j in st.jobs:
         if j["message"]:
             out(f"attempt {j['attempt']}: {j['message']}")
-    if st.results_repo:
+    if st.results_repo and st.state_bucket:
+        say(f"{st.results_repo}: record {'present' if st.record else 'not written'}; token-bank shards and "
+            f"checkpoints are kept in the bucket hf://buckets/{st.state_bucket} (runs/{st.run_id}/)")
+    elif st.results_repo:
         say(f"{st.results_repo}: {st.shards} token-bank shard(s) uploaded; record "
             f"{'present' if st.record else 'not written'}")
     return 0
@@ -481,6 +492,13 @@ def add_submit_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--commit-every", "--log-every", dest="commit_every", default="5m",
                    help="least time between the job's batched commits of shards and log (default 5m; a sweep "
                         "raises it to stay under the Hub's commit rate limit; 0: one commit per shard)")
+    p.add_argument("--bucket", metavar="NS/NAME",
+                   help="read-write bucket volume (created private if missing) mounted at /state, where the job "
+                        "writes token-bank shards and checkpoints as they are made: a hard kill (SIGKILL, node "
+                        "loss) loses at most the shard in flight. Without it they go to the results repo in "
+                        "batched commits and a hard kill loses up to one --commit-every interval of them (a "
+                        "cancel or timeout, SIGTERM, loses nothing: pending shards are committed first). The "
+                        "record, artefacts and logs go to the results repo either way")
     p.add_argument("--results", default="gate_reports", help="where records are fetched to (default gate_reports)")
 
 

@@ -5,7 +5,9 @@ layout of a results folder, so a fetched run is installed with the same checks a
 validate, nothing is ever overwritten, and every file lands through a temporary file and a rename (an
 interrupted fetch leaves no partial record, and fetching again works). The repo's dataset card (README.md
 with YAML metadata and the SUMMARY table) is regenerated from the repo's own records when their audit is
-clean; a card the Hub's YAML validation rejects is a warning, never a failed fetch.
+clean; a card the Hub's YAML validation rejects is a warning, never a failed fetch. A run whose record names
+another image than the job spec it was submitted with (``attempts/<n>.json``: ``dockerImage`` and
+``COVTOKEN_IMAGE``) is refused, not installed.
 """
 from __future__ import annotations
 
@@ -22,24 +24,26 @@ from ..record import read_record
 from ..runner import default_lock_path
 from ..runstore import install_run  # noqa: F401  (re-exported: the backend installs fetched runs with it)
 from .errors import HFJobsError
-from .hubsync import record_path, run_prefix
-from .query import last_attempt, repo_files
+from .hubsync import attempt_path, record_path, run_prefix
+from .query import last_attempt, read_json, repo_files
 from .retry import with_retry
 
 __all__ = ["FetchResult", "fetch_runs", "download_run", "install_run", "recorded_runs", "render_card",
-           "publish_card", "run_state"]
+           "publish_card", "run_state", "image_mismatch"]
 
 CARD = "README.md"
 
 
 @dataclass
 class FetchResult:
-    """What a fetch did: run ids fetched now, already present, and missing (with how far each got)."""
+    """What a fetch did: run ids fetched now, already present, missing (with how far each got) and refused
+    (a record that contradicts its submitted spec, with why)."""
 
     dest: Path
     fetched: list[str] = field(default_factory=list)
     present: list[str] = field(default_factory=list)
     missing: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)
     decisions: dict[str, tuple[str, str]] = field(default_factory=dict)  # run id -> (gate, decision)
 
 
@@ -78,6 +82,20 @@ def run_state(api: Any, repo: str, run_id: str) -> str:
     return f"latest job {job.id} (attempt {att['attempt']}) is {job.status.stage}{msg}"
 
 
+def image_mismatch(api: Any, repo: str, record: dict) -> str | None:
+    """Why the record's image contradicts the spec of the attempt it names (None when it agrees, or when the
+    record is not a single HF job's). The spec is the one ``covtoken submit`` committed before the job ran."""
+    be = record["provenance"]["backend"]
+    if be.get("name") != "hf-jobs" or "image" not in be or be.get("attempt") is None:
+        return None
+    spec = read_json(api, repo, attempt_path(record["run_id"], int(be["attempt"])))["spec"]
+    submitted = {"image": spec.get("dockerImage"), "image_requested": (spec.get("environment") or {}).get(
+        "COVTOKEN_IMAGE")}
+    bad = [f"provenance/backend/{k} {be[k]!r} but {attempt_path(record['run_id'], int(be['attempt']))} submitted "
+           f"{v!r}" for k, v in submitted.items() if k in be and be[k] != v]
+    return "; ".join(bad) or None
+
+
 def fetch_runs(api: Any, repo: str, run_ids: list[str], dest: Path) -> FetchResult:
     """Fetch runs from ``repo`` into ``dest`` (a results folder); the audit is the caller's next step."""
     dest = Path(dest)
@@ -89,6 +107,10 @@ def fetch_runs(api: Any, repo: str, run_ids: list[str], dest: Path) -> FetchResu
             rec = download_run(api, repo, rid, staging)
             if rec is None:
                 res.missing[rid] = run_state(api, repo, rid)
+                continue
+            why = image_mismatch(api, repo, read_record(rec))
+            if why:
+                res.refused[rid] = why
                 continue
             target = dest / f"{rid}.json"
             if target.exists() and target.read_bytes() == rec.read_bytes():

@@ -6,6 +6,8 @@ Layout of a run folder in the results repo (the same names are used by submit, f
     runs/<run_id>/attempts/<n>.json      the job spec of attempt n (secret names only) and its job id
     runs/<run_id>/bank/<bank>/           token-bank manifest and finished shards, many shards per commit
     runs/<run_id>/logs/attempt-<n>.log   the job's log, in the same commits, and once more at the end
+    runs/<run_id>/logs/attempt-<n>.try-<k>.log   the log of the Hub's retry k >= 1 of attempt n (--attempts)
+    runs/<run_id>/tries/attempt-<n>.try-<k>.json  each try's claim: job id, start time, image (--attempts > 1)
     runs/<run_id>/<run_id>.json          the gate record, committed last together with
     runs/<run_id>/artefacts/<run_id>/    its artefacts (a results folder, as ``covtoken fetch`` expects)
 
@@ -18,8 +20,16 @@ log, at most once every ``COVTOKEN_COMMIT_EVERY_S`` seconds (default 300; a swee
 cells together stay under the budget), plus one commit for the record (which carries whatever is still
 pending) and one for the final log. The log sidecar uploads the log only when no batch commit went out in the
 last interval. Every commit and download is retried on 429/5xx with backoff honouring ``Retry-After``
-(retry.py). A job killed abruptly loses the shards of at most one commit interval; a resumed attempt (or a
-Hub-native retry, ``--attempts``) downloads what was committed and computes only the rest. The job finds its own job id by its
+(retry.py). A job killed abruptly (SIGKILL, node loss) loses the shards of at most one commit interval; a
+cancel or timeout (SIGTERM) commits the pending ones first. A resumed attempt (or a Hub-native retry,
+``--attempts``) downloads what was committed and computes only the rest.
+
+With a state bucket (``covtoken submit --bucket NS/NAME``: a read-write bucket volume mounted at ``/state``, the
+Hub-native place for bulky state, where writes are not commits) token-bank shards and checkpoints are not
+committed at all: each finished shard is written into ``/state/runs/<run_id>/bank/<bank>/`` as soon as it is
+made, followed by a new version of its manifest (``manifests/<time_ns>.json``; nothing renamed or rewritten in
+place), so a hard kill loses at most the shard in flight, and the next attempt reads the bucket back. The
+record, artefacts, attempt files and logs still go to the results repo as above. The job finds its own job id by its
 labels (``run``, ``attempt``), never from a platform variable. The HF token comes from the job secret
 ``HF_TOKEN`` and is read by ``huggingface_hub`` itself; nothing here writes it anywhere.
 """
@@ -46,7 +56,7 @@ from .retry import with_retry
 from .spec import DEFAULT_COMMIT_EVERY_S, MOUNT
 
 __all__ = ["HubSyncError", "JobEnv", "HubSync", "CommitBatcher", "run_prefix", "record_path", "attempt_path",
-           "log_path", "commit_record", "main"]
+           "log_path", "try_path", "commit_record", "main"]
 
 log = logging.getLogger(__name__)
 #: The log sidecar never uploads more often than this (the job's own batches carry the log in between).
@@ -72,9 +82,14 @@ def attempt_path(run_id: str, attempt: int) -> str:
     return f"{run_prefix(run_id)}/attempts/{attempt}.json"
 
 
-def log_path(run_id: str, attempt: int) -> str:
-    """The uploaded log of one attempt."""
-    return f"{run_prefix(run_id)}/logs/attempt-{attempt}.log"
+def log_path(run_id: str, attempt: int, try_: int = 0) -> str:
+    """The uploaded log of one attempt (try ``try_`` of it when the Hub retried it; 0 is the first)."""
+    return f"{run_prefix(run_id)}/logs/attempt-{attempt}" + (f".try-{try_}" if try_ else "") + ".log"
+
+
+def try_path(run_id: str, attempt: int, try_: int) -> str:
+    """The claim of one try of an attempt (written only when the Hub may retry it)."""
+    return f"{run_prefix(run_id)}/tries/attempt-{attempt}.try-{try_}.json"
 
 
 def commit_mark(log_file: Path) -> Path:
@@ -95,6 +110,9 @@ class JobEnv:
     kit_dir: Path | None
     log_file: Path | None = None
     image: str | None = None
+    state_dir: Path | None = None      # where the state bucket is mounted (COVTOKEN_STATE_DIR, set by the launcher)
+    state_bucket: str | None = None    # its id NS/NAME (COVTOKEN_STATE_BUCKET, set by submit)
+    try_index: int | None = None       # which Hub try of the attempt this is (COVTOKEN_TRY, set by the launcher)
 
     REQUIRED = ("COVTOKEN_RUN_ID", "COVTOKEN_RESULTS_REPO", "COVTOKEN_JOB_NAMESPACE", "COVTOKEN_ATTEMPT")
 
@@ -110,13 +128,17 @@ class JobEnv:
             attempt = int(env["COVTOKEN_ATTEMPT"])
             timeout = int(env["COVTOKEN_TIMEOUT_S"]) if env.get("COVTOKEN_TIMEOUT_S") else None
             every = float(env.get("COVTOKEN_COMMIT_EVERY_S") or DEFAULT_COMMIT_EVERY_S)
+            try_index = int(env["COVTOKEN_TRY"]) if env.get("COVTOKEN_TRY") else None
         except ValueError as exc:
-            raise HubSyncError(f"COVTOKEN_ATTEMPT / COVTOKEN_TIMEOUT_S / COVTOKEN_COMMIT_EVERY_S: {exc}") from None
+            raise HubSyncError(f"COVTOKEN_ATTEMPT / COVTOKEN_TIMEOUT_S / COVTOKEN_COMMIT_EVERY_S / COVTOKEN_TRY: "
+                               f"{exc}") from None
         kit, log_file = env.get("COVTOKEN_KIT_DIR"), env.get("COVTOKEN_LOG_FILE")
         return cls(run_id=env["COVTOKEN_RUN_ID"], results_repo=env["COVTOKEN_RESULTS_REPO"],
                    namespace=env["COVTOKEN_JOB_NAMESPACE"], attempt=attempt, timeout_s=timeout, commit_every_s=every,
                    kit_dir=Path(kit) if kit else None, log_file=Path(log_file) if log_file else None,
-                   image=env.get("COVTOKEN_IMAGE") or None)
+                   image=env.get("COVTOKEN_IMAGE") or None,
+                   state_dir=Path(env["COVTOKEN_STATE_DIR"]) if env.get("COVTOKEN_STATE_DIR") else None,
+                   state_bucket=env.get("COVTOKEN_STATE_BUCKET") or None, try_index=try_index)
 
 
 class CommitBatcher:
@@ -220,6 +242,11 @@ class HubSync:
         self.env = env
         self.api = api or HfApi()
         self.prefix = run_prefix(env.run_id)
+        if env.state_bucket and env.state_dir is None:
+            raise HubSyncError(f"COVTOKEN_STATE_BUCKET={env.state_bucket} but COVTOKEN_STATE_DIR not set: the "
+                               "launcher sets it from its --covtoken-state argument")
+        #: the run's folder in the state bucket (None: shards go to the results repo in batched commits)
+        self.state = None if env.state_dir is None else Path(env.state_dir) / self.prefix
         self._job: Any = None
         self.batcher = CommitBatcher(self._commit, env.commit_every_s, label=f"{env.run_id}: ",
                                      extra=self._log_ops, clock=clock)
@@ -301,11 +328,16 @@ class HubSync:
                    if h.name == str(job.flavor)), None)
         vol = next((v for v in job.volumes or [] if v.mount_path == MOUNT), None)
         image = job.docker_image or job.space_id
+        # ``image`` is what the Hub says the job runs in, ``image_requested`` what `covtoken submit` launched it
+        # with (COVTOKEN_IMAGE); the audit and `covtoken fetch` check both against the submitted spec
         return {"name": "hf-jobs", "job_id": job.id, "namespace": self.env.namespace, "url": job.url,
-                "flavor": str(job.flavor), "image": image, "image_digest": digest_of(image or ""),
-                "timeout_s": self.env.timeout_s, "attempt": self.env.attempt,
+                "flavor": str(job.flavor), "image": image, "image_requested": self.env.image,
+                "image_digest": digest_of(image or ""),
+                "timeout_s": self.env.timeout_s, "attempt": self.env.attempt, "try": self.env.try_index,
                 "attempts_allowed": (getattr(job, "retry", None) or 0) + 1, "results_repo": self.env.results_repo,
                 "run_folder": self.prefix, "commit_every_s": self.env.commit_every_s,
+                "state": None if self.state is None else {"bucket": self.env.state_bucket, "folder": self.prefix,
+                                                          "holds": "token-bank shards and checkpoints"},
                 "bundle": None if vol is None else {"repo": vol.source, "path": vol.path, "revision": vol.revision},
                 "hardware": None if hw is None else hardware_summary(hw)}
 
@@ -321,7 +353,48 @@ class HubSync:
 
     @property
     def _remote_log(self) -> str:
-        return log_path(self.env.run_id, self.env.attempt)
+        return log_path(self.env.run_id, self.env.attempt, self.env.try_index or 0)
+
+    def claim_try(self) -> int:
+        """Which try of this attempt the job is, claimed in the results repo so that no try overwrites another's
+        log: 0 when the Hub will not retry (``attempts`` 1, nothing written); otherwise one past the highest
+        claim already in ``runs/<run_id>/tries/`` for this attempt, committed (with the log so far) before the
+        job starts. The platform gives the container no retry counter, so the repo is the counter."""
+        from huggingface_hub import CommitOperationAdd
+
+        from ..record import dumps_strict, utc_now
+
+        job = self.job_info()
+        allowed = (getattr(job, "retry", None) or 0) + 1
+        if allowed == 1:
+            return 0
+        prefix = f"{self.prefix}/tries/attempt-{self.env.attempt}.try-"
+
+        def claimed() -> list[int]:
+            from huggingface_hub.errors import EntryNotFoundError
+
+            try:
+                files = self.api.list_repo_tree(self.env.results_repo, path_in_repo=f"{self.prefix}/tries",
+                                                repo_type="dataset")
+                return [int(f.path[len(prefix):-len(".json")]) for f in files
+                        if f.path.startswith(prefix) and f.path.endswith(".json")]
+            except EntryNotFoundError:
+                return []
+
+        k = max(with_retry(claimed, what="list_repo_tree"), default=-1) + 1
+        doc = {"kind": "covtoken.job_try", "run_id": self.env.run_id, "attempt": self.env.attempt, "try": k,
+               "attempts_allowed": allowed, "job_id": job.id, "started_at": utc_now(),
+               "image_requested": self.env.image, "image": job.docker_image or job.space_id,
+               "log": log_path(self.env.run_id, self.env.attempt, k), "state_bucket": self.env.state_bucket}
+        ops = [CommitOperationAdd(path_in_repo=try_path(self.env.run_id, self.env.attempt, k),
+                                  path_or_fileobj=dumps_strict(doc).encode())]
+        f = self.env.log_file
+        if f is not None and f.is_file():
+            ops.append(CommitOperationAdd(path_in_repo=log_path(self.env.run_id, self.env.attempt, k),
+                                          path_or_fileobj=f.read_bytes()))
+        self._commit(ops, f"{self.env.run_id}: attempt {self.env.attempt} try {k} of {allowed} started")
+        log.info(json.dumps({"event": "try_claimed", "attempt": self.env.attempt, "try": k, "of": allowed}))
+        return k
 
     def _log_ops(self) -> list[Any]:
         """The current log of the job (the launcher's tee file), as an addition; nothing outside a launcher."""
@@ -333,10 +406,13 @@ class HubSync:
         return [CommitOperationAdd(path_in_repo=self._remote_log, path_or_fileobj=f.read_bytes())]
 
     def bank_uploader(self, bank_dir: str | Path) -> Callable[[Path], None]:
-        """``on_shard`` for :meth:`TokenBank.build`: queues each finished shard (and the manifest) for a batch."""
+        """``on_shard`` for :meth:`TokenBank.build` (and checkpoints): with a state bucket, writes each finished
+        shard (then the manifest) into it at once; otherwise queues them for a batched commit to the repo."""
         from huggingface_hub import CommitOperationAdd
 
         bank_dir = Path(bank_dir)
+        if self.state is not None:
+            return self._state_writer(bank_dir)
         remote = f"{self.prefix}/bank/{bank_dir.name}"
 
         def upload(shard_dir: Path) -> None:
@@ -351,8 +427,72 @@ class HubSync:
 
         return upload
 
+    # ------------------------------------------------------------------ state bucket
+    def _state_bank(self, name: str) -> Path:
+        assert self.state is not None
+        return self.state / "bank" / name
+
+    def _state_writer(self, bank_dir: Path) -> Callable[[Path], None]:
+        """Copy each finished shard folder into the bucket, file by file, then a new version of the manifest.
+
+        Bucket mounts are object stores: nothing is renamed and no manifest is rewritten in place. Each manifest
+        version is a new file ``manifests/<time_ns>.json`` written after the shard files it lists, so a kill at any
+        point leaves the newest complete version listing only shards whose files are complete (a torn newest
+        version is skipped on restore, and the bank re-verifies every shard by hash anyway).
+        """
+        dest = self._state_bank(bank_dir.name)
+
+        def save(shard_dir: Path) -> None:
+            shard_dir = Path(shard_dir)
+            files = sorted(f for f in shard_dir.iterdir() if f.is_file() and not f.name.startswith("."))
+            (dest / shard_dir.name).mkdir(parents=True, exist_ok=True)
+            for f in files:
+                _copy_synced(f, dest / shard_dir.name / f.name)
+            versions = dest / "manifests"
+            versions.mkdir(parents=True, exist_ok=True)
+            _copy_synced(bank_dir / "manifest.json", versions / f"{time.time_ns():020d}.json")
+            for old in sorted(versions.glob("*.json"))[:-2]:  # keep the two newest versions
+                old.unlink(missing_ok=True)
+            log.info(json.dumps({"event": "shard_saved", "shard": shard_dir.name, "files": len(files),
+                                 "bucket": self.env.state_bucket, "to": str(dest.relative_to(self.env.state_dir))}))
+
+        return save
+
+    def _restore_from_state(self, bank_dir: Path) -> int:
+        """Copy what earlier attempts wrote to the bucket into ``bank_dir``; returns how many shards its newest
+        readable manifest lists (the bank verifies each by hash, and recomputes any that fails)."""
+        from ..record import loads_strict, sha256_file
+
+        src = self._state_bank(bank_dir.name)
+        manifest = None
+        for version in sorted(src.glob("manifests/*.json"), reverse=True):
+            try:
+                manifest = loads_strict(version.read_text(), source=str(version))
+                break
+            except (OSError, ValueError) as exc:  # a version torn by a kill: the previous one is complete
+                log.warning("state manifest %s unreadable (%s); trying the previous version", version, exc)
+        n = 0
+        if manifest is not None:
+            bank_dir.mkdir(parents=True, exist_ok=True)
+            for d in sorted(p for p in src.iterdir() if p.is_dir() and p.name != "manifests"):
+                for f in sorted(d.iterdir()):
+                    if f.is_file():
+                        (bank_dir / d.name).mkdir(parents=True, exist_ok=True)
+                        shutil.copyfile(f, bank_dir / d.name / f.name)
+            (bank_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            shards = manifest.get("shards") or ()
+            if isinstance(shards, dict):  # a token bank's: count only the shards whose files verify
+                n = sum(all((bank_dir / f"shard-{k}" / f).is_file() and sha256_file(bank_dir / f"shard-{k}" / f) == h
+                            for f, h in (v.get("files") or {}).items()) for k, v in shards.items())
+            else:  # checkpoints (a list); the pretraining loop verifies each against the manifest
+                n = len(shards)
+        log.info(json.dumps({"event": "bank_restored", "bank": bank_dir.name, "shards": n, "from": "bucket",
+                             "bucket": self.env.state_bucket}))
+        return n
+
     def restore_bank(self, bank_dir: str | Path) -> int:
-        """Download the shards an earlier attempt uploaded into ``bank_dir``; returns how many shards.
+        """Bring back the shards an earlier attempt saved into ``bank_dir`` (from the state bucket, else from the
+        results repo); returns how many shards.
 
         The bank verifies every shard against its manifest hashes when it is built.
         """
@@ -361,6 +501,8 @@ class HubSync:
         bank_dir = Path(bank_dir)
         if (bank_dir / "manifest.json").exists():
             return 0
+        if self.state is not None:
+            return self._restore_from_state(bank_dir)
         remote = f"{self.prefix}/bank/{bank_dir.name}"
         bank_dir.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=bank_dir.parent, prefix=".restore-") as tmp:
@@ -400,6 +542,14 @@ class HubSync:
 
         op = CommitOperationAdd(path_in_repo=self._remote_log, path_or_fileobj=Path(path).read_bytes())
         self._commit([op], f"{self.env.run_id}: log of attempt {self.env.attempt}")
+
+
+def _copy_synced(src: Path, dest: Path) -> None:
+    """Copy a file and flush it to its storage before returning (a bucket mount uploads on close)."""
+    with open(src, "rb") as fi, open(dest, "wb") as fo:
+        shutil.copyfileobj(fi, fo, 1 << 20)
+        fo.flush()
+        os.fsync(fo.fileno())
 
 
 def commit_record(api: Any, repo: str, record_file: str | Path, *, extra: list[Any] | None = None,
@@ -459,15 +609,22 @@ def run_log_sidecar(sync: HubSync, path: Path, every: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m covtoken.hfjobs.hubsync logs --file F [--every S]``: the launcher's log sidecar."""
+    """``python -m covtoken.hfjobs.hubsync logs --file F [--every S]``: the launcher's log sidecar;
+    ``... claim``: print this job's try number (see :meth:`HubSync.claim_try`)."""
     p = argparse.ArgumentParser(prog="python -m covtoken.hfjobs.hubsync", description=main.__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     lg = sub.add_parser("logs", help="upload a log file periodically until SIGTERM")
     lg.add_argument("--file", type=Path, required=True)
     lg.add_argument("--every", type=float, default=None, help="seconds (default COVTOKEN_COMMIT_EVERY_S)")
+    sub.add_parser("claim", help="claim this job's try number of its attempt; prints it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(name)s %(levelname)s %(message)s", stream=sys.stderr)
     env = JobEnv.from_environ()
+    if args.command == "claim":
+        for name in ("httpx", "httpx2"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        print(HubSync(env).claim_try())
+        return 0
     return run_log_sidecar(HubSync(env), args.file, args.every or max(env.commit_every_s, SIDECAR_MIN_EVERY_S))
 
 

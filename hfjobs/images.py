@@ -5,13 +5,23 @@ what the image lacks (it creates its venv with ``--system-site-packages``). An i
 the table has a verified one; an entry whose digest could not be read from the registry says so
 (``digest=None``, ``verified=False``) and the kit warns on every submit, naming ``--image NAME@sha256:...``
 as the way to pin it. Where each entry came from is in ``source``.
+
+What is checked offline, and what is not: an image reference's digest must have the form ``sha256:<64 lowercase
+hex>`` (:func:`check_image_ref`, at parse time, exit 2 otherwise); the job records the reference it was
+launched with (``COVTOKEN_IMAGE``, set by ``covtoken submit``) beside the one the Hub reports, and the audit and
+``covtoken fetch`` check both against the submitted spec. Whether a digest *exists* is checked only by the
+registry when the Hub pulls the image (a wrong one fails the job before it starts); the kit cannot check it
+offline, and no digest in the table below was invented to look verified.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
-__all__ = ["ImageEntry", "IMAGES", "image_for", "image_ref", "digest_of", "is_gpu_flavor", "image_warning"]
+from .errors import HFJobsError
+
+__all__ = ["ImageEntry", "IMAGES", "image_for", "image_ref", "digest_of", "is_gpu_flavor", "image_warning",
+           "check_image_ref", "is_digest", "ImageRefError"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +53,31 @@ IMAGES: dict[str, ImageEntry] = {
                              "written)", verified=False),
 }
 _DIGEST = re.compile(r"@(sha256:[0-9a-f]{64})$")
+_DIGEST_ONLY = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class ImageRefError(HFJobsError):
+    """An image reference whose digest part is malformed; the message names the flag and the value."""
+
+
+def is_digest(text: str | None) -> bool:
+    """``sha256:`` followed by exactly 64 lowercase hex digits."""
+    return bool(text) and _DIGEST_ONLY.fullmatch(str(text)) is not None
+
+
+def check_image_ref(image: str, flag: str = "--image") -> str:
+    """``image`` when it is a usable reference: non-empty, no whitespace, and any ``@digest`` part of the form
+    ``sha256:<64 lowercase hex>``; raises :class:`ImageRefError` otherwise. The digest's existence is the
+    registry's to check when the Hub pulls the image."""
+    if not image or any(c.isspace() for c in image):
+        raise ImageRefError(f"{flag} {image!r}: expected an image reference such as repo/name:tag or "
+                            "repo/name@sha256:<64 hex>")
+    if "@" in image:
+        name, _, digest = image.rpartition("@")
+        if not name or not is_digest(digest):
+            raise ImageRefError(f"{flag} {image}: the digest after '@' must be sha256:<64 lowercase hex digits>, "
+                                f"got {digest!r} (read it with `docker buildx imagetools inspect {name or 'NAME'}`)")
+    return image
 
 
 def is_gpu_flavor(flavor: str) -> bool:

@@ -18,7 +18,11 @@ Steps:
      image's torch is kept when it is the pinned one) and install the wheel there with those constraints
      (``uv pip install``, else ``pip install``), so only the kit and what the image lacks are installed; log
      which distributions were installed and how many bytes; run the job with that interpreter;
-  4. run ``jobs/<name>.py`` from ``<work>/run`` (holding a copy of the bundle's ``configs/``) with
+  4. with ``--covtoken-state DIR`` first among the arguments (``covtoken submit --bucket``), check the state
+     bucket is mounted read-write at DIR and pass it on as ``COVTOKEN_STATE_DIR``; claim which try of its attempt
+     this container is (``python -m covtoken.hfjobs.hubsync claim``: the Hub's own retries rerun the same job,
+     and each try's log gets its own name); then
+     run ``jobs/<name>.py`` from ``<work>/run`` (holding a copy of the bundle's ``configs/``) with
      ``COVTOKEN_CODE_COMMIT`` / ``_DIRTY`` / ``_DIFF_SHA256`` taken from the build info, tee its output to
      ``<work>/logs/attempt-<n>.log`` with the HF token redacted, while ``python -m covtoken.hfjobs.hubsync logs``
      uploads that file to the results repo when the job has not done so within ``COVTOKEN_COMMIT_EVERY_S``;
@@ -44,6 +48,7 @@ from pathlib import Path
 from typing import IO
 
 BUILD_INFO = "build-info.json"
+STATE_FLAG = "--covtoken-state"  # spec.STATE_FLAG (this file imports nothing from the kit)
 PREFIX = "[covtoken-launch]"
 REDACTED = "<redacted>"
 
@@ -246,6 +251,24 @@ def work_dir() -> Path:
     return (here if os.access(here, os.W_OK) else Path(tempfile.gettempdir())) / "covtoken-run"
 
 
+def claim_try(tee: Tee, python: Path, env: dict[str, str]) -> int:
+    """``python -m covtoken.hfjobs.hubsync claim``: which try of its attempt this container is (the Hub's own
+    retries, ``--attempts``, rerun the same job with the same environment), so that each try uploads its log
+    under its own name and none overwrites another's."""
+    cmd = [str(python), "-m", "covtoken.hfjobs.hubsync", "claim"]
+    proc = subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    for line in proc.stderr.splitlines():
+        tee.line(line)
+    lines = proc.stdout.split()
+    if proc.returncode != 0 or not lines or not lines[-1].isdigit():
+        raise LaunchError(f"could not claim this job's try in the results repo ({' '.join(cmd[1:])} exited "
+                          f"{proc.returncode}); the log of this try would overwrite another's")
+    k = int(lines[-1])
+    tee.say(f"attempt {env.get('COVTOKEN_ATTEMPT', '?')} try {k}" + (" (a retry by the Hub: its log is uploaded "
+                                                                       "under its own name)" if k else ""))
+    return k
+
+
 def start_log_sidecar(tee: Tee, python: Path, log_path: Path, env: dict[str, str]) -> subprocess.Popen | None:
     """``python -m covtoken.hfjobs.hubsync logs`` uploading ``log_path`` periodically (HF backend only)."""
     if env.get("COVTOKEN_BACKEND") != "hf-jobs" or not env.get("COVTOKEN_RESULTS_REPO"):
@@ -269,6 +292,15 @@ def stop_log_sidecar(tee: Tee, proc: subprocess.Popen | None) -> None:
         tee.say("log sidecar did not finish its last upload in 120 s; killed")
 
 
+def split_state(argv: list[str]) -> tuple[Path | None, list[str]]:
+    """``--covtoken-state DIR JOB ARGS...`` -> (DIR, JOB ARGS): where the state bucket is mounted, when it leads."""
+    if argv[:1] == [STATE_FLAG]:
+        if len(argv) < 2:
+            raise LaunchError(f"{STATE_FLAG} needs the bucket's mount path")
+        return Path(argv[1]), argv[2:]
+    return None, argv
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the bundle's job with ``argv`` as its arguments; returns its exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -280,9 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     sidecar = None
     signal.signal(signal.SIGTERM, forward_sigterm)
     try:
+        state, argv = split_state(argv)
         info = verify(bundle)
         tee.say(f"bundle {bundle}: commit {info['commit']} dirty={info.get('dirty')} job {info['job']} "
                 f"(sha256 {info['files'][info['job']]}); {len(info['files'])} files verified")
+        tee.say(f"image {os.environ.get('COVTOKEN_IMAGE') or '(COVTOKEN_IMAGE not set)'} (as launched; the "
+                "registry checked any digest when the image was pulled)")
         kit = unpack_wheel(bundle / info["wheel"], work / "kit")
         missing = missing_requirements(wheel_requirements(bundle / info["wheel"]),
                                        read_pins(bundle / "constraints.txt"))
@@ -305,6 +340,14 @@ def main(argv: list[str] | None = None) -> int:
                    COVTOKEN_KIT_DIR=str(kit),
                    COVTOKEN_BUNDLE_DIR=str(bundle), COVTOKEN_LOG_FILE=str(log_path), PYTHONUNBUFFERED="1",
                    PYTHONPATH=os.pathsep.join([str(kit), *filter(None, [os.environ.get("PYTHONPATH")])]))
+        if state is not None:
+            if not state.is_dir() or not os.access(state, os.W_OK):
+                raise LaunchError(f"{STATE_FLAG} {state}: the state bucket is not mounted there read-write")
+            env["COVTOKEN_STATE_DIR"] = str(state.resolve())
+            tee.say(f"state bucket {os.environ.get('COVTOKEN_STATE_BUCKET', '?')} mounted read-write at {state}: "
+                    "token-bank shards and checkpoints are written there as they are made")
+        if env.get("COVTOKEN_BACKEND") == "hf-jobs" and env.get("COVTOKEN_RESULTS_REPO"):
+            env["COVTOKEN_TRY"] = str(claim_try(tee, python, env))
         sidecar = start_log_sidecar(tee, python, log_path, env)
         cmd = [str(python), str(bundle / info["job"]), *argv]
         tee.say(f"running {info['job']} {' '.join(argv)} in {run_dir} with {python}")

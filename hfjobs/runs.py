@@ -10,7 +10,10 @@ mounted read-only at ``/code``, pinned to the commit of the upload. The job runs
 HF token goes to the job only as the secret ``HF_TOKEN`` (other secrets by name, values never stored). Jobs
 carry the labels ``app=covtoken``, ``run``, ``attempt``, ``gate``, ``code`` and ``name``; every query finds a
 run's jobs by those labels. ``attempts > 1`` lets the Hub retry a failed job itself; each retry restores what
-the previous one committed (token-bank shards) and computes only the rest.
+the previous one committed (token-bank shards) and computes only the rest, and uploads its log under its own
+name. ``bucket`` (``--bucket NS/NAME``) adds a read-write bucket volume at ``/state`` (created private, a public
+one refused) where the job writes shards and checkpoints as they are made, instead of committing them: a hard
+kill then loses at most the shard in flight (hubsync.py).
 """
 from __future__ import annotations
 
@@ -26,14 +29,14 @@ from ..record import dumps_strict, new_run_id, utc_now
 from .bundle import SourceState, build_bundle, source_state
 from .errors import HFJobsError
 from .hubsync import attempt_path, record_path
-from .images import image_for, image_ref, image_warning
+from .images import check_image_ref, image_for, image_ref, image_warning
 from .prices import live_price, offline_price
 from .query import LIVE, hub_api, hub_call, jobs_of_run, last_attempt, local_token, namespace_of, repo_files
-from .spec import (DEFAULT_COMMIT_EVERY_S, DEFAULT_FLAVOR, DEFAULT_TIMEOUT, MOUNT, RESERVED_LABELS, JobRequest,
-                   job_gate, make_request, parse_duration)
+from .spec import (DEFAULT_COMMIT_EVERY_S, DEFAULT_FLAVOR, DEFAULT_TIMEOUT, MOUNT, RESERVED_LABELS, STATE_MOUNT,
+                   JobRequest, job_gate, make_request, parse_bucket, parse_duration)
 
 __all__ = ["SubmitRequest", "ResumeRequest", "RunHandle", "Plan", "RunStatus", "RunRow", "plan_submit",
-           "plan_resume", "launch", "submit", "resume", "dry_run_lines", "ensure_private_repo", "refuse_public_repo", "committed_job",
+           "plan_resume", "launch", "submit", "resume", "dry_run_lines", "ensure_private_repo", "ensure_private_bucket", "refuse_public_bucket", "refuse_public_repo", "committed_job",
            "status", "list_runs", "cancel", "wait", "logs", "explain_end", "next_steps", "PLACEHOLDER_NAMESPACE"]
 
 PLACEHOLDER_NAMESPACE = "YOUR-NAMESPACE"
@@ -59,6 +62,7 @@ class SubmitRequest:
     commit_every_s: float = DEFAULT_COMMIT_EVERY_S
     allow_dirty: bool = False
     public: bool = False
+    bucket: str | None = None   # NS/NAME: read-write state volume for shards and checkpoints (see hubsync.py)
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,7 @@ def _check_repo_id(repo: str | None) -> str:
 
 
 def _image(flavor: str, image: str | None) -> tuple[str, list[str]]:
-    chosen = image or image_ref(image_for(flavor))
+    chosen = check_image_ref(image) if image is not None else image_ref(image_for(flavor))
     warn = image_warning(chosen)
     return chosen, [warn] if warn else []
 
@@ -141,6 +145,8 @@ def plan_submit(req: SubmitRequest, *, offline: bool = False, api: Any = None) -
     ``offline`` touches neither the network nor the token: the namespace is ``req.namespace`` or a placeholder.
     """
     repo = _check_repo_id(req.results_repo)
+    image, warnings = _image(req.flavor, req.image)  # a malformed --image digest fails here, before any work
+    bucket = parse_bucket(req.bucket) if req.bucket else None
     state, rel = committed_job(req.job, req.allow_dirty)
     timeout_s = parse_duration(req.timeout)
     if offline:
@@ -149,12 +155,13 @@ def plan_submit(req: SubmitRequest, *, offline: bool = False, api: Any = None) -
         api = api or hub_api()
         ns = namespace_of(api, req.namespace)
         refuse_public_repo(api, repo, req.public)
+        if bucket:
+            refuse_public_bucket(api, bucket, req.public)
     run_id = new_run_id(job_gate(rel))
-    image, warnings = _image(req.flavor, req.image)
     jr = make_request(run_id=run_id, attempt=0, namespace=ns, results_repo=repo, job=rel, job_args=list(req.job_args),
                       commit=state.commit, image=image, flavor=req.flavor, timeout_s=timeout_s,
                       attempts=req.attempts, commit_every_s=req.commit_every_s, labels=req.labels, env=req.env,
-                      secret_names=_secret_names(req.secrets), name=req.name)
+                      secret_names=_secret_names(req.secrets), name=req.name, bucket=bucket)
     price = (offline_price(req.flavor, timeout_s, attempts=req.attempts) if offline
              else live_price(api, req.flavor, timeout_s, attempts=req.attempts))
     bundle = build_bundle(state, rel, state.root / "results" / "bundles")  # the expensive step, after every check
@@ -200,10 +207,12 @@ def plan_resume(req: ResumeRequest, *, api: Any = None) -> Plan:
                       commit_every_s=float(spec["environment"].get("COVTOKEN_COMMIT_EVERY_S", DEFAULT_COMMIT_EVERY_S)),
                       labels={k: v for k, v in spec["labels"].items() if k not in (*RESERVED_LABELS, "name")},
                       env={k: v for k, v in spec["environment"].items() if k not in kit_env},
-                      secret_names=tuple(names), name=spec["labels"].get("name"))
+                      secret_names=tuple(names), name=spec["labels"].get("name"),
+                      bucket=spec["environment"].get("COVTOKEN_STATE_BUCKET"))
     price = live_price(api, flavor, timeout_s, attempts=jr.attempts)
     warnings.append(f"resume run {rid} as attempt {attempt} on its original bundle ({vol['source']}@"
-                    f"{vol['revision'][:12]}/{vol['path']}); finished shards are downloaded first")
+                    f"{vol['revision'][:12]}/{vol['path']}); finished shards are "
+                    + (f"read from the bucket {jr.state_bucket} first" if jr.state_bucket else "downloaded first"))
     return Plan(requests=(jr,), price=price, warnings=tuple(warnings), revision=vol["revision"])
 
 
@@ -236,6 +245,33 @@ def ensure_private_repo(api: Any, repo: str, public: bool) -> None:
         _public_error(repo)
 
 
+def refuse_public_bucket(api: Any, bucket: str, public: bool) -> None:
+    """Before any work: an existing public state bucket is refused unless ``public`` (a missing one is fine)."""
+    from huggingface_hub.errors import BucketNotFoundError
+
+    def visibility() -> bool | None:
+        try:
+            return api.bucket_info(bucket).private
+        except BucketNotFoundError:
+            return None
+
+    if hub_call(visibility, what="bucket_info", repo=bucket) is False and not public:
+        _public_bucket_error(bucket)
+
+
+def _public_bucket_error(bucket: str) -> None:
+    raise HFJobsError(f"bucket {bucket} is public: token banks and checkpoints would be world-readable; make it "
+                      f"private (HfApi().update_bucket_settings('{bucket}', private=True)), or pass --public")
+
+
+def ensure_private_bucket(api: Any, bucket: str, public: bool) -> None:
+    """Create the state bucket private (public with ``public``); refuse an existing public one unless ``public``."""
+    hub_call(api.create_bucket, bucket, what="create_bucket", repo=bucket, private=not public, exist_ok=True)
+    info = hub_call(api.bucket_info, bucket, what="bucket_info", repo=bucket)
+    if info.private is False and not public:
+        _public_bucket_error(bucket)
+
+
 def _upload_bundle(api: Any, repo: str, bundle: Path, run_ids: list[str], message: str,
                    extra: Mapping[str, bytes]) -> str:
     from huggingface_hub import CommitOperationAdd
@@ -262,6 +298,8 @@ def launch(plan: Plan, *, secrets: Mapping[str, str] | None = None, public: bool
     values = {"HF_TOKEN": local_token(), **(secrets or {})}
     repo = plan.results_repo
     revision = plan.revision
+    for bucket in sorted({r.state_bucket for r in plan.requests if r.state_bucket}):
+        ensure_private_bucket(api, bucket, public)
     if revision is None:
         ensure_private_repo(api, repo, public)
         first = plan.requests[0]
@@ -306,6 +344,9 @@ def dry_run_lines(plan: Plan) -> list[str]:
     rev = plan.revision
     out = ["# covtoken --dry-run: nothing was uploaded or submitted" + (
         "; no token and no network were used" if plan.offline else "")]
+    for bucket in sorted({r.state_bucket for r in reqs if r.state_bucket}):
+        out += [f"# 0. the read-write state bucket, mounted at {STATE_MOUNT} (token-bank shards and checkpoints as "
+                "they are made):", shlex.join(["hf", "buckets", "create", bucket, "--private", "--exist-ok"])]
     if rev is None:
         upload = ["hf", "upload", first.results_repo, str(plan.bundle), f"runs/{first.run_id}/code", "--repo-type",
                   "dataset", "--private", "--commit-message", f"{first.run_id}: code bundle"]
@@ -333,6 +374,7 @@ class RunStatus:
     results_repo: str | None
     shards: int | None
     record: bool | None
+    state_bucket: str | None = None   # shards and checkpoints live there, not in the repo
 
 
 def _job_row(j: Any) -> dict[str, Any]:
@@ -365,7 +407,8 @@ def status(run_id: str, namespace: str | None = None, *, api: Any = None) -> Run
         shards = len({Path(f).parent.as_posix() for f in files if "/bank/" in f and "/shard-" in f})
         record = record_path(run_id) in files
     return RunStatus(run_id=run_id, namespace=ns, jobs=tuple(_job_row(j) for j in jobs), results_repo=repo,
-                     shards=shards, record=record)
+                     shards=shards, record=record,
+                     state_bucket=(jobs[-1].environment or {}).get("COVTOKEN_STATE_BUCKET"))
 
 
 @dataclass(frozen=True)

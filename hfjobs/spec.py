@@ -17,16 +17,25 @@ from typing import Any, Mapping
 from .errors import HFJobsError
 
 __all__ = ["JobRequest", "make_request", "parse_duration", "parse_timeout", "label_value", "job_gate", "MOUNT",
+           "STATE_MOUNT", "STATE_FLAG", "parse_bucket",
            "DEFAULT_FLAVOR", "DEFAULT_TIMEOUT", "RESERVED_LABELS", "RESERVED_ENV"]
 
 MOUNT = "/code"
+#: Where an optional read-write bucket volume (``--bucket``) is mounted; the job keeps its bulky intermediate
+#: state (token-bank shards, checkpoints) under ``<STATE_MOUNT>/runs/<run_id>/`` as it is produced.
+STATE_MOUNT = "/state"
+#: The launcher option that tells it where the bucket is mounted (first in the command, before the job's args;
+#: an argument, not an env value, so that a mount the emulator relocates is relocated here too).
+STATE_FLAG = "--covtoken-state"
+_BUCKET = re.compile(r"^(?:hf://buckets/)?([A-Za-z0-9][A-Za-z0-9._-]{0,95})/([A-Za-z0-9][A-Za-z0-9._-]{0,95})/?$")
 DEFAULT_FLAVOR = "cpu-basic"
 DEFAULT_TIMEOUT = "1h"
 DEFAULT_COMMIT_EVERY_S = 300.0
 _LABEL_OK = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
 RESERVED_LABELS = ("app", "gate", "run", "attempt", "code")
 RESERVED_ENV = ("COVTOKEN_BACKEND", "COVTOKEN_RUN_ID", "COVTOKEN_RESULTS_REPO", "COVTOKEN_JOB_NAMESPACE",
-                "COVTOKEN_ATTEMPT", "COVTOKEN_TIMEOUT_S", "COVTOKEN_COMMIT_EVERY_S", "COVTOKEN_IMAGE")
+                "COVTOKEN_ATTEMPT", "COVTOKEN_TIMEOUT_S", "COVTOKEN_COMMIT_EVERY_S", "COVTOKEN_IMAGE",
+                "COVTOKEN_STATE_BUCKET", "COVTOKEN_STATE_DIR", "COVTOKEN_TRY")
 
 
 def parse_duration(text: str | int | float, flag: str = "--timeout", *, allow_zero: bool = False) -> int:
@@ -39,6 +48,14 @@ def parse_duration(text: str | int | float, flag: str = "--timeout", *, allow_ze
 
 
 parse_timeout = parse_duration
+
+
+def parse_bucket(text: str, flag: str = "--bucket") -> str:
+    """``NS/NAME`` or ``hf://buckets/NS/NAME`` -> ``NS/NAME`` (a bucket id as ``create_bucket`` takes it)."""
+    m = _BUCKET.fullmatch(str(text).strip())
+    if not m or ".." in m.group(0):
+        raise HFJobsError(f"{flag} {text!r}: expected <namespace>/<bucket name> or hf://buckets/<namespace>/<name>")
+    return f"{m.group(1)}/{m.group(2)}"
 
 
 def label_value(value: str) -> str:
@@ -74,10 +91,12 @@ class JobRequest:
     env: Mapping[str, str] = field(default_factory=dict)
     labels: Mapping[str, str] = field(default_factory=dict)
     secret_names: tuple[str, ...] = ("HF_TOKEN",)
+    state_bucket: str | None = None
 
     @property
     def command(self) -> list[str]:
-        return ["python", f"{MOUNT}/launch.py", *self.job_args]
+        state = [STATE_FLAG, STATE_MOUNT] if self.state_bucket else []
+        return ["python", f"{MOUNT}/launch.py", *state, *self.job_args]
 
     def volume(self, revision: str | None) -> Any:
         from huggingface_hub import Volume
@@ -85,13 +104,23 @@ class JobRequest:
         return Volume(type="dataset", source=self.results_repo, mount_path=MOUNT, revision=revision,
                       read_only=True, path=f"runs/{self.run_id}/code")
 
+    def volumes(self, revision: str | None) -> list[Any]:
+        """The read-only code volume, then the read-write state bucket when there is one (buckets are
+        read-write by default; ``readOnly`` is left out so that the ``hf jobs run -v`` form posts the same)."""
+        from huggingface_hub import Volume
+
+        out = [self.volume(revision)]
+        if self.state_bucket:
+            out.append(Volume(type="bucket", source=self.state_bucket, mount_path=STATE_MOUNT))
+        return out
+
     def run_job_kwargs(self, revision: str | None, secrets: Mapping[str, str]) -> dict[str, Any]:
         """Keyword arguments of ``HfApi.run_job``; ``secrets`` must hold exactly :attr:`secret_names`."""
         if sorted(secrets) != sorted(self.secret_names):
             raise HFJobsError(f"secrets {sorted(secrets)} given, the request names {sorted(self.secret_names)}")
         return {"image": self.image, "command": self.command, "env": dict(self.env), "secrets": dict(secrets),
                 "flavor": self.flavor, "timeout": self.timeout_s, "labels": dict(self.labels),
-                "volumes": [self.volume(revision)], "attempts": self.attempts, "namespace": self.namespace}
+                "volumes": self.volumes(revision), "attempts": self.attempts, "namespace": self.namespace}
 
     def spec(self, revision: str | None, placeholder: str = "<secret>") -> dict[str, Any]:
         """The JSON spec ``run_job`` POSTs to ``/api/jobs/<namespace>``, secret values replaced by ``placeholder``.
@@ -102,7 +131,7 @@ class JobRequest:
         return {"command": self.command, "arguments": [], "environment": dict(self.env), "flavor": self.flavor,
                 "secrets": {k: placeholder for k in self.secret_names}, "timeoutSeconds": int(self.timeout_s),
                 "attempts": int(self.attempts), "labels": dict(self.labels),
-                "volumes": [self.volume(revision).to_dict()], "dockerImage": self.image}
+                "volumes": [v.to_dict() for v in self.volumes(revision)], "dockerImage": self.image}
 
     def hf_command(self, revision: str | None) -> list[str]:
         """The equivalent ``hf jobs run`` command line; secrets by name only (``-s NAME`` reads the local value)."""
@@ -114,7 +143,9 @@ class JobRequest:
             cmd += ["-e", f"{k}={v}"]
         for k, v in self.labels.items():
             cmd += ["-l", f"{k}={v}"]
-        cmd += ["-v", self.volume(revision).to_uri(), "--detach", "--", self.image, *self.command]
+        for v in self.volumes(revision):
+            cmd += ["-v", v.to_uri()]
+        cmd += ["--detach", "--", self.image, *self.command]
         return cmd
 
 
@@ -122,8 +153,9 @@ def make_request(*, run_id: str, attempt: int, namespace: str, results_repo: str
                  commit: str, image: str, flavor: str = DEFAULT_FLAVOR, timeout_s: int = 3600, attempts: int = 1,
                  commit_every_s: float = DEFAULT_COMMIT_EVERY_S, labels: Mapping[str, str] | None = None,
                  env: Mapping[str, str] | None = None, secret_names: tuple[str, ...] = ("HF_TOKEN",),
-                 name: str | None = None) -> JobRequest:
-    """The request of attempt ``attempt`` of run ``run_id`` (public env and labels only)."""
+                 name: str | None = None, bucket: str | None = None) -> JobRequest:
+    """The request of attempt ``attempt`` of run ``run_id`` (public env and labels only); ``bucket`` (NS/NAME)
+    adds the read-write state volume at :data:`STATE_MOUNT`."""
     if attempts < 1:
         raise HFJobsError(f"--attempts {attempts}: at least 1 (the first run counts)")
     user_env = dict(env or {})
@@ -137,6 +169,9 @@ def make_request(*, run_id: str, attempt: int, namespace: str, results_repo: str
                "COVTOKEN_JOB_NAMESPACE": namespace, "COVTOKEN_ATTEMPT": str(attempt),
                "COVTOKEN_TIMEOUT_S": str(timeout_s), "COVTOKEN_COMMIT_EVERY_S": f"{commit_every_s:g}",
                "COVTOKEN_IMAGE": image}
+    bucket = parse_bucket(bucket) if bucket else None
+    if bucket:
+        kit_env["COVTOKEN_STATE_BUCKET"] = bucket
     user_labels = dict(labels or {})
     clash = sorted(set(user_labels) & set(RESERVED_LABELS))
     if clash:
@@ -150,4 +185,4 @@ def make_request(*, run_id: str, attempt: int, namespace: str, results_repo: str
             raise HFJobsError(f"label {k}={v}: keys and values must match [A-Za-z0-9_-]{{1,100}}")
     return JobRequest(run_id=run_id, attempt=attempt, namespace=namespace, results_repo=results_repo, image=image,
                       flavor=flavor, timeout_s=timeout_s, job=job, job_args=tuple(job_args), attempts=attempts,
-                      env={**kit_env, **user_env}, labels=lab, secret_names=tuple(secret_names))
+                      env={**kit_env, **user_env}, labels=lab, secret_names=tuple(secret_names), state_bucket=bucket)

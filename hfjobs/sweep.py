@@ -37,9 +37,9 @@ from .fetch import download_run
 from .hubsync import commit_record
 from .query import hub_api, hub_call, jobs_of_run, namespace_of, read_json
 from .runs import (PLACEHOLDER_NAMESPACE, Plan, SubmitRequest, _check_repo_id, _image, _secret_names, committed_job,
-                     refuse_public_repo)
+                     refuse_public_bucket, refuse_public_repo)
 from .prices import live_price, offline_price
-from .spec import job_gate, label_value, make_request, parse_duration
+from .spec import job_gate, label_value, make_request, parse_bucket, parse_duration
 
 __all__ = ["plan_cells", "aggregate_group", "SweepRequest", "plan_sweep", "sweep_commit_every",
            "aggregate_sweep", "AggregateResult", "run_sweep", "CI_LEVEL", "COMMIT_BUDGET_PER_HOUR"]
@@ -256,6 +256,7 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
     """Every cell's request on one bundle, the sweep plan (``sweeps/<id>.json``), the price of all cells."""
     base = req.base
     repo = _check_repo_id(base.results_repo)
+    image, warnings = _image(base.flavor, base.image)  # a malformed --image digest fails here, before any work
     clash = [a for a in base.job_args if a.split("=", 1)[0] in ("--seed", "--dataset", "--backbone")]
     if clash:
         raise HFJobsError(f"{clash}: the sweep sets --seed/--dataset/--backbone per cell; use --seeds/--datasets/"
@@ -266,12 +267,13 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
         api = api or hub_api()
         ns = namespace_of(api, base.namespace)
         refuse_public_repo(api, repo, base.public)
+        if base.bucket:
+            refuse_public_bucket(api, parse_bucket(base.bucket), base.public)
     state, rel = committed_job(base.job, base.allow_dirty)
     cells = plan_cells(req.seeds, req.seed_start, list(req.datasets), list(req.backbones))
     timeout_s = parse_duration(base.timeout)
     sweep_id = new_run_id("sweep")
     gate = job_gate(rel)
-    image, warnings = _image(base.flavor, base.image)
     every = sweep_commit_every(len(cells), base.commit_every_s)
     reqs = []
     for cell in cells:
@@ -282,7 +284,7 @@ def plan_sweep(req: SweepRequest, *, offline: bool = False, api: Any = None) -> 
                                  job_args=[*base.job_args, *cell_args(cell)], commit=state.commit, image=image,
                                  flavor=base.flavor, timeout_s=timeout_s, attempts=base.attempts,
                                  commit_every_s=every, labels=labels, env=base.env,
-                                 secret_names=_secret_names(base.secrets), name=base.name))
+                                 secret_names=_secret_names(base.secrets), name=base.name, bucket=base.bucket))
     price = (offline_price if offline else lambda *a, **k: live_price(api, *a, **k))(
         base.flavor, timeout_s, n_jobs=len(reqs), attempts=base.attempts)
     bundle = build_bundle(state, rel, state.root / "results" / "bundles")  # the expensive step, after every check

@@ -6,12 +6,14 @@ tests/conftest.py points at `http://127.0.0.1:$COVTOKEN_TEST_HUB_PORT` before an
 Served (see ../shared/reference/hf_jobs_api.md): whoami-v2; repos create/delete; validate-yaml; preupload (always
 "regular"); NDJSON commits (file / deletedFile / deletedFolder, optional parentCommit check); tree listing;
 paths-info; refs; commits; repo info with and without /revision/{rev}; resolve HEAD/GET with ETag, X-Repo-Commit,
-Content-Length and Range -> 206; for model, dataset and space repos. Jobs live in tests/hub_emulator_jobs.py.
+Content-Length and Range -> 206; for model, dataset and space repos; buckets: create (`create_bucket`, 409 when it
+exists) and info (`bucket_info`), stored as a plain folder `root/buckets/{ns}/{name}/files/` that bucket volumes
+mount read-write. Jobs live in tests/hub_emulator_jobs.py.
 
 Storage under `root/repos/{type}/{namespace}/{name}/`: `objects/` holds blobs named by their git blob sha1,
 `commits/{sha}.json` a full file map per commit, `meta.json` the branch refs. Every commit gets a fresh 40-hex
 sha and old commits stay readable. A new emulator on the same root sees the repos of the previous one.
-Not emulated: LFS/Xet uploads, buckets, pull requests, tags/branches creation, scheduled jobs, private-repo ACLs.
+Not emulated: LFS/Xet uploads, bucket file transfer APIs (Xet), pull requests, tags/branches creation, scheduled jobs, private-repo ACLs.
 """
 from __future__ import annotations
 
@@ -339,9 +341,10 @@ class HubEmulator:
         self.store = RepoStore(self.root)
         self.jobs_dir = self.root / "jobs"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.buckets_dir = self.root / "buckets"
         self.job_manager = JobManager(self.jobs_dir, endpoint=self.endpoint, materialise=self._materialise_volume,
                                       scheduling_delay_s=scheduling_delay_s, keepalive_s=keepalive_s,
-                                      kill_grace_s=kill_grace_s)
+                                      kill_grace_s=kill_grace_s, bucket_dir=self.bucket_dir)
         self.requests: list[tuple[str, str]] = []
         # commit rate limit (see `limit_commits`): (k commits, per window_s, Retry-After seconds or None)
         self.commit_limit: tuple[int, float, float | None] | None = None
@@ -421,6 +424,41 @@ class HubEmulator:
         """Log lines of a job, start markers dropped (what `fetch_job_logs` yields)."""
         return self.job_manager.logs(job_id)
 
+    def bucket_dir(self, bucket_id: str) -> Path:
+        """The live folder of bucket `ns/name` (what a read-write bucket volume mounts); 404 when there is none."""
+        folder = self.buckets_dir / bucket_id / "files"
+        if bucket_id.count("/") != 1 or ".." in bucket_id or not folder.is_dir():
+            raise HubHTTPError(404, f"Bucket {bucket_id} not found", error_code="RepoNotFound")
+        return folder
+
+    def _bucket_api(self, method: str, segs: list[str], body: bytes) -> Reply:
+        """`POST /api/buckets/{ns}/{name}` (create; 409 when it exists) and `GET` (bucket_info)."""
+        if len(segs) != 2:
+            raise HubHTTPError(404, f"Not found: {method} /api/buckets/{'/'.join(segs)} (not emulated)")
+        ns, name = segs
+        bid = f"{ns}/{name}"
+        meta_path = self.buckets_dir / bid / "meta.json"
+        url = f"{self.endpoint}/buckets/{bid}"
+        if method == "POST":
+            self.owner_for(ns)
+            if not _NAME.fullmatch(name):
+                raise HubHTTPError(400, f"Invalid bucket name: {name}")
+            if meta_path.exists():
+                return Reply(status=409, body={"error": "You already created this bucket", "url": url})
+            data = _json_body(body)
+            (self.buckets_dir / bid / "files").mkdir(parents=True)
+            meta_path.write_text(json.dumps({"private": data.get("visibility", "public") == "private",
+                                             "createdAt": iso(time.time())}))
+            return Reply(body={"url": url, "name": bid, "id": bid})
+        if method == "GET":
+            if not meta_path.exists():
+                raise HubHTTPError(404, f"Bucket {bid} not found", error_code="RepoNotFound")
+            meta = json.loads(meta_path.read_text())
+            files = [f for f in (self.buckets_dir / bid / "files").rglob("*") if f.is_file()]
+            return Reply(body={"id": bid, "private": meta["private"], "createdAt": meta["createdAt"],
+                               "size": sum(f.stat().st_size for f in files), "totalFiles": len(files)})
+        raise HubHTTPError(405, "Method not allowed")
+
     def job_dir(self, job_id: str) -> Path:
         """`jobs_dir/<id>`: spec.json (secret names only), logs.jsonl, status.json, mounts/, work/, home/."""
         return self.jobs_dir / job_id
@@ -461,6 +499,8 @@ class HubEmulator:
             return Reply(body=self.whoami())
         if segs == ["api", "agent-harnesses"]:  # agent-detection registry: empty means "no agent"
             return Reply(body={"standardEnvVars": [], "harnesses": {}})
+        if segs[:2] == ["api", "buckets"]:
+            return self._bucket_api(method, segs[2:], body)
         if segs[:2] == ["api", "jobs"]:
             return route_jobs(self.job_manager, method, segs[2:], query, body, self.owner_for)
         if segs == ["api", "repos", "create"] and method == "POST":

@@ -15,8 +15,10 @@ Jobs run as local subprocesses (own process group, cwd `jobs_dir/<id>/work`):
 Stages: SCHEDULING (`scheduling_delay_s`) -> RUNNING -> COMPLETED | ERROR (`Job failed with exit code: N`, timeout,
 failed mount, `kill`) | CANCELED. `attempts` > 1 reruns a failing command (same job, same log, stays RUNNING)
 in a fresh `work/` folder, as a new container would start; `kill_attempt` SIGKILLs one attempt so the next runs.
-Only the standard library is used. Xet/bucket staging, buckets, expose/ssh/networks and scheduled jobs are not
-emulated.
+A bucket volume (`type: bucket`) is the emulator's bucket folder itself, mounted read-write (no copy): what a job
+writes there is there for the next attempt, the next job and the test, as on the Hub, where a bucket outlives
+the containers that mount it (`readOnly: true` mounts a read-only copy instead). Only the standard library is
+used. Xet/bucket staging of local scripts, expose/ssh/networks and scheduled jobs are not emulated.
 """
 from __future__ import annotations
 
@@ -156,8 +158,10 @@ class JobManager:
 
     def __init__(self, jobs_dir: Path, *, endpoint: str, materialise: Callable[[dict, Path], None],
                  scheduling_delay_s: float = 0.2, keepalive_s: float = 30.0, kill_grace_s: float = 1.0,
-                 env_passthrough: tuple[str, ...] = DEFAULT_ENV_PASSTHROUGH) -> None:
+                 env_passthrough: tuple[str, ...] = DEFAULT_ENV_PASSTHROUGH,
+                 bucket_dir: Callable[[str], Path] | None = None) -> None:
         self.jobs_dir, self.endpoint, self.materialise = jobs_dir, endpoint, materialise
+        self.bucket_dir = bucket_dir  # bucket id -> its live folder (HubHTTPError 404 when there is none)
         self.scheduling_delay_s, self.keepalive_s, self.kill_grace_s = scheduling_delay_s, keepalive_s, kill_grace_s
         self.env_passthrough = env_passthrough
         self.jobs: dict[str, Job] = {}
@@ -175,7 +179,7 @@ class JobManager:
             raise HubHTTPError(400, f"Invalid flavor {spec.get('flavor')!r}")
         _validate_labels(spec.get("labels") or {})
         for vol in spec.get("volumes") or []:
-            if vol.get("type") not in ("model", "dataset", "space"):
+            if vol.get("type") not in ("model", "dataset", "space", "bucket"):
                 raise HubHTTPError(400, f"Volume type {vol.get('type')!r} is not supported by the emulator")
             if not str(vol.get("mountPath", "")).startswith("/"):
                 raise HubHTTPError(400, "Volume mountPath must be absolute")
@@ -304,7 +308,23 @@ class JobManager:
         for i, vol in enumerate(job.spec.get("volumes") or []):
             dest = job.dir / "mounts" / str(i)
             try:
-                self.materialise(vol, dest)
+                if vol.get("type") == "bucket" and not vol.get("readOnly"):
+                    if self.bucket_dir is None:
+                        raise HubHTTPError(400, "buckets are not served by this emulator")
+                    dest = self.bucket_dir(vol["source"])  # the live folder, read-write, shared by every attempt
+                    sub = (vol.get("path") or "").strip("/")
+                    if sub:
+                        dest = dest / sub
+                        dest.mkdir(parents=True, exist_ok=True)
+                    mounts.append((vol["mountPath"].rstrip("/") or "/", dest))
+                    continue
+                if vol.get("type") == "bucket":
+                    if self.bucket_dir is None:
+                        raise HubHTTPError(400, "buckets are not served by this emulator")
+                    src = self.bucket_dir(vol["source"]) / (vol.get("path") or "").strip("/")
+                    shutil.copytree(src, dest, dirs_exist_ok=True)
+                else:
+                    self.materialise(vol, dest)
             except HubHTTPError as err:
                 raise _SetupError(f"Failed to mount volume {vol.get('source')} at {vol.get('mountPath')}: "
                                   f"{err.message}") from err

@@ -64,6 +64,7 @@ def test_round_trip_submit_logs_wait_fetch_audit(hub: HubEmulator, roundtrip, sn
     assert be["name"] == "hf-jobs" and be["job_id"] == job.id and be["flavor"] == "cpu-basic"
     assert be["image"] == job.spec["dockerImage"] and be["results_repo"] == repo and be["attempt"] == 0
     assert "image_digest" in be and be["image_digest"] is None  # the table's CPU image has no verified digest
+    assert be["image_requested"] == job.spec["environment"]["COVTOKEN_IMAGE"] == be["image"]  # as launched
     assert be["attempts_allowed"] == 1
     assert be["hardware"]["name"] == "cpu-basic" and be["hardware"]["usd_per_hour"] == pytest.approx(0.01, abs=1e-4)
     vol = job.spec["volumes"][0]
@@ -284,6 +285,17 @@ def test_attempts_2_resumes_a_killed_attempt_to_the_same_decision(hub: HubEmulat
     assert rec["criteria"] == whole["criteria"]
     assert rec["provenance"]["backend"]["job_id"] == job.id and rec["provenance"]["backend"]["attempts_allowed"] == 2
     assert any("2 token-bank shard(s)" in n and "restored" in n for n in rec["notes"])
+    # one log per try, none overwritten: try 0's log (committed with its shards) and the retry's, and a claim each
+    assert rec["provenance"]["backend"]["try"] == 1
+    api = HfApi()
+    log0 = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.log", repo_type="dataset")).read_text()
+    log1 = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.try-1.log", repo_type="dataset")).read_text()
+    done0 = [e["shard"] for e in _events(log0.splitlines(), "shard_done")]  # as far as the last commit carried it
+    assert done0 and done0 == ["00000", "00001"][:len(done0)], done0
+    assert [e["shards"] for e in _events(log0.splitlines(), "bank_restored")] == [0] and "attempt 0 try 0" in log0
+    assert _events(log1.splitlines(), "bank_restored")[0]["shards"] == 2 and "record_uploaded" in log1
+    files = set(api.list_repo_files(repo, repo_type="dataset"))
+    assert {f"runs/{rid}/tries/attempt-0.try-0.json", f"runs/{rid}/tries/attempt-0.try-1.json"} <= files
 
 
 def test_429_storm_the_run_completes_with_every_shard(hub: HubEmulator, fake_token: str, snapshot: Path,
