@@ -280,7 +280,8 @@ def _check_integrity(ra: RecordAudit, lock_path: Path, lock_digest: str, *, allo
                                          "(audit --allow-unproven-prereg accepts it, marked in the summary)")
     ra.marks += check_code(ra, allow_dirty=allow_dirty)
     check_files(ra)
-    check_lock_file_digest(ra, lock_path, lock_digest)
+    check_lock_file_digest(ra, lock_path, lock_digest,
+                           unproven_ok=ra.prereg[0] == "unavailable" and allow_unproven_prereg)
     check_sealed(ra, check_recompute(ra))
 
 

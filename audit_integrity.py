@@ -162,8 +162,13 @@ def _check_splits(ra: Any) -> None:
         ra.fail("provenance/dataset/splits/membership_sha256", f"does not match {f.name}")
 
 
-def check_lock_file_digest(ra: Any, lock_path: Path, current_digest: str) -> None:
-    """``lock.file_digest`` must be the digest of the current lock or of a committed version of it."""
+def check_lock_file_digest(ra: Any, lock_path: Path, current_digest: str, *, unproven_ok: bool = False) -> None:
+    """``lock.file_digest`` must be the digest of the current lock or of a committed version of it.
+
+    ``unproven_ok``: the record's pre-registration is already unprovable here and the user accepted that
+    (``--allow-unproven-prereg``, e.g. a record whose commit this clone lacks): a digest that no version in this
+    history has is then marked in the summary, not failed, for the same reason.
+    """
     want = ra.record["lock"]["file_digest"]
     if want == current_digest:
         return
@@ -182,6 +187,9 @@ def check_lock_file_digest(ra: Any, lock_path: Path, current_digest: str) -> Non
                 continue
             if isinstance(doc, dict) and doc.get("digest") == want:
                 return
+    if unproven_ok:
+        ra.marks.append("lock file digest unproven (no version of the lock in this history has it)")
+        return
     ra.fail("lock/file_digest", f"{want[:19]}... is neither the digest of {lock_path} nor of any committed version of it")
 
 

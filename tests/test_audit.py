@@ -219,3 +219,35 @@ def test_committed_gate_reports_pass_the_audit(repo_root):
     folder = repo_root / "gate_reports"
     rc = cli_main(["audit", str(folder), "--lock", str(repo_root / "configs" / "thresholds.lock.json"), "--check"])
     assert rc == 0
+
+
+def _committed_copy(repo_root, dest, edit):
+    """The committed seed-0 G1 record (artefacts and ledger lines copied) with ``edit`` applied to it."""
+    import shutil
+
+    from covtoken.runstore import append_ledger, read_ledger
+
+    src = repo_root / "gate_reports"
+    rec = next(p for p in sorted(src.glob("g1-*.json")) if json.loads(p.read_text())["lock"]["entry"] == "G1/embedded")
+    shutil.copytree(src / "artefacts" / rec.stem, dest / "artefacts" / rec.stem)
+    doc = json.loads(rec.read_text())
+    edit(doc)
+    (dest / rec.name).write_text(json.dumps(doc, indent=2))
+    for entry in read_ledger(src):
+        if entry["run_id"] == rec.stem:
+            append_ledger(dest, entry)
+    return dest
+
+
+def test_a_forged_lock_file_digest_fails_even_with_the_unproven_prereg_allowance(repo_root, tmp_path):
+    """--allow-unproven-prereg relaxes only what this history cannot prove: the record's commit is known here,
+    so a lock file digest no committed lock ever had still fails."""
+    from covtoken.audit import audit_folder
+
+    lock = repo_root / "configs" / "thresholds.lock.json"
+    folder = _committed_copy(repo_root, tmp_path / "r", lambda d: d["lock"].update(file_digest="sha256:" + "1" * 64))
+    for allow in (False, True):
+        report = audit_folder(folder, lock_path=lock, allow_unproven_prereg=allow)
+        assert any("lock/file_digest" in p for p in report.all_problems()), (allow, report.all_problems())
+    clean = audit_folder(_committed_copy(repo_root, tmp_path / "c", lambda d: None), lock_path=lock)
+    assert clean.ok, clean.all_problems()
