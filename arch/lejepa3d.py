@@ -198,7 +198,7 @@ def pretrain_3d(volumes: Sequence[np.ndarray], cfg: LeJEPA3DConfig, *, seed: int
         on_checkpoint: called with each new checkpoint folder (HF Jobs upload).
         stop_after: stop after this step as if killed (tests); checkpoints written so far stay.
     """
-    from .pretrain import _Progress, _save, _write_manifest, resume
+    from .pretrain import _Progress, _save, keep_checkpoint, optimise_step, resume
 
     t0 = time.perf_counter()
     ids = [str(i) for i in range(len(volumes))] if volume_ids is None else [str(v) for v in volume_ids]
@@ -238,19 +238,11 @@ def pretrain_3d(volumes: Sequence[np.ndarray], cfg: LeJEPA3DConfig, *, seed: int
                             knots=cfg.knots)
         if not torch.isfinite(parts["loss"]):
             raise FloatingPointError(f"3-D LeJEPA loss is not finite at step {step}")
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        opt.step()
-        losses[step] = [float(parts[k].detach()) for k in ("loss", "sigreg", "pred")]
-        progress.update(step + 1, losses[step])
-        done = step + 1
+        done = optimise_step(opt, parts, losses, step, progress)
         if out is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps):
-            entry = _save(model, opt, cfg, out, done, first, losses[first:done], clean, dev)
+            keep_checkpoint(_save(model, opt, cfg, out, done, first, losses[first:done], clean, dev), out, manifest,
+                            on_checkpoint)
             first = done
-            manifest["shards"].append(entry)
-            _write_manifest(out, manifest)
-            if on_checkpoint is not None:
-                on_checkpoint(out / Path(entry["path"]).parent)
         if stop_after is not None and done >= stop_after:
             break
     progress.close()

@@ -25,7 +25,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -130,6 +130,25 @@ def _read_manifest(out_dir: Path, run_key: str) -> dict:
         raise CheckpointError(f"{path}: checkpoints of another run ({doc.get('run_key')}); expected {run_key}. "
                               "Use a fresh --work-dir or delete the folder to start over")
     return doc
+
+
+def optimise_step(opt: torch.optim.Optimizer, parts: Mapping[str, torch.Tensor], losses: np.ndarray, step: int,
+                  progress: "_Progress") -> int:
+    """Backward and optimiser step of one LeJEPA step (2-D and 3-D loops alike); returns the steps done."""
+    opt.zero_grad(set_to_none=True)
+    parts["loss"].backward()
+    opt.step()
+    losses[step] = [float(parts[k].detach()) for k in ("loss", "sigreg", "pred")]
+    progress.update(step + 1, losses[step])
+    return step + 1
+
+
+def keep_checkpoint(entry: dict, out: Path, manifest: dict, on_checkpoint: Callable[[Path], None] | None) -> None:
+    """Add a saved checkpoint to the manifest (written atomically) and hand its folder to ``on_checkpoint``."""
+    manifest["shards"].append(entry)
+    _write_manifest(out, manifest)
+    if on_checkpoint is not None:
+        on_checkpoint(out / Path(entry["path"]).parent)
 
 
 def _write_manifest(out_dir: Path, doc: dict) -> None:
@@ -243,19 +262,11 @@ def pretrain(images: Sequence[np.ndarray], image_ids: Sequence[str], cfg: LeJEPA
                             t_max=cfg.t_max, knots=cfg.knots)
         if not torch.isfinite(parts["loss"]):
             raise FloatingPointError(f"LeJEPA loss is not finite at step {step}: {parts}")
-        opt.zero_grad(set_to_none=True)
-        parts["loss"].backward()
-        opt.step()
-        losses[step] = [float(parts[k].detach()) for k in ("loss", "sigreg", "pred")]
-        progress.update(step + 1, losses[step])
-        done = step + 1
+        done = optimise_step(opt, parts, losses, step, progress)
         if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-            entry = _save(model, opt, cfg, out, done, first, losses[first:done], clean, dev)
+            keep_checkpoint(_save(model, opt, cfg, out, done, first, losses[first:done], clean, dev), out, manifest,
+                            on_checkpoint)
             first = done
-            manifest["shards"].append(entry)
-            _write_manifest(out, manifest)
-            if on_checkpoint is not None:
-                on_checkpoint(out / Path(entry["path"]).parent)
         if stop_after is not None and done >= stop_after:
             break
     progress.close()

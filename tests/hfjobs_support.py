@@ -8,6 +8,7 @@ nowhere else. Jobs run in the Hub emulator (tests/hub_emulator.py) as local subp
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -141,3 +142,19 @@ def hf_cli() -> list[str]:
         return [str(script)]
     return [sys.executable, "-c", "import sys, importlib.metadata as m; "
             "(ep,) = m.entry_points(group='console_scripts', name='hf'); sys.argv[0] = 'hf'; sys.exit(ep.load()())"]
+
+
+def attempt_logs(hub: Any, job_id: str) -> list[list[str]]:
+    """A job's log split at the emulator's restart markers: one list of lines per try."""
+    parts: list[list[str]] = [[]]
+    for _, text in hub.job_manager.jobs[job_id].logs:
+        if text.startswith("===== Job started again"):
+            parts.append([])
+        elif not text.startswith("===== Job started"):
+            parts[-1].append(text)
+    return parts
+
+
+def log_events(lines: list[str], name: str) -> list[dict]:
+    """The JSON events named ``name`` in log lines."""
+    return [json.loads(ln[ln.index("{"):]) for ln in lines if f'"event": "{name}"' in ln]

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 from huggingface_hub import HfApi
 
-from hfjobs_support import (FAKE_TOKEN, G1, NS, covtoken, fake_token, grep_tree, head, hf_cache,  # noqa: F401
-                            jobs_of, new_repo, snapshot, wait_until)
+from hfjobs_support import (FAKE_TOKEN, G1, NS, attempt_logs, covtoken, fake_token, grep_tree, head,  # noqa: F401
+                            hf_cache, jobs_of, log_events, new_repo, snapshot, wait_until)
 from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -228,19 +228,6 @@ def test_job_error_gives_a_clear_message_and_no_record(hub: HubEmulator, fake_to
     assert "no-such-backbone" in log and "exited with code 2" in log  # the log still left the container
 
 
-def _attempt_logs(hub: HubEmulator, job_id: str) -> list[list[str]]:
-    """A job's log split at the emulator's restart markers: one list of lines per attempt."""
-    parts: list[list[str]] = [[]]
-    for _, text in hub.job_manager.jobs[job_id].logs:
-        if text.startswith("===== Job started again"):
-            parts.append([])
-        elif not text.startswith("===== Job started"):
-            parts[-1].append(text)
-    return parts
-
-
-def _events(lines: list[str], name: str) -> list[dict]:
-    return [json.loads(ln[ln.index("{"):]) for ln in lines if f'"event": "{name}"' in ln]
 
 
 def test_attempts_2_resumes_a_killed_attempt_to_the_same_decision(hub: HubEmulator, roundtrip, snapshot: Path,
@@ -270,11 +257,11 @@ def test_attempts_2_resumes_a_killed_attempt_to_the_same_decision(hub: HubEmulat
     (job,) = jobs_of(hub, rid)  # one job: the Hub retried it, nobody resubmitted
     assert killed and job.id in killed
     assert job.spec["attempts"] == 2 and wait.rc == 0, wait.text
-    first, second = _attempt_logs(hub, job.id)
-    assert [e["shard"] for e in _events(first, "shard_done")][:2] == ["00000", "00001"]
-    restored = _events(second, "bank_restored")
+    first, second = attempt_logs(hub, job.id)
+    assert [e["shard"] for e in log_events(first, "shard_done")][:2] == ["00000", "00001"]
+    restored = log_events(second, "bank_restored")
     assert len(restored) == 1 and restored[0]["shards"] == 2, second
-    assert [e["shard"] for e in _events(second, "shard_done")] == ["00002", "00003"]  # only the missing ones
+    assert [e["shard"] for e in log_events(second, "shard_done")] == ["00002", "00003"]  # only the missing ones
 
     reports = tmp_path / "gate_reports"
     fetch = covtoken("fetch", "--allow-unproven-prereg", rid, "--results", str(reports), "--no-card", cwd=snapshot)
@@ -290,10 +277,10 @@ def test_attempts_2_resumes_a_killed_attempt_to_the_same_decision(hub: HubEmulat
     api = HfApi()
     log0 = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.log", repo_type="dataset")).read_text()
     log1 = Path(api.hf_hub_download(repo, f"runs/{rid}/logs/attempt-0.try-1.log", repo_type="dataset")).read_text()
-    done0 = [e["shard"] for e in _events(log0.splitlines(), "shard_done")]  # as far as the last commit carried it
+    done0 = [e["shard"] for e in log_events(log0.splitlines(), "shard_done")]  # as far as the last commit carried it
     assert done0 and done0 == ["00000", "00001"][:len(done0)], done0
-    assert [e["shards"] for e in _events(log0.splitlines(), "bank_restored")] == [0] and "attempt 0 try 0" in log0
-    assert _events(log1.splitlines(), "bank_restored")[0]["shards"] == 2 and "record_uploaded" in log1
+    assert [e["shards"] for e in log_events(log0.splitlines(), "bank_restored")] == [0] and "attempt 0 try 0" in log0
+    assert log_events(log1.splitlines(), "bank_restored")[0]["shards"] == 2 and "record_uploaded" in log1
     files = set(api.list_repo_files(repo, repo_type="dataset"))
     assert {f"runs/{rid}/tries/attempt-0.try-0.json", f"runs/{rid}/tries/attempt-0.try-1.json"} <= files
 
@@ -317,7 +304,7 @@ def test_429_storm_the_run_completes_with_every_shard(hub: HubEmulator, fake_tok
     storm = [r for r in hub.rate_limited[n0:] if r == f"dataset/{repo}"]
     assert storm, "the emulator never answered 429: the test did not test anything"
     (job,) = jobs_of(hub, rid)
-    retries = _events(hub.job_logs(job.id), "hub_retry")
+    retries = log_events(hub.job_logs(job.id), "hub_retry")
     assert retries and all(r["status"] == 429 and r["retry_after"] for r in retries)
     files = set(HfApi().list_repo_files(repo, repo_type="dataset"))
     shards = sorted({f.split("/")[-2] for f in files if f.startswith(f"runs/{rid}/bank/") and "/shard-" in f})

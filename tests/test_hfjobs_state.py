@@ -26,8 +26,8 @@ from covtoken.hfjobs.launcher import LaunchError, split_state
 from covtoken.hfjobs.spec import STATE_FLAG, STATE_MOUNT, make_request, parse_bucket
 from covtoken.record import sha256_file
 
-from hfjobs_support import (G1, NS, covtoken, fake_token, hf_cache, hf_cli, jobs_of, new_repo,  # noqa: F401
-                            snapshot)
+from hfjobs_support import (G1, NS, attempt_logs, covtoken, fake_token, hf_cache, hf_cli, jobs_of,  # noqa: F401
+                            log_events, new_repo, snapshot)
 from hub_emulator import HubEmulator, hub  # noqa: F401  (fixture)
 
 
@@ -181,19 +181,6 @@ def test_a_public_bucket_is_refused(hub: HubEmulator, fake_token: str, snapshot:
     assert bad.rc == 2 and "--bucket 'no-slash'" in bad.err
 
 
-def _attempt_logs(hub: HubEmulator, job_id: str) -> list[list[str]]:
-    """A job's log split at the emulator's restart markers: one list of lines per try."""
-    parts: list[list[str]] = [[]]
-    for _, text in hub.job_manager.jobs[job_id].logs:
-        if text.startswith("===== Job started again"):
-            parts.append([])
-        elif not text.startswith("===== Job started"):
-            parts[-1].append(text)
-    return parts
-
-
-def _events(lines: list[str], name: str) -> list[dict]:
-    return [json.loads(ln[ln.index("{"):]) for ln in lines if f'"event": "{name}"' in ln]
 
 
 def _saved_shards(folder: Path) -> int:
@@ -251,17 +238,17 @@ def test_hard_kill_with_a_bucket_loses_at_most_the_shard_in_flight(hub: HubEmula
     watcher.join(timeout=5)
     assert killed, "the first try was never killed: the test did not test anything"
     assert wait.rc == 0, wait.text
-    first, second = _attempt_logs(hub, job.id)
-    done_first = [e["shard"] for e in _events(first, "shard_done")]
-    saved_first = [e["shard"] for e in _events(first, "shard_saved")]
-    restored = _events(second, "bank_restored")
+    first, second = attempt_logs(hub, job.id)
+    done_first = [e["shard"] for e in log_events(first, "shard_done")]
+    saved_first = [e["shard"] for e in log_events(first, "shard_saved")]
+    restored = log_events(second, "bank_restored")
     assert len(restored) == 1 and restored[0]["from"] == "bucket", second
     r = restored[0]["shards"]
     # everything the bucket held at the kill came back (the kill can land between a manifest version and its
     # log line, so the log may show one save fewer), and the kill came mid-extraction
     assert r >= killed["saved"] >= 2 and r >= len(saved_first) and r < 4, (done_first, saved_first, killed, r)
     assert len(done_first) - r <= 1, (done_first, r)  # lost at most the shard in flight
-    assert [e["shard"] for e in _events(second, "shard_done")] == [f"{s:05d}" for s in range(r, 4)]
+    assert [e["shard"] for e in log_events(second, "shard_done")] == [f"{s:05d}" for s in range(r, 4)]
     print(f"bucket: first try made {len(done_first)} shard(s), saved {len(saved_first)}, killed; the retry "
           f"restored {r} and computed {4 - r}; unbroken run {t_whole:.1f} s")
 
