@@ -26,7 +26,7 @@ from pathlib import Path
 from .provenance import code_state, git, repo_root
 from .record import RecordError, dumps_strict, iter_record_paths, read_record
 
-__all__ = ["ReproduceError", "Reproduction", "reproduce", "compare_records", "register_cli"]
+__all__ = ["ReproduceError", "Reproduction", "reproduce", "compare_records", "protocol_differences", "register_cli"]
 
 #: Record fields compared between the original and the rerun (times, run id, artefact hashes excluded).
 COMPARED = (("metrics",), ("criteria",), ("decision",), ("decision_reason",), ("lock", "entry_digest"),
@@ -57,12 +57,16 @@ def _get(doc: dict, path: tuple[str, ...]) -> object:
     return doc
 
 
-def compare_records(a: dict, b: dict) -> list[str]:
-    """Differences between two records in the compared fields, exact (one line each)."""
+#: Config keys that say where a run writes or which lock file it read, not what it computes.
+PLACE_KEYS = frozenset({"results", "run_id", "work_dir", "lock"})
+
+
+def compare_records(a: dict, b: dict, *, fields: tuple[tuple[str, ...], ...] = COMPARED) -> list[str]:
+    """Differences between two records in ``fields`` (default :data:`COMPARED`), exact (one line each)."""
     from .eval.recompute import canonical
 
     out = []
-    for path in COMPARED:
+    for path in fields:
         x, y = canonical(_get(a, path)), canonical(_get(b, path))
         if x != y:
             where = "/".join(path)
@@ -71,6 +75,24 @@ def compare_records(a: dict, b: dict) -> list[str]:
                 out += [f"{where}/{k}: original {x.get(k)!r}, rerun {y.get(k)!r}" for k in keys]
             else:
                 out.append(f"{where}: original {x!r}, rerun {y!r}")
+    return out
+
+
+def protocol_differences(a: dict, b: dict) -> list[str]:
+    """Ways two records were not run under the same protocol (job script, config but for places, seed, lock entry).
+
+    A rerun whose protocol differs reproduces nothing, whatever its metrics: callers check this first.
+    """
+    out = []
+    if a["provenance"]["command"][:1] != b["provenance"]["command"][:1]:
+        out.append(f"provenance/command: job {a['provenance']['command'][:1]} vs {b['provenance']['command'][:1]}")
+    ca, cb = a["provenance"]["config"], b["provenance"]["config"]
+    for k in sorted((set(ca) | set(cb)) - PLACE_KEYS):
+        if ca.get(k, "<absent>") != cb.get(k, "<absent>"):
+            out.append(f"provenance/config/{k}: original {ca.get(k, '<absent>')!r}, rerun {cb.get(k, '<absent>')!r}")
+    for path in (("provenance", "seed"), ("lock", "entry"), ("gate_id",)):
+        if _get(a, path) != _get(b, path):
+            out.append(f"{'/'.join(path)}: original {_get(a, path)!r}, rerun {_get(b, path)!r}")
     return out
 
 

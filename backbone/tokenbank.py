@@ -19,10 +19,12 @@ forward output; readers always get float32.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -76,17 +78,26 @@ class _HashingFile:
 
 
 def _save_npy_atomic(path: Path, arr: np.ndarray) -> str:
-    """Write ``arr`` as ``.npy`` through a temporary name (fsync, rename); returns the file's sha256."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    """Write ``arr`` as ``.npy`` through a temporary name (fsync, rename); returns the file's sha256.
+
+    A failed write (a full disk, a permission fault) leaves no temporary file and raises an ``OSError`` whose
+    filename is ``path``, so the user's one-line error names the shard file, not a byte count.
+    """
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
         with os.fdopen(fd, "wb") as fh:
             hashing = _HashingFile(fh)
             np.save(hashing, arr)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is not None and exc.errno != errno.ENOSPC:
+            raise
+        raise OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(path)) from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
     return hashing.sha.hexdigest()
 
@@ -192,13 +203,21 @@ class TokenBank:
         def _write_shard(s: int, start: int, stop: int, buffers: dict[int, np.ndarray]) -> None:
             key = f"{s:05d}"
             sdir = root / f"shard-{key}"
+            fresh = not sdir.exists()
             sdir.mkdir(exist_ok=True)
             files = {}
-            for b in blocks:
-                f = sdir / f"block-{b:02d}.npy"
-                files[f.name] = _save_npy_atomic(f, buffers[b])
-            manifest["shards"][key] = {"start": start, "stop": stop, "files": files}
-            write_json_atomic(mpath, manifest, overwrite=True)
+            try:
+                for b in blocks:
+                    f = sdir / f"block-{b:02d}.npy"
+                    files[f.name] = _save_npy_atomic(f, buffers[b])
+                manifest["shards"][key] = {"start": start, "stop": stop, "files": files}
+                write_json_atomic(mpath, manifest, overwrite=True)
+            except OSError:
+                # a shard the manifest does not list is not part of the bank: leave none of its files behind
+                manifest["shards"].pop(key, None)
+                if fresh:
+                    shutil.rmtree(sdir, ignore_errors=True)
+                raise
             log.info(json.dumps({"event": "shard_done", "bank": str(root), "shard": key, "images": stop - start}))
             if on_shard is not None:
                 on_shard(sdir)

@@ -239,10 +239,12 @@ def _foreground(api: Any, h: Any, results: Path, *, allow_unproven_prereg: bool 
 
 
 def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card: bool = True,
-                    allow_unproven_prereg: bool = False) -> int:
-    """Fetch runs into ``dest``, audit ``dest`` (writing SUMMARY.md), then refresh the repo's card.
+                    allow_unproven_prereg: bool = False, allow_missing_records: bool = False) -> int:
+    """Fetch runs into ``dest`` (their Hub start facts into its ledger), audit ``dest`` (writing SUMMARY.md and
+    NEGATIVE_RESULT.md), then refresh the repo's card.
 
-    Returns 0 when every run was fetched and the audit is clean, else 1.
+    Returns 0 when every run was fetched (or, with ``allow_missing_records``, is listed as without a record) and
+    the audit is clean, else 1.
     """
     from ..cli import audit_command
     from .fetch import fetch_runs, publish_card
@@ -257,11 +259,12 @@ def fetch_and_audit(api: Any, repo: str, run_ids: list[str], dest: Path, *, card
     for rid in res.fetched:
         gate, decision = res.decisions[rid]
         say(f"{gate} {decision.upper()} {rid} -> {dest / f'{rid}.json'}")
-    rc = (audit_command(dest, allow_unproven_prereg=allow_unproven_prereg) if any(dest.glob("*.json")) else 1)
+    rc = (audit_command(dest, allow_unproven_prereg=allow_unproven_prereg, allow_missing_records=allow_missing_records)
+          if any(dest.glob("*.json")) or (dest / "ledger.jsonl").is_file() else 1)
     if card:
         _, msg = publish_card(api, repo, allow_unproven_prereg=allow_unproven_prereg)
         say(msg)
-    return 1 if res.missing or res.refused or rc else 0
+    return 1 if (res.missing and not allow_missing_records) or res.refused or rc else 0
 
 
 def _age(s: int | None) -> str:
@@ -361,7 +364,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 @cli_command
 def cmd_fetch(args: argparse.Namespace) -> int:
     """``covtoken fetch RUN_ID | --all``."""
-    from .fetch import recorded_runs
+    from .fetch import attempted_runs, recorded_runs
     from .query import hub_api, jobs_of_run, namespace_of
 
     api = hub_api()
@@ -371,9 +374,9 @@ def cmd_fetch(args: argparse.Namespace) -> int:
     if args.all:
         if not repo:
             raise HFJobsError("fetch --all needs --results-repo (or COVTOKEN_RESULTS_REPO)")
-        runs = recorded_runs(api, repo)
+        runs = sorted(set(recorded_runs(api, repo)) | set(attempted_runs(api, repo)))
         if not runs:
-            raise HFJobsError(f"{repo}: no records yet")
+            raise HFJobsError(f"{repo}: no records yet (and no run submitted)")
     else:
         runs = [args.run_id]
         if not repo:
@@ -382,7 +385,8 @@ def cmd_fetch(args: argparse.Namespace) -> int:
             if not repo:
                 raise HFJobsError(f"run {args.run_id}: no job found to tell its results repo; pass --results-repo")
     return fetch_and_audit(api, repo, runs, Path(args.results), card=not args.no_card,
-                           allow_unproven_prereg=args.allow_unproven_prereg)
+                           allow_unproven_prereg=args.allow_unproven_prereg,
+                           allow_missing_records=args.allow_missing_records)
 
 
 @cli_command
@@ -543,12 +547,15 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         q.set_defaults(fn=fn)
     f = sub.add_parser("fetch", help="download records and artefacts into gate_reports/, then audit")
     f.add_argument("run_id", nargs="?")
-    f.add_argument("--all", action="store_true", help="every run with a record in the results repo")
+    f.add_argument("--all", action="store_true", help="every run submitted to the results repo (with or without a "
+                   "record: a run without one is entered in the local ledger and listed by the audit)")
     f.add_argument("--results", default="gate_reports", help="destination folder (default gate_reports)")
     f.add_argument("--results-repo", help="results dataset repo (default $COVTOKEN_RESULTS_REPO or the run's)")
     f.add_argument("--namespace", help="namespace of the jobs (default: the token's user)")
     f.add_argument("--no-card", action="store_true", help="do not regenerate the repo's dataset card")
     f.add_argument("--allow-unproven-prereg", action="store_true", help="audit runs whose pre-registration cannot be proven from this checkout (code commit not in its history); they are marked in the summary")
+    f.add_argument("--allow-missing-records", action="store_true", help="runs started on the Hub without a record "
+                   "(killed, failed or deleted) do not fail the fetch; they stay listed in NEGATIVE_RESULT.md")
     f.set_defaults(fn=cmd_fetch)
     sw = sub.add_parser("sweep", help="one HF Job per seed x dataset x backbone, then an aggregate record")
     add_submit_options(sw)

@@ -28,8 +28,8 @@ from .hubsync import attempt_path, record_path, run_prefix
 from .query import last_attempt, read_json, repo_files
 from .retry import with_retry
 
-__all__ = ["FetchResult", "fetch_runs", "download_run", "install_run", "recorded_runs", "render_card",
-           "publish_card", "run_state", "image_mismatch"]
+__all__ = ["FetchResult", "fetch_runs", "download_run", "install_run", "recorded_runs", "attempted_runs",
+           "hub_ledger_entries", "record_hub_starts", "render_card", "publish_card", "run_state", "image_mismatch"]
 
 CARD = "README.md"
 
@@ -51,6 +51,84 @@ def recorded_runs(api: Any, repo: str) -> list[str]:
     """Run ids with a record in ``repo``."""
     return sorted(m.group(1) for f in repo_files(api, repo, "runs")
                   if (m := re.fullmatch(r"runs/([a-z0-9][a-z0-9-]+)/\1\.json", f)))
+
+
+def attempted_runs(api: Any, repo: str) -> list[str]:
+    """Run ids with at least one attempt file (``runs/<id>/attempts/<n>.json``) in ``repo``: every run submitted."""
+    return sorted({m.group(1) for f in repo_files(api, repo, "runs")
+                   if (m := re.fullmatch(r"runs/([a-z0-9][a-z0-9-]+)/attempts/[0-9]+\.json", f))})
+
+
+def _option(args: list[str], flag: str) -> str | None:
+    for i, a in enumerate(args):
+        if a == flag and i + 1 < len(args):
+            return args[i + 1]
+        if a.startswith(flag + "="):
+            return a.split("=", 1)[1]
+    return None
+
+
+def hub_ledger_entries(api: Any, repo: str, run_id: str) -> list[dict]:
+    """The run's start facts on the Hub as ledger entries, in the local ledger's event format.
+
+    One entry per attempt file: ``start`` for the first, ``resume`` for later ones (as a local rerun under the
+    same run id), with the gate, lock entry (``--lock-entry`` when given), submission time, code commit (the
+    bundle's build info), calibration flag and command digest, plus where it ran (``backend``, ``job_id``,
+    ``attempt``, ``results_repo``). A run whose latest job ended in ERROR with exit status 2 (the kit's one-line
+    user error, before the compute) also gets a ``refused`` entry, as a local refusal does.
+    """
+    from ..runstore import config_digest
+    from .query import read_json
+    from .spec import job_gate
+
+    files = sorted((f for f in repo_files(api, repo, f"runs/{run_id}/attempts") if f.endswith(".json")),
+                   key=lambda f: int(Path(f).stem))
+    if not files:
+        return []
+    try:
+        commit = read_json(api, repo, f"{run_prefix(run_id)}/code/build-info.json").get("commit")
+    except Exception:  # noqa: BLE001 - a bundle without build info: the job's label still names the commit
+        commit = None
+    out = []
+    for i, f in enumerate(files):
+        doc = read_json(api, repo, f)
+        args = [str(a) for a in doc.get("job_args", [])]
+        out.append({"event": "start" if i == 0 else "resume", "run_id": run_id, "gate_id": job_gate(doc["job"]),
+                    "entry": _option(args, "--lock-entry"), "time": doc.get("submitted_at"),
+                    "commit": commit or (doc.get("spec", {}).get("labels", {}) or {}).get("code"),
+                    "calibration": "--calibration" in args, "command_sha256": config_digest([doc["job"], *args]),
+                    "backend": "hf-jobs", "job_id": doc.get("job_id"), "attempt": doc.get("attempt"),
+                    "results_repo": repo})
+    return out
+
+
+def _refusal(api: Any, repo: str, run_id: str, start: dict) -> dict | None:
+    """A ``refused`` entry when the run's latest job ended in ERROR with exit status 2."""
+    try:
+        att = last_attempt(api, repo, run_id)
+        job = with_retry(api.inspect_job, what="inspect_job", job_id=att["job_id"], namespace=att["namespace"])
+    except HFJobsError:
+        return None
+    msg = job.status.message or ""
+    if str(job.status.stage) != "ERROR" or not re.search(r"exit code:? *2\b", msg):
+        return None
+    return {"event": "refused", "run_id": run_id, "gate_id": start["gate_id"], "time": start["time"],
+            "reason": f"job {job.id} ended ERROR: {msg}"[:500], "backend": "hf-jobs", "job_id": job.id}
+
+
+def record_hub_starts(api: Any, repo: str, run_id: str, dest: Path, *, with_refusal: bool) -> int:
+    """Append the run's Hub start facts to ``dest``'s ledger, skipping those already there; returns how many."""
+    from ..runstore import append_ledger, read_ledger
+
+    entries = hub_ledger_entries(api, repo, run_id)
+    if entries and with_refusal:
+        refused = _refusal(api, repo, run_id, entries[0])
+        entries += [refused] if refused else []
+    have = {(e.get("run_id"), e.get("event"), e.get("job_id"), e.get("time")) for e in read_ledger(dest)}
+    new = [e for e in entries if (e["run_id"], e["event"], e["job_id"], e["time"]) not in have]
+    for e in new:
+        append_ledger(dest, e)
+    return len(new)
 
 
 def download_run(api: Any, repo: str, run_id: str, staging: Path) -> Path | None:
@@ -105,6 +183,9 @@ def fetch_runs(api: Any, repo: str, run_ids: list[str], dest: Path) -> FetchResu
         staging = Path(tmp)
         for rid in run_ids:
             rec = download_run(api, repo, rid, staging)
+            # the run's start facts first (as a local run's start precedes its record): a run whose record is
+            # missing on the Hub is then listed by the audit like a local run started without a record
+            record_hub_starts(api, repo, rid, dest, with_refusal=rec is None)
             if rec is None:
                 res.missing[rid] = run_state(api, repo, rid)
                 continue

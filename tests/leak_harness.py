@@ -37,6 +37,10 @@ GATE_JOBS = {"G1": "g1_lesion_subspace", "G2": "g2_cross_modality", "G3": "g3_me
              "G7": "g7_dermajepa_probe"}
 
 
+#: jobs without a --work-dir flag (nothing cached between runs)
+NO_WORK_DIR = frozenset({"g7_dermajepa_probe", "g9_classifier"})
+
+
 @dataclass
 class Reference:
     """The unperturbed run of a job: its role digests and which patients each role's split holds."""
@@ -54,7 +58,7 @@ class Reference:
 
 def _args(job: str, results: Path, work: Path, lock: Path) -> list[str]:
     args = ["--smoke", "--results", str(results), "--lock", str(lock)]
-    return args if job == "g7_dermajepa_probe" else [*args, "--work-dir", str(work)]
+    return args if job in NO_WORK_DIR else [*args, "--work-dir", str(work)]
 
 
 def run_reference(job: str, base: Path, loader: Callable[[], ModuleType] | None = None,
@@ -208,3 +212,31 @@ def load_job_source(job: str, replacements: list[tuple[str, str]]) -> ModuleType
     sys.modules[name] = mod
     exec(compile(source, str(path), "exec"), mod.__dict__)  # noqa: S102 - our own job script, edited by a test
     return mod
+
+
+#: gates whose --smoke job the leak check does not run: their HEAD run for the reproduction check is made here
+OTHER_SMOKE_JOBS = {"G8": "g8_lejepa_pretrain", "G9": "g9_classifier"}
+_HEAD: dict[tuple[str, tuple[str, ...]], Path] = {}
+
+
+def head_smoke_record(gate: str, tmp_factory, extra: tuple[str, ...] = ()) -> Path:  # noqa: ANN001 (TempPathFactory)
+    """The record of ``gate``'s ``--smoke`` job (plus ``extra`` options, e.g. ``--seed 1``) run once per session at
+    HEAD, under a copy of the repository's lock.
+
+    With no ``extra``, G1-G7 reuse the unperturbed leak-check reference (the same protocol: ``--smoke``, default
+    seed, the repository's lock entry), so a session running both checks runs each job once; anything else runs
+    here, once per (gate, options).
+    """
+    if not extra and gate in GATE_JOBS:
+        ref = clean_reference(GATE_JOBS[gate], tmp_factory)
+        (path,) = sorted((ref.base / "ref").glob("*.json"))
+        return path
+    key = (gate, tuple(extra))
+    if key not in _HEAD:
+        job = (GATE_JOBS | OTHER_SMOKE_JOBS)[gate]
+        base = tmp_factory.mktemp(f"head-{gate}")
+        lock = copy_lock(base)
+        results = base / "ref"
+        assert load_job(job).main([*_args(job, results, base / "work", lock), *extra]) == 0
+        (_HEAD[key],) = sorted(results.glob("*.json"))
+    return _HEAD[key]

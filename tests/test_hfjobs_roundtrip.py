@@ -184,8 +184,52 @@ def test_killed_job_resumes_to_the_same_decision(hub: HubEmulator, roundtrip, sn
     assert resumed["metrics"] == whole["metrics"] and resumed["criteria"] == whole["criteria"]
     assert resumed["provenance"]["backend"]["job_id"] == second.id and resumed["provenance"]["backend"]["attempt"] == 1
     assert any("2 token-bank shard(s)" in n and "restored" in n for n in resumed["notes"])
+    # both attempts are in the local ledger, as a local run resumed under its run id would be
+    from covtoken.runstore import read_ledger
+    mine = [e for e in read_ledger(reports) if e["run_id"] == rid]
+    assert [(e["event"], e["attempt"], e["job_id"]) for e in mine] == [("start", 0, first.id), ("resume", 1, second.id)]
     again = covtoken("submit", G1, "--resume", rid, "--results-repo", repo, "--yes", cwd=snapshot)
     assert again.rc == 2 and "finished; nothing to resume" in again.err
+
+
+def test_a_run_whose_record_was_deleted_on_the_hub_is_listed_by_the_audit(hub: HubEmulator, roundtrip,
+                                                                           snapshot: Path, repo: str, tmp_path: Path) -> None:
+    """fetch brings a Hub run's start facts into the local ledger: a run whose record was deleted on the Hub is
+    reported by `covtoken audit` like a local run started without a record (never silently gone)."""
+    from covtoken.runstore import read_ledger
+
+    api = HfApi()
+    rid = roundtrip["run_id"]
+    other = new_repo()  # a copy of the round trip's run (the module's repo stays whole for the other tests)
+    api.create_repo(other, repo_type="dataset", private=True)
+    got = Path(api.snapshot_download(repo, repo_type="dataset", local_dir=tmp_path / "copy",
+                                     allow_patterns=[f"runs/{rid}/attempts/*", f"runs/{rid}/code/build-info.json",
+                                                     f"runs/{rid}/{rid}.json", f"runs/{rid}/artefacts/**"]))
+    api.upload_folder(folder_path=got / "runs", path_in_repo="runs", repo_id=other, repo_type="dataset")
+    api.delete_file(f"runs/{rid}/{rid}.json", repo_id=other, repo_type="dataset")  # the record is deleted
+
+    reports = tmp_path / "gate_reports"
+    fetch = covtoken("fetch", "--allow-unproven-prereg", "--all", "--results-repo", other, "--results", str(reports),
+                     "--no-card", cwd=snapshot)
+    assert fetch.rc == 1 and f"run {rid}: no record in {other}" in fetch.err, fetch.text
+    (entry,) = read_ledger(reports)
+    (job,) = jobs_of(hub, rid)
+    local_keys = {"event", "run_id", "gate_id", "entry", "time", "commit", "calibration", "command_sha256"}
+    assert local_keys <= set(entry) and entry["event"] == "start" and entry["gate_id"] == "G1"
+    assert entry["job_id"] == job.id and entry["commit"] == head(snapshot) and entry["calibration"] is False
+    audit = covtoken("audit", str(reports), cwd=snapshot)
+    assert audit.rc != 0, audit.text
+    assert f"run {rid} (G1, started {entry['time']}) has no record (killed, failed or deleted)" in audit.text
+    # fetching again adds nothing (one run, one start entry)
+    again = covtoken("fetch", "--allow-unproven-prereg", "--all", "--results-repo", other, "--results",
+                     str(reports), "--no-card", cwd=snapshot)
+    assert again.rc == 1 and read_ledger(reports) == [entry]
+    # the same run with its record still there: fetched, its start entry present, the audit clean
+    full = tmp_path / "full"
+    ok = covtoken("fetch", "--allow-unproven-prereg", rid, "--results-repo", repo, "--results", str(full), "--no-card",
+                  cwd=snapshot)
+    assert ok.rc == 0, ok.text
+    assert [e["event"] for e in read_ledger(full)] == ["start"] and (full / f"{rid}.json").is_file()
 
 
 def test_cancel(hub: HubEmulator, fake_token: str, snapshot: Path, repo: str) -> None:
@@ -221,6 +265,10 @@ def test_job_error_gives_a_clear_message_and_no_record(hub: HubEmulator, fake_to
     fetch = covtoken("fetch", "--allow-unproven-prereg", rid, "--results", str(reports), "--no-card", cwd=snapshot)
     assert fetch.rc == 1 and f"run {rid}: no record in {repo}" in fetch.err and "is ERROR" in fetch.err
     assert not (reports / f"{rid}.json").exists()
+    # the job's exit status 2 (a user error before the compute) enters the ledger as a refusal, as locally
+    from covtoken.runstore import read_ledger
+    assert [e["event"] for e in read_ledger(reports)] == ["start", "refused"]
+    assert f"run {rid}" not in covtoken("audit", str(reports), cwd=snapshot).text  # refused: never a missing result
     api = HfApi()
     files = api.list_repo_files(repo, repo_type="dataset")
     assert f"runs/{rid}/{rid}.json" not in files

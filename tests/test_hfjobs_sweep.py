@@ -84,9 +84,15 @@ def test_sweep_aggregates_finished_seeds_and_names_the_failed_cell(hub: HubEmula
     assert api.file_exists(repo, f"runs/{agg_id}/{agg_id}.json", repo_type="dataset")
     card = Path(api.hf_hub_download(repo, "README.md", repo_type="dataset")).read_text()
     assert f"`{agg_id}`" in card and "records: 3" in card
+    # --all fetches every submitted run: the failed cell has no record, so it is entered in the ledger and listed
     every = covtoken("fetch", "--allow-unproven-prereg", "--all", "--results-repo", repo, "--results", str(tmp_path / "all"), cwd=snapshot)
-    assert every.rc == 0, every.text
+    assert every.rc == 1 and f"run {cells[2]}: no record in {repo}" in every.err, every.text
+    assert f"run {cells[2]} (G1, started" in every.text and "has no record" in every.text
     assert sorted(p.stem for p in (tmp_path / "all").glob("*.json")) == sorted([agg_id, cells[0], cells[1]])
+    accepted = covtoken("fetch", "--allow-unproven-prereg", "--allow-missing-records", "--all", "--results-repo", repo,
+                        "--results", str(tmp_path / "all"), "--no-card", cwd=snapshot)
+    assert accepted.rc == 0, accepted.text
+    assert cells[2] in (tmp_path / "all" / "NEGATIVE_RESULT.md").read_text()
 
 
 PROBE = "tests/jobs/g99_commit_probe.py"

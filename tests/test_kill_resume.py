@@ -1,7 +1,7 @@
 """A job killed at any stage boundary resumes under its own run id to an identical record, nothing left behind.
 
-G1 on the embedded default runs as a subprocess; it is SIGKILLed right after each stage ends, then rerun with
-the same ``--run-id``. The resumed record must carry the same metrics, criteria and decision as an
+G1 and G4 (other stages: data checks, conformal certificates) on the embedded default run as subprocesses;
+each is SIGKILLed right after each of its stages ends, then rerun with the same ``--run-id``. The resumed record must carry the same metrics, criteria and decision as an
 uninterrupted run, the results folder must hold exactly one record and one artefact folder, no staging
 leftover, and the audit must pass (the ledger shows the start and the resume).
 """
@@ -22,48 +22,61 @@ from covtoken.record import new_run_id
 from covtoken.runner import Run
 from covtoken.runstore import STAGING, commit_run, read_ledger
 
-JOB = REPO_ROOT / "jobs" / "g1_lesion_subspace.py"
 LOCK = REPO_ROOT / "configs" / "thresholds.lock.json"
-STAGES = ("load_data", "backbone", "label_free_scores", "evaluate")
+#: gate -> (job script, every stage it announces, in order)
+JOBS = {"G1": ("g1_lesion_subspace", ("load_data", "data_checks", "backbone", "label_free_scores", "evaluate")),
+        "G4": ("g4_conformal_retention", ("load_data", "data_checks", "backbone", "label_free_scores", "certificates"))}
 COMPARED = ("metrics", "criteria", "decision", "decision_reason")
 
 
-def _cmd(results: Path, work: Path, run_id: str) -> list[str]:
-    return [sys.executable, str(JOB), "--smoke", "--results", str(results), "--work-dir", str(work), "--lock", str(LOCK),
+def _cmd(gate: str, results: Path, work: Path, run_id: str) -> list[str]:
+    job = REPO_ROOT / "jobs" / f"{JOBS[gate][0]}.py"
+    return [sys.executable, str(job), "--smoke", "--results", str(results), "--work-dir", str(work), "--lock", str(LOCK),
             "--run-id", run_id]
 
 
-def _run(results: Path, work: Path, run_id: str, *, kill_after: str | None = None) -> int:
-    proc = subprocess.Popen(_cmd(results, work, run_id), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
+def _run(gate: str, results: Path, work: Path, run_id: str, *, kill_after: str | None = None) -> int:
+    proc = subprocess.Popen(_cmd(gate, results, work, run_id), cwd=REPO_ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     assert proc.stderr is not None
     marker = f'"event": "stage_end", "stage": "{kill_after}"'
+    seen = False
     for line in proc.stderr:
         if kill_after and marker in line:
             os.kill(proc.pid, signal.SIGKILL)
+            seen = True
             break
     proc.stderr.close()
-    return proc.wait(timeout=600)
+    rc = proc.wait(timeout=600)
+    assert seen or not kill_after, f"{gate} never announced the end of stage {kill_after!r} (exit {rc})"
+    return rc
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[dict, Path]:
-    base = tmp_path_factory.mktemp("kill")
-    rid = new_run_id("G1")
-    assert _run(base / "ref", base / "work", rid) == 0
-    return json.loads((base / "ref" / f"{rid}.json").read_text()), base / "work"
+_REFERENCES: dict[str, tuple[dict, Path]] = {}
+
+
+@pytest.fixture
+def reference(request, tmp_path_factory) -> tuple[dict, Path]:  # noqa: ANN001
+    """The gate's uninterrupted run (made once per session) and its token-bank folder."""
+    gate = request.node.callspec.params["gate"]
+    if gate not in _REFERENCES:
+        base = tmp_path_factory.mktemp(f"kill-{gate}")
+        rid = new_run_id(gate)
+        assert _run(gate, base / "ref", base / "work", rid) == 0
+        _REFERENCES[gate] = json.loads((base / "ref" / f"{rid}.json").read_text()), base / "work"
+    return _REFERENCES[gate]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", STAGES)
-def test_killed_after_stage_resumes_identically(stage, reference, tmp_path):
+@pytest.mark.parametrize(("gate", "stage"), [(g, st) for g, (_, stages) in JOBS.items() for st in stages])
+def test_killed_after_stage_resumes_identically(gate, stage, reference, tmp_path):
     ref, work = reference
     results = tmp_path / "results"
-    rid = new_run_id("G1")
-    assert _run(results, work, rid, kill_after=stage) == -signal.SIGKILL
+    rid = new_run_id(gate)
+    assert _run(gate, results, work, rid, kill_after=stage) == -signal.SIGKILL
     assert not (results / f"{rid}.json").exists()
     assert not (results / "artefacts" / rid).exists(), "artefacts appeared without their record"
-    assert _run(results, work, rid) == 0, "the killed run did not resume under its run id"
+    assert _run(gate, results, work, rid) == 0, "the killed run did not resume under its run id"
     rec = json.loads((results / f"{rid}.json").read_text())
     for k in COMPARED:
         assert rec[k] == ref[k], k

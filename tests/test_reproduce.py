@@ -62,8 +62,15 @@ def test_compare_is_exact():
 
 @pytest.mark.slow
 def test_committed_embedded_g1_record_reproduces_bit_for_bit(tmp_path):
-    """What CI checks: the committed G1 record, rerun at its own commit, gives the same metrics bit for bit."""
+    """The committed G1 record, rerun at its own commit, gives the same metrics bit for bit on the record's host
+    (within the stated tolerance on another one)."""
+    from test_reproduce_committed import HOST_TOLERANCE, drift, same_host
+
     rec = _committed_g1()
     rep = reproduce(rec, worktree=True, results=tmp_path / "rerun", timeout=900)
     assert rep.rerun is not None, rep.differences
-    assert rep.identical, rep.differences
+    original, rerun = json.loads(rec.read_text()), json.loads(rep.rerun.read_text())
+    if same_host(original, rerun):
+        assert rep.identical, rep.differences
+    else:  # another host's CPU kernels change float bits (the command reports them); only the tolerance is asked
+        assert drift(original, rerun, HOST_TOLERANCE) == [], rep.differences

@@ -102,6 +102,20 @@ def _enospc_on_write(monkeypatch, tmp: Path) -> None:  # noqa: ANN001 - a full d
     del real
 
 
+def _enospc_in_shard_write(monkeypatch, tmp: Path) -> None:  # noqa: ANN001 - the disk fills while a shard is written
+    from covtoken.backbone import tokenbank
+
+    real = tokenbank._HashingFile.write
+
+    def write(self, data: bytes) -> int:  # noqa: ANN001
+        if len(data) > 4096:  # the header goes through, the first block's array does not (as numpy reports it)
+            real(self, bytes(data)[:1024])
+            raise OSError(errno.ENOSPC, f"{len(data)} requested and 1024 written")
+        return real(self, data)
+
+    monkeypatch.setattr(tokenbank._HashingFile, "write", write)
+
+
 def _deny_read(name: str) -> Callable[..., None]:
     def fault(monkeypatch, tmp: Path) -> None:  # noqa: ANN001 - root ignores chmod; deny by the path instead
         import pathlib
@@ -230,6 +244,7 @@ CASES: list[Case] = [
     Case("ham-no-rows", "job7", ("--dataset", "ham10000", "--data-root", "{tmp}/ham"), "HAM10000_metadata.csv",
          setup=lambda t: _ham(t, "lesion_id,image_id,dx", [])),
     # ---- disk and permission faults
+    Case("token-bank-disk-full", J, ("--smoke",), "/shard-00000/block-", fault=_enospc_in_shard_write),
     Case("results-unwritable", J, ("--smoke", "--results", "{tmp}/results"), "{tmp}/results", fault=_deny_mkdir),
     # ---- jobs/materialize_dataset.py
     Case("materialize-unknown-dataset", "materialize", ("--dataset", "nope", "--data-root", "{tmp}",
