@@ -17,7 +17,7 @@ import torch
 from .preprocess import PREPROCESS_ATTR, LibraryTransform, timm_transform
 from .registry import BackboneSpec, get_spec
 
-__all__ = ["FrozenBackbone", "load_backbone", "state_dict_digest", "attach_source", "SOURCE_ATTR"]
+__all__ = ["FrozenBackbone", "load_backbone", "all_finite", "state_dict_digest", "attach_source", "SOURCE_ATTR"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,17 @@ def state_dict_digest(model: torch.nn.Module) -> str:
         h.update(f"{key}|{tuple(t.shape)}|{t.dtype}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return "sha256:" + h.hexdigest()
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """True when no element of ``t`` is NaN or infinite; exact, and one cheap reduction in the common case.
+
+    A NaN or infinity anywhere makes the float32-accumulated sum non-finite, so a finite sum proves every element
+    finite; only a non-finite sum (NaN/Inf present, or finite values whose sum overflows) takes the elementwise test.
+    """
+    if torch.isfinite(t.sum(dtype=torch.float32)):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 class FrozenBackbone:
@@ -97,17 +108,18 @@ class FrozenBackbone:
                                       resolved_revision=self.source.get("resolved_revision"),
                                       files=self.source.get("files", {}))[0]
 
-    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
+    def preprocess(self, images: Sequence[np.ndarray], *, to_device: bool = True) -> torch.Tensor:
         """Images in the common layout -> ``(B, 3, S, S)`` float32 tensor, by the library's own transform.
 
         See :mod:`covtoken.backbone.preprocess`: 8-bit PIL images (grey repeated to three channels) go through the
         transform the model's library resolves from its data config, squashed to the square input (no crop).
+        ``to_device=False`` leaves the pixels on the CPU (a data-loading worker process must not touch CUDA).
         """
         x = self.transform(images)
         side = self.spec.image_size
         if tuple(x.shape[1:]) != (3, side, side):
             raise RuntimeError(f"{self.spec.name}: the library transform gave {tuple(x.shape)}, expected (B, 3, {side}, {side})")
-        return x.to(self.device)
+        return x.to(self.device) if to_device else x
 
     @torch.inference_mode()
     def patch_tokens(self, pixels: torch.Tensor, blocks: Sequence[int], *, final_norm: bool = False) -> dict[int, torch.Tensor]:
@@ -132,7 +144,7 @@ class FrozenBackbone:
         for b, t in out.items():
             if t.shape[1] != n or t.shape[2] != self.spec.width:
                 raise RuntimeError(f"{self.spec.name}: block {b} gave tokens {tuple(t.shape)}, expected (B, {n}, {self.spec.width})")
-            if not torch.isfinite(t).all():
+            if not all_finite(t):
                 raise FloatingPointError(f"{self.spec.name}: block {b} produced NaN/Inf tokens")
         return {b: t.float().cpu() for b, t in out.items()}
 

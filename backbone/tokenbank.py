@@ -6,35 +6,40 @@ Layout of a bank folder::
     shard-00000/block-03.npy   (n_images_in_shard, N, d) tokens of block 3
     ...
 
-A shard is written file by file through temporary names and only then entered in the manifest, so an
+A shard's files are written through temporary names and only then entered in the manifest, so an
 interrupted build loses at most the shard in progress; calling :meth:`TokenBank.build` again verifies the
 finished shards by hash and continues. Labels never enter a bank: per-token lesion fractions are kept
 apart by the evaluation code.
 
-Throughput: the forward pass runs on the calling thread while one worker prepares the next batch of pixels (the
-library transform) and another writes finished shards (hashing the bytes as they are written, fsync, manifest,
-``on_shard``), so I/O and preprocessing overlap with compute. Tokens are stored in the bank dtype
+Throughput: the forward pass runs on the calling thread while workers prepare the next batches of pixels (the
+library transform) and one writer appends each batch's tokens to the shard's files as soon as it is computed
+(hashing the bytes on their way to disk and syncing them), so that preprocessing, hashing and I/O overlap with
+compute and a finished shard only needs a rename and the manifest. Tokens are stored in the bank dtype
 (:data:`BANK_DTYPES`; a locked protocol parameter ``token_bank_dtype``, see :func:`bank_dtype`) straight from the
-forward output; readers always get float32.
+forward output (one cast, checked for overflow); readers always get float32. The files are byte for byte the
+``np.save`` of each whole shard, whatever the batch size.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+import torch
 
 from ..data.layout import ImageItem
 from ..record import loads_strict, sha256_file, write_json_atomic
-from .frozen import FrozenBackbone
+from .frozen import FrozenBackbone, all_finite
 
 __all__ = ["TokenBank", "BankMismatchError", "BANK_DTYPES", "DEFAULT_BANK_DTYPE", "bank_dtype"]
 
@@ -66,40 +71,97 @@ def _ids_digest(ids: Sequence[str]) -> str:
     return hashlib.sha256("\n".join(ids).encode()).hexdigest()
 
 
-class _HashingFile:
-    """A write-only file wrapper that hashes the bytes on their way to disk (np.save writes through ``write``)."""
+class _ShardFiles:
+    """The ``.npy`` files of one shard while it is extracted, one per block, written batch by batch.
 
-    def __init__(self, fh: Any) -> None:
-        self.fh, self.sha = fh, hashlib.sha256()
-
-    def write(self, data: bytes) -> int:
-        self.sha.update(data)
-        return self.fh.write(data)
-
-
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> str:
-    """Write ``arr`` as ``.npy`` through a temporary name (fsync, rename); returns the file's sha256.
-
-    A failed write (a full disk, a permission fault) leaves no temporary file and raises an ``OSError`` whose
-    filename is ``path``, so the user's one-line error names the shard file, not a byte count.
+    Each file gets the ``.npy`` header of its final shape first (the header ``np.save`` writes), then the rows of
+    every batch as they arrive; the bytes are hashed on their way to disk and synced after each batch, so that when
+    the last batch arrives only a rename is left. Files live under temporary names until :meth:`finish` renames them;
+    :meth:`abort` removes them. The result is byte for byte the ``np.save`` of the whole shard.
     """
-    tmp = None
+
+    def __init__(self, sdir: Path, blocks: Sequence[int], shape: tuple[int, int, int], dtype: str) -> None:
+        self.sdir, self.rows, self.expected = sdir, 0, shape[0]
+        self.tmp: dict[int, str] = {}
+        self.fh: dict[int, Any] = {}
+        self.sha = {b: hashlib.sha256() for b in blocks}
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                                                      "fortran_order": False, "shape": tuple(shape)})
+        try:
+            for b in blocks:
+                fd, self.tmp[b] = tempfile.mkstemp(prefix=f".block-{b:02d}.npy.", dir=sdir)
+                self.fh[b] = os.fdopen(fd, "wb")
+                self._write(b, header.getvalue())
+        except BaseException:
+            self.abort()
+            raise
+
+    def _write(self, b: int, data: bytes | memoryview) -> None:
+        self.sha[b].update(data)
+        with _naming(self.sdir / f"block-{b:02d}.npy"):
+            self._put(b, data)
+
+    def _put(self, b: int, data: bytes | memoryview) -> None:
+        """The one place a shard's bytes reach the disk (tests plant a full disk here)."""
+        self.fh[b].write(data)
+
+    def append(self, arrays: Mapping[int, np.ndarray]) -> None:
+        """Append one batch: ``{block: (k, N, d)}`` C-contiguous arrays in the bank dtype."""
+        ks = {a.shape[0] for a in arrays.values()}
+        if set(arrays) != set(self.fh) or len(ks) != 1 or self.rows + ks.pop() > self.expected:
+            raise RuntimeError(f"{self.sdir}: batch does not fit the shard being written")
+        for b, a in arrays.items():
+            self._write(b, memoryview(np.ascontiguousarray(a)).cast("B"))
+            with _naming(self.sdir / f"block-{b:02d}.npy"):
+                self.fh[b].flush()
+                _datasync(self.fh[b].fileno())
+        self.rows += next(iter(arrays.values())).shape[0]
+
+    def finish(self) -> dict[str, str]:
+        """Sync, close and rename every file; returns file name -> sha256 of its bytes."""
+        if self.rows != self.expected:
+            raise RuntimeError(f"{self.sdir}: shard has {self.rows} of {self.expected} rows")
+        files = {}
+        for b, fh in self.fh.items():
+            with _naming(self.sdir / f"block-{b:02d}.npy"):
+                fh.flush()
+                os.fsync(fh.fileno())
+                fh.close()
+        for b, tmp in self.tmp.items():
+            name = f"block-{b:02d}.npy"
+            os.replace(tmp, self.sdir / name)
+            files[name] = self.sha[b].hexdigest()
+        self.tmp.clear()
+        return files
+
+    def abort(self) -> None:
+        """Close and remove the temporary files (an interrupted or failed shard leaves nothing behind)."""
+        for fh in self.fh.values():
+            try:
+                fh.close()
+            except OSError:
+                pass
+        for tmp in self.tmp.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        self.tmp.clear()
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """An ``OSError`` that does not name its file (a full disk reports bytes, not paths) is re-raised naming
+    ``path``, so the user's one-line error says which shard file could not be written."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        with os.fdopen(fd, "wb") as fh:
-            hashing = _HashingFile(fh)
-            np.save(hashing, arr)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        yield
     except OSError as exc:
         if exc.filename is not None and exc.errno != errno.ENOSPC:
             raise
         raise OSError(exc.errno or errno.EIO, exc.strerror or str(exc), str(path)) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-    return hashing.sha.hexdigest()
+
+
+def _datasync(fd: int) -> None:
+    (getattr(os, "fdatasync", None) or os.fsync)(fd)
 
 
 def _preprocess_digest(backbone: FrozenBackbone) -> str:
@@ -190,32 +252,41 @@ class TokenBank:
         n, d = backbone.grid[0] * backbone.grid[1], backbone.spec.width
 
         failed: list[BaseException] = []
+        open_shard: dict[str, _ShardFiles | None] = {"files": None}  # owned by the writer thread
+        fresh: dict[str, bool] = {}  # shard key -> its folder was created by this build
 
-        def write_shard(s: int, start: int, stop: int, buffers: dict[int, np.ndarray]) -> None:
-            if failed:  # an earlier shard's write or on_shard failed: write nothing after it
+        def consume(s: int, b0: int, b1: int, arrays: dict[int, np.ndarray]) -> None:
+            if failed:  # an earlier batch's write or on_shard failed (or the build stopped): write nothing after it
                 return
             try:
-                _write_shard(s, start, stop, buffers)
+                _consume(s, b0, b1, arrays)
             except BaseException as err:
                 failed.append(err)
                 raise
 
-        def _write_shard(s: int, start: int, stop: int, buffers: dict[int, np.ndarray]) -> None:
+        def _consume(s: int, b0: int, b1: int, arrays: dict[int, np.ndarray]) -> None:
             key = f"{s:05d}"
             sdir = root / f"shard-{key}"
-            fresh = not sdir.exists()
-            sdir.mkdir(exist_ok=True)
-            files = {}
+            start, stop = s * shard_size, min((s + 1) * shard_size, len(items))
+            if b0 == start:
+                fresh[key] = not sdir.exists()
+                sdir.mkdir(exist_ok=True)
+                for stale in sdir.glob(".block-*.npy.*"):  # temporary files of a build that was killed
+                    stale.unlink()
+                open_shard["files"] = _ShardFiles(sdir, blocks, (stop - start, n, d), dtype)
+            shard = open_shard["files"]
+            assert shard is not None
+            shard.append(arrays)
+            if b1 < stop:
+                return
+            files = shard.finish()
+            open_shard["files"] = None
+            manifest["shards"][key] = {"start": start, "stop": stop, "files": files}
             try:
-                for b in blocks:
-                    f = sdir / f"block-{b:02d}.npy"
-                    files[f.name] = _save_npy_atomic(f, buffers[b])
-                manifest["shards"][key] = {"start": start, "stop": stop, "files": files}
                 write_json_atomic(mpath, manifest, overwrite=True)
-            except OSError:
-                # a shard the manifest does not list is not part of the bank: leave none of its files behind
+            except BaseException:  # not listed on disk, so not part of the bank: leave none of it behind
                 manifest["shards"].pop(key, None)
-                if fresh:
+                if fresh.get(key):
                     shutil.rmtree(sdir, ignore_errors=True)
                 raise
             log.info(json.dumps({"event": "shard_done", "bank": str(root), "shard": key, "images": stop - start}))
@@ -227,35 +298,46 @@ class TokenBank:
 
         from ..progress import progress
 
+        store = getattr(torch, dtype)
         workers = max(1, min(4, (os.cpu_count() or 2) // 2))  # PIL transforms release the GIL
-        with ThreadPoolExecutor(workers, thread_name_prefix="bank-prep") as prep, \
-                ThreadPoolExecutor(1, thread_name_prefix="bank-write") as writer, \
-                progress(f"tokens {backbone.spec.name}", sum(b1 - b0 for _, b0, b1 in batches), unit="images") as step:
-            writes: list[Future] = []
-            ahead = [prep.submit(prepare, b0, b1) for _, b0, b1 in batches[:workers + 1]]
-            buffers: dict[int, np.ndarray] = {}
-            for i, (s, b0, b1) in enumerate(batches):
-                pixels = ahead.pop(0).result()
-                if i + len(ahead) + 1 < len(batches):
-                    ahead.append(prep.submit(prepare, *batches[i + len(ahead) + 1][1:]))
-                start, stop = s * shard_size, min((s + 1) * shard_size, len(items))
-                if b0 == start:
-                    buffers = {b: np.empty((stop - start, n, d), dtype=dtype) for b in blocks}
-                toks = backbone.patch_tokens(pixels, blocks, final_norm=final_norm)
-                for b in blocks:
-                    out = buffers[b][b0 - start:b1 - start]
-                    with np.errstate(over="ignore"):  # an overflow is checked just below and fails the build
-                        out[...] = toks[b].numpy()
-                    if dtype != "float32" and not np.isfinite(out).all():
-                        raise OverflowError(f"{backbone.spec.name}: block {b} tokens overflow {dtype} "
-                                            f"(images {b0}..{b1 - 1}); use token_bank_dtype float32")
-                step(b1 - b0)
-                if b1 == stop:
-                    while writes and (writes[0].done() or len(writes) >= 2):  # surface errors; at most 2 queued
-                        writes.pop(0).result()
-                    writes.append(writer.submit(write_shard, s, start, stop, buffers))
-            for w in writes:
-                w.result()
+        try:
+            with ThreadPoolExecutor(workers, thread_name_prefix="bank-prep") as prep, \
+                    ThreadPoolExecutor(1, thread_name_prefix="bank-write") as writer, \
+                    progress(f"tokens {backbone.spec.name}", sum(b1 - b0 for _, b0, b1 in batches),
+                             unit="images") as step:
+                writes: list[Future] = []
+                ahead = [prep.submit(prepare, b0, b1) for _, b0, b1 in batches[:workers + 1]]
+                try:
+                    for i, (s, b0, b1) in enumerate(batches):
+                        pixels = ahead.pop(0).result()
+                        if i + len(ahead) + 1 < len(batches):
+                            ahead.append(prep.submit(prepare, *batches[i + len(ahead) + 1][1:]))
+                        toks = backbone.patch_tokens(pixels, blocks, final_norm=final_norm)
+                        arrays = {}
+                        for b in blocks:
+                            out = toks[b].to(store).contiguous()
+                            if store is not torch.float32 and not all_finite(out):
+                                raise OverflowError(f"{backbone.spec.name}: block {b} tokens overflow {dtype} "
+                                                    f"(images {b0}..{b1 - 1}); use token_bank_dtype float32")
+                            arrays[b] = out.numpy()
+                        step(b1 - b0)
+                        while writes and (writes[0].done() or len(writes) >= 2):  # surface errors; at most 2 queued
+                            writes.pop(0).result()
+                        writes.append(writer.submit(consume, s, b0, b1, arrays))
+                    for w in writes:
+                        w.result()
+                except BaseException as err:
+                    failed.append(err)  # queued writes return at once
+                    for f in ahead:
+                        f.cancel()
+                    raise
+        finally:
+            if open_shard["files"] is not None:  # the writer has stopped: remove the unfinished shard's files
+                unfinished = open_shard["files"]
+                unfinished.abort()
+                key = unfinished.sdir.name.removeprefix("shard-")
+                if fresh.get(key) and key not in manifest["shards"]:  # a shard the manifest does not list is not
+                    shutil.rmtree(unfinished.sdir, ignore_errors=True)  # part of the bank: leave no folder of it
         manifest["complete"] = True
         write_json_atomic(mpath, manifest, overwrite=True)
         return cls(root)

@@ -126,7 +126,23 @@ def bench_bank(bb: FrozenBackbone, n_images: int, size: int, repeats: int, dtype
     print(f"  {bb.spec.name:<14s} {n_images} images {size}px -> {bb.spec.image_size}px, {len(blocks)} blocks, "
           f"{dtype}: build {t_build:7.3f} s, bare forward_intermediates {t_bare:7.3f} s, "
           f"throughput ratio {throughput:4.2f}x (goal >= {GOALS[key]})")
+    c_bare, c_build = cpu_seconds(bare), cpu_seconds(build)
+    print(f"  {'':<14s} CPU seconds (calling thread / whole process incl. workers): bare {c_bare[0]:.3f} / "
+          f"{c_bare[1]:.3f}, build {c_build[0]:.3f} / {c_build[1]:.3f}; calling-thread ratio "
+          f"{c_bare[0] / c_build[0]:4.2f}x (the throughput ratio when the other work has a free core)")
     return throughput
+
+
+def cpu_seconds(fn) -> tuple[float, float]:
+    """CPU seconds of one call: of the calling thread, and of the whole process with its (joined) child processes."""
+    import resource
+
+    def total() -> float:
+        return sum(r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF),
+                                                      resource.getrusage(resource.RUSAGE_CHILDREN)))
+    t0, p0 = time.thread_time(), total()
+    fn()
+    return time.thread_time() - t0, total() - p0
 
 
 def bench_precision() -> dict[str, float]:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import io
+import time
 
 import numpy as np
 import pytest
@@ -76,3 +78,35 @@ def test_float16_overflow_fails_instead_of_storing_inf(tmp_path, small, monkeypa
     with pytest.raises(OverflowError, match="float16"):
         TokenBank.build(tmp_path / "a", bb, items, blocks=[1], shard_size=4, dtype="float16")
     assert torch.isfinite(real(bb.preprocess([items[0].image]), [1])[1]).all()
+
+
+def test_batchwise_files_are_np_save_bytes_and_a_failed_build_leaves_only_finished_shards(tmp_path, small,
+                                                                                          monkeypatch) -> None:
+    bb, items = small  # 6 images: shard 0 = images 0..3, shard 1 = images 4..5
+    ref = TokenBank.build(tmp_path / "ref", bb, items, blocks=[1, 4], shard_size=4, batch_size=4, dtype="float16")
+    for key in ref.manifest["shards"]:
+        f = tmp_path / "ref" / f"shard-{key}" / "block-04.npy"
+        buf = io.BytesIO()
+        np.save(buf, np.load(f))
+        assert f.read_bytes() == buf.getvalue()  # the header and layout np.save writes
+    real, calls = bb.patch_tokens, []
+
+    def fails_on_sixth(pixels, blocks, *, final_norm=False):
+        calls.append(1)
+        if len(calls) == 6:  # the second batch of shard 1, once the writer has its files open and half written
+            deadline = time.monotonic() + 30
+            while not list((tmp_path / "b" / "shard-00001").glob(".block-*")) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert list((tmp_path / "b" / "shard-00001").glob(".block-*")), "the writer never opened shard 1"
+            raise RuntimeError("planted failure")
+        return real(pixels, blocks, final_norm=final_norm)
+
+    monkeypatch.setattr(bb, "patch_tokens", fails_on_sixth)
+    with pytest.raises(RuntimeError, match="planted"):
+        TokenBank.build(tmp_path / "b", bb, items, blocks=[1, 4], shard_size=4, batch_size=1, dtype="float16")
+    assert sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file()) == [
+        "manifest.json", "shard-00000/block-01.npy", "shard-00000/block-04.npy"]
+    assert list(TokenBank(tmp_path / "b").manifest["shards"]) == ["00000"]
+    monkeypatch.setattr(bb, "patch_tokens", real)
+    resumed = TokenBank.build(tmp_path / "b", bb, items, blocks=[1, 4], shard_size=4, batch_size=1, dtype="float16")
+    assert resumed.manifest["shards"] == ref.manifest["shards"]  # same bytes whatever the batch size or interruption

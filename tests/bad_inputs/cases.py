@@ -105,15 +105,15 @@ def _enospc_on_write(monkeypatch, tmp: Path) -> None:  # noqa: ANN001 - a full d
 def _enospc_in_shard_write(monkeypatch, tmp: Path) -> None:  # noqa: ANN001 - the disk fills while a shard is written
     from covtoken.backbone import tokenbank
 
-    real = tokenbank._HashingFile.write
+    real = tokenbank._ShardFiles._put
 
-    def write(self, data: bytes) -> int:  # noqa: ANN001
-        if len(data) > 4096:  # the header goes through, the first block's array does not (as numpy reports it)
-            real(self, bytes(data)[:1024])
+    def put(self, b: int, data) -> None:  # noqa: ANN001
+        if len(data) > 4096:  # the header goes through, the first batch's rows do not (as numpy reports it)
+            real(self, b, bytes(data)[:1024])
             raise OSError(errno.ENOSPC, f"{len(data)} requested and 1024 written")
-        return real(self, data)
+        real(self, b, data)
 
-    monkeypatch.setattr(tokenbank._HashingFile, "write", write)
+    monkeypatch.setattr(tokenbank._ShardFiles, "_put", put)
 
 
 def _deny_read(name: str) -> Callable[..., None]:
