@@ -108,18 +108,17 @@ class FrozenBackbone:
                                       resolved_revision=self.source.get("resolved_revision"),
                                       files=self.source.get("files", {}))[0]
 
-    def preprocess(self, images: Sequence[np.ndarray], *, to_device: bool = True) -> torch.Tensor:
+    def preprocess(self, images: Sequence[np.ndarray]) -> torch.Tensor:
         """Images in the common layout -> ``(B, 3, S, S)`` float32 tensor, by the library's own transform.
 
         See :mod:`covtoken.backbone.preprocess`: 8-bit PIL images (grey repeated to three channels) go through the
         transform the model's library resolves from its data config, squashed to the square input (no crop).
-        ``to_device=False`` leaves the pixels on the CPU (a data-loading worker process must not touch CUDA).
         """
         x = self.transform(images)
         side = self.spec.image_size
         if tuple(x.shape[1:]) != (3, side, side):
             raise RuntimeError(f"{self.spec.name}: the library transform gave {tuple(x.shape)}, expected (B, 3, {side}, {side})")
-        return x.to(self.device) if to_device else x
+        return x.to(self.device)
 
     @torch.inference_mode()
     def patch_tokens(self, pixels: torch.Tensor, blocks: Sequence[int], *, final_norm: bool = False) -> dict[int, torch.Tensor]:
