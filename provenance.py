@@ -97,6 +97,17 @@ def package_versions() -> dict[str, str]:
     return out
 
 
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux ``/proc/cpuinfo``, else ``platform.processor()``); None when unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() or None
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
 def runtime(device: str) -> dict:
     """Python, torch, CUDA and device fields of a record."""
     import torch
@@ -110,4 +121,7 @@ def runtime(device: str) -> dict:
                "count": torch.cuda.device_count()}
     dev["cpu_count"] = os.cpu_count() or 0
     dev["platform"] = platform.platform()
+    model = cpu_model()
+    if model:
+        dev["cpu_model"] = model  # float kernels (BLAS, oneDNN) differ by CPU: part of "same host" for reproduction
     return {"python": platform.python_version(), "torch": torch.__version__, "cuda": cuda, "device": dev}

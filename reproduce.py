@@ -59,6 +59,9 @@ def _get(doc: dict, path: tuple[str, ...]) -> object:
 
 #: Config keys that say where a run writes or which lock file it read, not what it computes.
 PLACE_KEYS = frozenset({"results", "run_id", "work_dir", "lock"})
+#: config keys whose value a rerun resolves explicitly (``--lock-entry``: the record's entry, which may have been the
+#: default); the resolved value itself is compared (``lock/entry``)
+RESOLVED_KEYS = frozenset({"lock_entry"})
 
 
 def compare_records(a: dict, b: dict, *, fields: tuple[tuple[str, ...], ...] = COMPARED) -> list[str]:
@@ -87,7 +90,7 @@ def protocol_differences(a: dict, b: dict) -> list[str]:
     if a["provenance"]["command"][:1] != b["provenance"]["command"][:1]:
         out.append(f"provenance/command: job {a['provenance']['command'][:1]} vs {b['provenance']['command'][:1]}")
     ca, cb = a["provenance"]["config"], b["provenance"]["config"]
-    for k in sorted((set(ca) | set(cb)) - PLACE_KEYS):
+    for k in sorted((set(ca) | set(cb)) - PLACE_KEYS - RESOLVED_KEYS):
         if ca.get(k, "<absent>") != cb.get(k, "<absent>"):
             out.append(f"provenance/config/{k}: original {ca.get(k, '<absent>')!r}, rerun {cb.get(k, '<absent>')!r}")
     for path in (("provenance", "seed"), ("lock", "entry"), ("gate_id",)):
