@@ -120,11 +120,8 @@ def drift(committed: dict, rerun: dict, tol: float = 0.0) -> list[str]:
         return [f"not the record's protocol: {d}" for d in proto]
     committed, rerun = _without_timings(committed), _without_timings(rerun)
     if tol > 0:
-        from covtoken.eval.recompute import canonical
-        from covtoken.reproduce import _get
-
-        diffs = [d for f in AT_HEAD for d in _beyond(_numbers_masked(canonical(_get(committed, f)), f),
-                                                      _numbers_masked(canonical(_get(rerun, f)), f), tol, "/".join(f))]
+        diffs = [d for f in AT_HEAD for d in _beyond(_numbers_masked(canonical_get(committed, f), f),
+                                                      _numbers_masked(canonical_get(rerun, f), f), tol, "/".join(f))]
     else:
         diffs = compare_records(committed, rerun, fields=AT_HEAD)
     if diffs:
