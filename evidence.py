@@ -246,8 +246,9 @@ def upper_bound_tier(*, datasets: list[str], backbone: str, weights: str | None,
 
 # ------------------------------------------------------------------------------------------------ lock entries
 def entry_tier(entry_key: str) -> Tier:
-    """The tier a lock entry judges: ``<G>/real`` -> real, ``<G>/sample`` -> sample, every other -> flow-check."""
-    name = entry_key.rpartition("/")[2]
+    """The tier a lock entry judges: ``<G>/real`` (and a variant such as ``<G>/real-3d``) -> real, ``<G>/sample``
+    (``sample-3d``) -> sample, every other (``embedded``, ``embedded-trained``, ...) -> flow-check."""
+    name = entry_key.rpartition("/")[2].partition("-")[0]
     return "real" if name == "real" else "sample" if name == "sample" else "flow-check"
 
 

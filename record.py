@@ -148,7 +148,11 @@ def write_json_atomic(path: str | Path, obj: Any, *, overwrite: bool = False) ->
             if overwrite:
                 os.replace(tmp, path)
             else:
-                os.link(tmp, path)  # fails with FileExistsError when the target exists
+                try:
+                    os.link(tmp, path)  # fails with FileExistsError when the target exists
+                except FileExistsError:
+                    raise FileExistsError(f"{path}: exists; it is never overwritten (remove it or write elsewhere)"
+                                          ) from None
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)

@@ -371,7 +371,7 @@ class Run:
 
     @classmethod
     def for_gate(cls, gate_id: str, cfg: JobConfig, *, command: list[str], default_entry: str | None = None,
-                 upper: tuple[str, str] | None = None) -> "Run":
+                 upper: tuple[str, str] | None = None, variant: str | None = None) -> "Run":
         """Open the run of a gate job from its config.
 
         The lock entry is ``--lock-entry`` if given, else the one the run's evidence tier calls for
@@ -382,6 +382,9 @@ class Run:
         ``upper`` replaces the upper bound computed from ``cfg.backbone`` for a job whose backbones are not the
         frozen-backbone option (G9: the arms of its classifier configs): ``(tier, why)`` with ``why`` naming what
         keeps it below ``real`` (see :func:`covtoken.evidence.weights_upper_bound`).
+
+        ``variant`` names a protocol family with entries of its own (G8's ``3d``): the entry chosen without
+        ``--lock-entry`` is then ``<name>-<variant>`` (``embedded-3d``, ``real-3d``), never the plain one.
         """
         from .evidence import allowed_entry, default_entry_name, is_phantom, upper_bound_tier
 
@@ -402,9 +405,13 @@ class Run:
             except (LockError, RecordError, KeyError):  # the constructor below reports a bad lock or gate itself
                 names = []
             name = default_entry_name(bound, phantom=phantom, entries=names)
-            if name == "embedded":  # a flow-check entry calibrated for this backbone (e.g. embedded-trained) wins
-                name = backbone_entry(gate_id, cfg.backbone, lock_path=lock_path, calibration=cfg.calibration) or name
-            entry = f"{gate_id}/{name if name in names or default_entry is None else default_entry}"
+            if variant:
+                entry = f"{gate_id}/{name}-{variant}"
+            else:
+                if name == "embedded":  # a flow-check entry calibrated for this backbone (e.g. embedded-trained) wins
+                    name = backbone_entry(gate_id, cfg.backbone, lock_path=lock_path,
+                                          calibration=cfg.calibration) or name
+                entry = f"{gate_id}/{name if name in names or default_entry is None else default_entry}"
         if not cfg.calibration and not any(allowed_entry(t, entry) for t in _TIERS_UP_TO[bound]):
             from .evidence import EvidenceError
 

@@ -11,8 +11,8 @@ With ``out_dir``, training checkpoints and resumes exactly like the 2-D loop (:m
 checkpoint, manifest and collapse-monitor helpers it uses): safetensors every ``checkpoint_every`` steps with their
 sha256 in a manifest, everything random in step ``s`` drawn from ``(seed, s)``, so a run killed and restarted gives
 the same weights as an unbroken one. :func:`pretrain_volumes` is the label-free stage on a loaded dataset: it
-stacks the *training* patients' slices into volumes and pretrains on them; it never reads a mask. The gate job
-and a 3-D evaluation are not built yet.
+stacks the *training* patients' slices into volumes and pretrains on them; it never reads a mask.
+:func:`embed_volumes` gives the frozen volume embeddings the G8 job's volume-level evaluation reads (``--dims 3``).
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ from .sigreg import DEFAULT_KNOTS, DEFAULT_T_MAX
 from .volumetric import group_volumes
 
 __all__ = ["LeJEPA3DConfig", "stack_volumes", "build_encoder_3d", "LeJEPA3DModel", "volume_views", "pretrain_3d",
-           "Pretrain3DResult", "training_volumes", "pretrain_volumes"]
+           "Pretrain3DResult", "training_volumes", "patient_volumes", "pretrain_volumes", "volume_inputs",
+           "embed_volumes", "model_from_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,16 @@ class LeJEPA3DConfig:
     knots: int = DEFAULT_KNOTS
     checkpoint_every: int = 10
     monitor_volumes: int = 16
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "LeJEPA3DConfig":
+        """Build from the locked ``pretraining`` parameters of a 3-D entry; an unknown key raises, naming it."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - fields)
+        if unknown:
+            raise ValueError(f"unknown 3-D pretraining parameter(s) {unknown}; valid: {sorted(fields)}")
+        merged = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()}
+        return cls(**merged)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready parameters (tuples as lists)."""
@@ -171,12 +182,38 @@ class Pretrain3DResult:
     seconds: float
 
 
-def _monitor_inputs(vols: Sequence[torch.Tensor], cfg: LeJEPA3DConfig) -> torch.Tensor:
-    """Whole volumes (no crop, no jitter) at the encoder's input size, for the collapse monitor."""
-    pick = np.linspace(0, len(vols) - 1, min(cfg.monitor_volumes, len(vols))).astype(int)
-    x = torch.stack([F.interpolate(vols[i][None, None], size=tuple(cfg.input_size), mode="trilinear",
-                                   align_corners=False)[0] for i in pick])
+def volume_inputs(vols: Sequence[torch.Tensor | np.ndarray], cfg: LeJEPA3DConfig) -> torch.Tensor:
+    """``(n, 1, D, H, W)`` whole volumes (no crop, no jitter) resized to the encoder's input, [0, 1] -> [-1, 1]."""
+    x = torch.stack([F.interpolate(torch.as_tensor(np.asarray(v, dtype=np.float32))[None, None],
+                                   size=tuple(cfg.input_size), mode="trilinear", align_corners=False)[0] for v in vols])
     return (x - 0.5) / 0.5
+
+
+def _monitor_inputs(vols: Sequence[torch.Tensor], cfg: LeJEPA3DConfig) -> torch.Tensor:
+    """Whole volumes at the encoder's input size, for the collapse monitor (an evenly spaced subset)."""
+    pick = np.linspace(0, len(vols) - 1, min(cfg.monitor_volumes, len(vols))).astype(int)
+    return volume_inputs([vols[i] for i in pick], cfg)
+
+
+@torch.no_grad()
+def embed_volumes(model: LeJEPA3DModel, vols: Sequence[np.ndarray], cfg: LeJEPA3DConfig, *, batch_size: int = 16,
+                  device: str = "cpu") -> np.ndarray:
+    """Frozen embeddings ``(n, hidden)`` float32 of whole volumes: the encoder's mean patch token (no projector)."""
+    model = model.to(device).eval()
+    out = [model.embed(volume_inputs(vols[i:i + batch_size], cfg).to(device)).float().cpu()
+           for i in range(0, len(vols), batch_size)]
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def model_from_checkpoint(path: str | Path | None, cfg: LeJEPA3DConfig) -> LeJEPA3DModel:
+    """The encoder + projector of a 3-D checkpoint (strict), or the random initialisation when ``path`` is None."""
+    model = LeJEPA3DModel(cfg)
+    if path is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict({k[6:]: v for k, v in load_file(str(path)).items() if k.startswith("model.")},
+                              strict=True)
+    return model
 
 
 def pretrain_3d(volumes: Sequence[np.ndarray], cfg: LeJEPA3DConfig, *, seed: int,
@@ -252,13 +289,24 @@ def pretrain_3d(volumes: Sequence[np.ndarray], cfg: LeJEPA3DConfig, *, seed: int
 def training_volumes(items: Sequence[Any], train_patients: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
     """The training patients' slices stacked into volumes (one per patient, sorted by id).
 
-    Slices are ordered by ``meta["slice_index"]`` where the loader gives one (the NIfTI volume loaders), else by
-    image id (the phantoms' ``<patient>-sNN``). Only ``items`` of ``train_patients`` are read; no mask is touched.
+    Slices are ordered by ``meta["slice_index"]`` where the loader gives one (the NIfTI volume loaders and the
+    volume phantoms), else by image id (the 2-D phantoms' ``<patient>-sNN``). Only ``items`` of
+    ``train_patients`` are read; no mask is touched.
     """
-    train = set(train_patients)
-    fit = sorted((it for it in items if it.patient_id in train), key=lambda it: it.image_id)
-    if not fit:
+    if not set(train_patients) & {it.patient_id for it in items}:
         raise ValueError("no training patient's slice to pretrain on")
+    vols, ids, _ = patient_volumes(items, train_patients)
+    return vols, ids
+
+
+def patient_volumes(items: Sequence[Any], patients: Sequence[str]
+                    ) -> tuple[list[np.ndarray], list[str], dict[str, list[str]]]:
+    """The slices of ``patients`` stacked into one volume per patient (sorted by id), and each volume's slice ids
+    in stacking order (the evaluation reads a volume's label from them)."""
+    keep = set(patients)
+    fit = sorted((it for it in items if it.patient_id in keep), key=lambda it: it.image_id)
+    if not fit:
+        raise ValueError(f"none of the {len(keep)} patients has a slice")
     rank: dict[str, int] = {}
     positions = []
     for it in fit:
@@ -267,7 +315,10 @@ def training_volumes(items: Sequence[Any], train_patients: Sequence[str]) -> tup
         else:
             positions.append(float(rank.setdefault(it.patient_id, 0)))
             rank[it.patient_id] += 1
-    return stack_volumes([it.image for it in fit], [it.patient_id for it in fit], positions)
+    vols, ids = stack_volumes([it.image for it in fit], [it.patient_id for it in fit], positions)
+    order = {v.volume_id: [fit[r].image_id for r in v.rows]
+             for v in group_volumes([it.patient_id for it in fit], positions)}
+    return vols, ids, {v: order[v] for v in ids}
 
 
 def pretrain_volumes(data: Any, splits: Mapping[str, Sequence[str]], cfg: LeJEPA3DConfig, *, seed: int,

@@ -52,6 +52,24 @@ def encoder_backbone(encoder: Mapping[str, Any], state: Mapping[str, torch.Tenso
     return FrozenBackbone(encoder_spec(encoder, name=name, mean=mean, std=std), model, device=device)
 
 
+def _encoder_line(P: Mapping[str, Any]) -> str:
+    """The encoder in words: timm's 2-D ViT (``encoder``) or MONAI's 3-D ViT (``vit``, ``input_size``)."""
+    if "encoder" in P:
+        e = P["encoder"]
+        return (f"timm `{e['timm_model']}` ({e['depth']} blocks, width {e['embed_dim']}, {e['img_size']} px, patch "
+                f"{e['patch_size']})")
+    v = P["vit"]
+    return (f"MONAI `ViT` (spatial_dims=3; {v['num_layers']} blocks, width {v['hidden_size']}, input "
+            f"{'x'.join(map(str, P['input_size']))}, patch {'x'.join(map(str, P['patch_size']))})")
+
+
+def _views_line(P: Mapping[str, Any]) -> str:
+    if "global_views" in P:
+        return (f"{P['global_views']} global ({P['global_size']} px) + {P['local_views']} local ({P['local_size']} px) "
+                "views")
+    return f"{P['views']} random volumetric crops per volume (scale {P['crop_scale'][0]}-{P['crop_scale'][1]} per axis)"
+
+
 def render_card(record: Mapping[str, Any], pretraining: Mapping[str, Any], *, name: str, weights_file: str,
                 weights_sha256: str) -> str:
     """Markdown model card of a LeJEPA-pretrained encoder, from its G8 record and ``pretraining.json`` artefact."""
@@ -59,6 +77,11 @@ def render_card(record: Mapping[str, Any], pretraining: Mapping[str, Any], *, na
     ds = prov["dataset"]
     P = prov["parameters"]["pretraining"]
     chosen = next((n for n in record["notes"] if n.startswith("checkpoint ")), "")
+    unit = "volumes" if "volumes_fed" in pretraining else "images"
+    fed = pretraining[f"{unit}_fed"]
+    tier = record.get("evidence", "flow-check")
+    tier_line = ("flow check. It learned from synthetic phantoms: nothing here says how it behaves on real images."
+                 if tier == "flow-check" else f"{tier} (from the record's facts; see the record's `evidence`).")
     mon = "\n".join(f"| {c['step']} | {c['monitor']['sigreg_projected']:.2f} | {c['monitor']['rankme_embedding']:.2f} | "
                     f"{c['monitor']['per_dim_std']['min']:.3f} / {c['monitor']['per_dim_std']['median']:.3f} |"
                     for c in pretraining["checkpoints"])
@@ -72,18 +95,17 @@ def render_card(record: Mapping[str, Any], pretraining: Mapping[str, Any], *, na
 Generated from gate record `{record['run_id']}` (G8, decision **{record['decision']}**, lock entry
 `{record['lock']['entry']}`, code commit `{prov['code']['commit']}`{' (dirty)' if prov['code']['dirty'] else ''}).
 
-- **What it is:** timm `{P['encoder']['timm_model']}` ({P['encoder']['depth']} blocks, width {P['encoder']['embed_dim']},
-  {P['encoder']['img_size']} px, patch {P['encoder']['patch_size']}), pretrained from its fixed-seed initialisation
-  (seed {P['init_seed']}) with LeJEPA: lam = {P['lam']}, {P['num_slices']} SIGReg slices (Epps-Pulley, t in
-  [0, {P['t_max']}], {P['knots']} knots), {P['global_views']} global ({P['global_size']} px) + {P['local_views']}
-  local ({P['local_size']} px) views, {P['steps']} steps of batch {P['batch_size']}, AdamW lr {P['lr']}.
+- **What it is:** {_encoder_line(P)}, pretrained from its fixed-seed
+  initialisation (seed {P['init_seed']}) with LeJEPA: lam = {P['lam']}, {P['num_slices']} SIGReg slices (Epps-Pulley,
+  t in [0, {P['t_max']}], {P['knots']} knots), {_views_line(P)}, {P['steps']} steps of batch {P['batch_size']},
+  AdamW lr {P['lr']}.
 - **Data:** `{ds.get('id')}` @ `{ds.get('revision')}`, training patients only
-  ({pretraining['images_fed']['n']} images, ids sha256 `{pretraining['images_fed']['sha256'][:16]}...`).
+  ({fed['n']} {unit}, ids sha256 `{fed['sha256'][:16]}...`).
 - **Checkpoint:** {chosen}
 - **Weights:** `{weights_file}`, sha256 `{weights_sha256}`.
-- **Evidence tier:** flow check. It learned from synthetic phantoms: nothing here says how it behaves on real images.
+- **Evidence tier:** {tier_line}
 
-## Collapse monitor (clean training images)
+## Collapse monitor (clean training {unit})
 
 | step | SIGReg (projected) | RankMe (embedding) | per-dim std min / median |
 |---|---|---|---|

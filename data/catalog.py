@@ -1,6 +1,6 @@
 """Dataset names the jobs accept, each mapped to a loader that returns the common layout.
 
-* ``phantom-ct``, ``phantom-kidney``, ``phantom-us``, ``phantom-derm``: generated from a seed (the embedded default).
+* ``phantom-ct``, ``phantom-ct3d`` (volumes: contiguous slices per patient), ``phantom-kidney``, ``phantom-us``, ``phantom-derm``: generated from a seed (the embedded default).
 * ``busi`` and ``lidc`` (option ``root``): the BUSI and LIDC-IDRI folder layouts, e.g. the samples in
   ``../shared/realdata``; their revision is a digest of every file read.
 * ``folder`` (option ``root``): any folder of images + masks (+ optional ``index.csv``) with a ``dataset.json``
@@ -20,7 +20,7 @@ from typing import Any, Callable
 
 from .identity import is_registered_sample
 from .layout import EvalMasks, ImageItem
-from .phantoms import ct_phantoms, derm_phantoms, kidney_phantoms, us_phantoms
+from .phantoms import ct_phantoms, ct_volume_phantoms, derm_phantoms, kidney_phantoms, us_phantoms
 
 __all__ = ["LoadedDataset", "load_dataset", "list_datasets", "register_dataset", "is_embedded",
            "is_registered_sample"]
@@ -225,6 +225,7 @@ def _phantom(kind: str, fn: Callable[..., tuple[list[ImageItem], EvalMasks]], pe
 
 
 register_dataset("phantom-ct", _phantom("ct", ct_phantoms, "slices_per_patient"))
+register_dataset("phantom-ct3d", _phantom("ct3d", ct_volume_phantoms, "slices_per_patient"))
 register_dataset("phantom-kidney", _phantom("kidney", kidney_phantoms, "slices_per_patient"))
 register_dataset("phantom-us", _phantom("us", us_phantoms, "images_per_patient"))
 register_dataset("phantom-derm", _phantom("derm", derm_phantoms, "lesions_per_patient"))

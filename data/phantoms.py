@@ -5,6 +5,9 @@ Three modalities, each ``(list[ImageItem], EvalMasks)``:
 * :func:`ct_phantoms` - axial chest-CT-like slices in HU, windowed with the lung window: body ellipse,
   two lungs with vessels, Gaussian noise; solid nodules of several sizes, from sub-token (diameter < one
   16-pixel patch) to several tokens, in some slices; others are lesion-free.
+* :func:`ct_volume_phantoms` - chest-CT-like *volumes*: contiguous axial slices of one patient share the body,
+  lungs, vessels (3-D tubes) and nodules (3-D ellipsoids spanning slices); about half the patients have no
+  nodule, so a volume-level label is balanced. Slices carry ``meta["slice_index"]``.
 * :func:`kidney_phantoms` - axial abdominal-CT-like slices (abdominal window): fat, muscle wall, liver,
   spine, two kidneys with cortex and medulla; renal tumours (solid, slightly hypodense, 4-16 px radius).
 * :func:`us_phantoms` - B-mode-ultrasound-like images: layered tissue, multiplicative Rayleigh speckle,
@@ -22,7 +25,7 @@ import numpy as np
 
 from .layout import EvalMasks, ImageItem, SealedMask
 
-__all__ = ["ct_phantoms", "kidney_phantoms", "us_phantoms", "derm_phantoms", "PHANTOM_NODULE_RADII_PX"]
+__all__ = ["ct_phantoms", "ct_volume_phantoms", "kidney_phantoms", "us_phantoms", "derm_phantoms", "PHANTOM_NODULE_RADII_PX"]
 
 #: Nodule radii (pixels at 128 px); radius 3-5 is at most one 16x16 token.
 PHANTOM_NODULE_RADII_PX = (3.0, 4.5, 6.0, 9.0, 13.0)
@@ -108,6 +111,77 @@ def ct_phantoms(*, n_patients: int, slices_per_patient: int = 4, size: int = 128
                                    spacing_mm=(0.7, 0.7), source=f"phantom-ct(seed={seed})/{iid}",
                                    meta={"window": "lung (-600, 1500)"}))
             masks[iid] = SealedMask(mask, source=f"phantom-ct(seed={seed})/{iid}/mask")
+    return items, EvalMasks(masks, items)
+
+
+def _smooth_noise_3d(rng: np.random.Generator, shape: tuple[int, int, int], scale: tuple[int, int, int]) -> np.ndarray:
+    """Low-frequency 3-D noise in [-1, 1] from an upsampled coarse grid."""
+    from scipy.ndimage import zoom
+
+    coarse = rng.standard_normal(tuple(n // s + 2 for n, s in zip(shape, scale))).astype(np.float32)
+    fine = zoom(coarse, scale, order=1)[:shape[0], :shape[1], :shape[2]]
+    return fine / (np.abs(fine).max() + 1e-6)
+
+
+def _segment_distance(zz: np.ndarray, yy: np.ndarray, xx: np.ndarray, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance of every voxel to the segment ``a``-``b`` (voxel coordinates ``(z, y, x)``)."""
+    p = np.stack([zz, yy, xx], -1) - a
+    ab = b - a
+    t = np.clip((p @ ab) / float(ab @ ab + 1e-9), 0.0, 1.0)
+    return np.linalg.norm(p - t[..., None] * ab, axis=-1)
+
+
+def ct_volume_phantoms(*, n_patients: int, slices_per_patient: int = 16, size: int = 64, seed: int = 0,
+                       lesion_fraction: float = 0.5, slice_thickness_mm: float = 2.5) -> tuple[list[ImageItem], EvalMasks]:
+    """Chest-CT-like volumes, one per patient, as contiguous axial slices (lung window, values in [0, 1]).
+
+    Unlike :func:`ct_phantoms`, whose slices are drawn independently, the slices of one patient here are cuts through
+    one 3-D body: lungs are ellipsoids, vessels are tubes crossing slices, and a nodule is an ellipsoid that spans
+    the slices its through-plane radius reaches (in-plane radii from :data:`PHANTOM_NODULE_RADII_PX`, scaled to
+    ``size``). With probability ``lesion_fraction`` a patient has 1-3 nodules, otherwise none, so the volume-level
+    label ("the volume holds a nodule") is balanced. Ids: patient ``ct3-pNNN``, slice ``<patient>-sNN`` with
+    ``meta["slice_index"]``.
+    """
+    items, masks = [], {}
+    d, px = int(slices_per_patient), 0.7 * 128 / size  # in-plane spacing: the 2-D phantom's field of view
+    zz, yy, xx = np.mgrid[0:d, 0:size, 0:size].astype(np.float32)
+    c, cz = size / 2, (d - 1) / 2
+    for p, child in enumerate(np.random.SeedSequence([seed, 3]).spawn(n_patients)):
+        rng = np.random.default_rng(child)
+        pid = f"ct3-p{p:03d}"
+        body_a, body_b = rng.uniform(0.40, 0.47) * size, rng.uniform(0.30, 0.38) * size
+        hu = np.full((d, size, size), -1000.0, dtype=np.float32)
+        body = ((yy - c) / body_b) ** 2 + ((xx - c) / body_a) ** 2 <= 1.0
+        hu[body] = (40.0 + 15.0 * _smooth_noise_3d(rng, hu.shape, (4, 8, 8)))[body]
+        lungs = np.zeros(hu.shape, dtype=bool)
+        rz = d * rng.uniform(0.55, 0.75)
+        for side in (-1, 1):
+            ly, lx = c + rng.uniform(-2, 2), c + side * body_a * rng.uniform(0.45, 0.52)
+            ra, rb = body_a * rng.uniform(0.33, 0.38), body_b * rng.uniform(0.62, 0.72)
+            lungs |= ((yy - ly) / rb) ** 2 + ((xx - lx) / ra) ** 2 + ((zz - cz - rng.uniform(-1, 1)) / rz) ** 2 <= 1.0
+        hu[lungs] = (-850.0 + 40.0 * _smooth_noise_3d(rng, hu.shape, (2, 4, 4)))[lungs]
+        inside = np.argwhere(lungs).astype(np.float32)
+        for _ in range(rng.integers(4, 9)):  # vessels: bright tubes between two points inside the lungs
+            a, b = inside[rng.integers(len(inside))], inside[rng.integers(len(inside))]
+            hu[(_segment_distance(zz, yy, xx, a, b) <= rng.uniform(0.6, 1.1)) & lungs] = -300.0
+        mask = np.zeros(hu.shape, dtype=bool)
+        if rng.random() < lesion_fraction:
+            for _ in range(rng.integers(1, 4)):
+                r = float(rng.choice(PHANTOM_NODULE_RADII_PX)) * size / 128 * rng.uniform(0.9, 1.1)
+                cz_, cy, cx = inside[rng.integers(len(inside))]
+                r_z = max(0.6, r * px / slice_thickness_mm)
+                nod = (((zz - cz_) / r_z) ** 2 + ((yy - cy) / r) ** 2 + ((xx - cx) / r) ** 2 <= 1.0) & body
+                mask |= nod
+                hu[nod] = 20.0 + 20.0 * rng.standard_normal(int(nod.sum()))
+        hu += rng.normal(0.0, 25.0, size=hu.shape).astype(np.float32)
+        vol = np.clip((hu - (-600.0)) / 1500.0 + 0.5, 0.0, 1.0).astype(np.float32)
+        for s in range(d):
+            iid = f"{pid}-s{s:02d}"
+            items.append(ImageItem(image=vol[s], image_id=iid, patient_id=pid, modality="CT",
+                                   spacing_mm=(px, px), source=f"phantom-ct3d(seed={seed})/{iid}",
+                                   meta={"window": "lung (-600, 1500)", "slice_index": s,
+                                         "slice_thickness_mm": slice_thickness_mm}))
+            masks[iid] = SealedMask(mask[s], source=f"phantom-ct3d(seed={seed})/{iid}/mask")
     return items, EvalMasks(masks, items)
 
 

@@ -23,9 +23,10 @@ from .bootstrap import clustered_bootstrap_auroc
 from .recompute import Evaluation, recipe
 from .labels import token_lesion_fraction
 from .ssl import (balanced_accuracy_ci, dice_per_patient, fraction_rows, image_labels, knn_episodes, mean_ci,
-                  pixel_masks, probe_decisions, segmentation_decisions, select_probe, select_segmentation)
+                  pixel_masks, probe_decisions, segmentation_decisions, select_probe, select_segmentation,
+                  volume_labels)
 
-__all__ = ["G8Inputs", "g8_inputs", "probe_arrays", "segmentation_arrays"]
+__all__ = ["G8Inputs", "g8_inputs", "g8_volume_inputs", "probe_arrays", "segmentation_arrays"]
 
 
 @dataclass(frozen=True)
@@ -33,12 +34,14 @@ class G8Inputs:
     """Label-free inputs of the evaluation.
 
     Attributes:
-        image_ids, patient_ids: ``(n,)`` in feature-row order.
+        image_ids, patient_ids: ``(n,)`` in feature-row order (volume ids in the 3-D mode, one per patient).
         rows: split name -> row indices (``train``, ``val``, ``test``).
         features: arm -> ``(n, d)`` image embeddings; arms ``random_init``, ``pixels`` and one per checkpoint.
-        tokens: arm -> ``(n, N, d)`` final-block patch tokens (``random_init`` and the checkpoints).
+        tokens: arm -> ``(n, N, d)`` final-block patch tokens (``random_init`` and the checkpoints); empty in the
+            3-D mode, which has no segmentation probe.
         checkpoints: checkpoint arm names in step order.
-        grid: token grid.
+        grid: token grid (``()`` in the 3-D mode).
+        slices_of: 3-D mode: volume id -> its slices' image ids (label-free; the evaluation reads labels by them).
     """
 
     image_ids: list[str]
@@ -47,7 +50,8 @@ class G8Inputs:
     features: Mapping[str, np.ndarray]
     tokens: Mapping[str, np.ndarray]
     checkpoints: list[str]
-    grid: tuple[int, int]
+    grid: tuple[int, ...]
+    slices_of: Mapping[str, Sequence[str]] | None = None
 
 
 def _metric(value: float | None, ci: Sequence[float] | None, method: str | None, n: Mapping[str, int], unit: str,
@@ -65,18 +69,10 @@ def g8_inputs(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: in
         (see :func:`segmentation_arrays`).
     """
     y = image_labels(masks, inp.image_ids)
-    arrays = {"labels": y, "patients": np.asarray(inp.patient_ids).astype(str),
-              **{f"rows.{k}": np.asarray(v, dtype=np.int64) for k, v in inp.rows.items()},
-              **{f"feat.{arm}": np.asarray(v, dtype=np.float32) for arm, v in inp.features.items()}}
-    common = {"probe_cs": [float(c) for c in P["probe_cs"]], "n_boot": int(P["n_boot"]),
-              "ci_level": float(P["ci_level"]), "seed": int(seed)}
-    args = {**common, "checkpoints": list(inp.checkpoints), "shots": [int(s) for s in P["shots"]],
-            "primary_shots": int(P["primary_shots"]), "n_episodes": int(P["n_episodes"]),
-            "data_fractions": [float(f) for f in P["data_fractions"]]}
+    arrays, args = _probe_inputs(inp, y, P, seed=seed)
+    common = {k: args[k] for k in ("probe_cs", "n_boot", "ci_level", "seed")}
     ids = inp.image_ids
     tr, va, te = (np.asarray(inp.rows[k]) for k in ("train", "val", "test"))
-    arrays.update(probe_arrays(inp.features, y, tr, va, te, cs=common["probe_cs"], fractions=args["data_fractions"],
-                               seed=int(seed)))
     seg = {"frac.train": token_lesion_fraction(masks, [ids[i] for i in tr], inp.grid),
            "mask.val": np.stack(pixel_masks(masks, [ids[i] for i in va])),
            "mask.test": np.stack(pixel_masks(masks, [ids[i] for i in te])),
@@ -85,6 +81,29 @@ def g8_inputs(inp: G8Inputs, masks: EvalMasks, P: Mapping[str, Any], *, seed: in
            **{f"rows.{k}": np.asarray(v, dtype=np.int64) for k, v in inp.rows.items()}}
     seg_args = {**common, "grid": list(inp.grid), "positive_min": float(P["seg_positive_min"]), "figure_images": 4}
     return arrays, args, seg, seg_args
+
+
+def g8_volume_inputs(inp: G8Inputs, masks: EvalMasks, slices_of: Mapping[str, Sequence[str]], P: Mapping[str, Any], *,
+                     seed: int) -> tuple[dict, dict]:
+    """Arrays and arguments of recipe ``g8.probes`` for the 3-D mode: one row per volume, labelled 1 when any of its
+    slices (``slices_of[volume_id]``) holds a lesion pixel (labels opened here, in eval)."""
+    return _probe_inputs(inp, volume_labels(masks, slices_of, inp.image_ids), P, seed=seed)
+
+
+def _probe_inputs(inp: G8Inputs, y: np.ndarray, P: Mapping[str, Any], *, seed: int) -> tuple[dict, dict]:
+    """``g8.probes``'s stored arrays (labels, patients, rows, features, the fitted probes' decisions) and args."""
+    arrays = {"labels": y, "patients": np.asarray(inp.patient_ids).astype(str),
+              **{f"rows.{k}": np.asarray(v, dtype=np.int64) for k, v in inp.rows.items()},
+              **{f"feat.{arm}": np.asarray(v, dtype=np.float32) for arm, v in inp.features.items()}}
+    common = {"probe_cs": [float(c) for c in P["probe_cs"]], "n_boot": int(P["n_boot"]),
+              "ci_level": float(P["ci_level"]), "seed": int(seed)}
+    args = {**common, "checkpoints": list(inp.checkpoints), "shots": [int(s) for s in P["shots"]],
+            "primary_shots": int(P["primary_shots"]), "n_episodes": int(P["n_episodes"]),
+            "data_fractions": [float(f) for f in P["data_fractions"]]}
+    tr, va, te = (np.asarray(inp.rows[k]) for k in ("train", "val", "test"))
+    arrays.update(probe_arrays(inp.features, y, tr, va, te, cs=common["probe_cs"], fractions=args["data_fractions"],
+                               seed=int(seed)))
+    return arrays, args
 
 
 def probe_arrays(features: Mapping[str, np.ndarray], y: np.ndarray, tr: np.ndarray, va: np.ndarray, te: np.ndarray,

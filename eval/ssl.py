@@ -11,7 +11,7 @@ Labels are opened here (``covtoken.eval``), never upstream: :func:`image_labels`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
@@ -33,6 +33,11 @@ DEFAULT_CS = (0.01, 0.1, 1.0, 10.0)
 def image_labels(masks: EvalMasks, image_ids: Sequence[str]) -> np.ndarray:
     """``1`` when the image's mask has any lesion pixel, else ``0`` (``(n,)`` int8)."""
     return np.array([bool(unseal(masks[i]).any()) for i in image_ids], dtype=np.int8)
+
+
+def volume_labels(masks: EvalMasks, slices_of: Mapping[str, Sequence[str]], volume_ids: Sequence[str]) -> np.ndarray:
+    """``1`` when any slice of the volume holds a lesion pixel, else ``0`` (``(n_volumes,)`` int8)."""
+    return np.array([int(image_labels(masks, slices_of[v]).max()) for v in volume_ids], dtype=np.int8)
 
 
 def pixel_masks(masks: EvalMasks, image_ids: Sequence[str]) -> list[np.ndarray]:

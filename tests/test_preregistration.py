@@ -6,6 +6,7 @@ import copy
 import pytest
 
 from conftest import REPO_ROOT
+from covtoken.evidence import entry_tier
 from covtoken.lock import LockError, ThresholdLock, carry_thresholds, gate_template, judge, lock_entry
 
 LOCK = ThresholdLock.load(REPO_ROOT / "configs" / "thresholds.lock.json")
@@ -22,7 +23,7 @@ def entries():
             yield LOCK.entry(f"{gid}/{name}")
 
 
-@pytest.mark.parametrize("entry", [e for e in entries() if e.name in ("real", "sample")], ids=lambda e: e.key)
+@pytest.mark.parametrize("entry", [e for e in entries() if entry_tier(e.key) in ("real", "sample")], ids=lambda e: e.key)
 def test_every_comparison_of_real_and_sample_entries_has_a_minimum_effect(entry):
     comparisons = [c for c in entry.criteria if any(w in c["id"] for w in GAIN_WORDS)
                    or c["metric"].startswith("delta_") or "gain" in c["metric"]]
@@ -32,7 +33,7 @@ def test_every_comparison_of_real_and_sample_entries_has_a_minimum_effect(entry)
             continue
         assert c.get("min_effect", 0) > 0, (entry.key, c["id"])
         assert len(c["min_effect_reason"]) > 40
-    assert entry.parameters["min_patients_per_judged_split"] == (20 if entry.name == "real" else 10)
+    assert entry.parameters["min_patients_per_judged_split"] == (20 if entry_tier(entry.key) == "real" else 10)
     assert entry.parameters["near_duplicate"] == {"method": "phash", "hash_size": 8, "max_hamming": 6}
     if entry.gate_id in BEFORE_ISSUE_10:
         assert entry.calibration["superseded_because"].startswith("issue 10")
@@ -40,7 +41,7 @@ def test_every_comparison_of_real_and_sample_entries_has_a_minimum_effect(entry)
 
 @pytest.mark.parametrize("entry", list(entries()), ids=lambda e: e.key)
 def test_every_entry_fixes_the_minimum_patients(entry):
-    assert entry.parameters["min_patients_per_judged_split"] == (20 if entry.name == "real" else 10)
+    assert entry.parameters["min_patients_per_judged_split"] == (20 if entry_tier(entry.key) == "real" else 10)
 
 
 @pytest.mark.parametrize("key", ["G1/real", "G1/sample"])
