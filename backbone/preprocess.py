@@ -21,6 +21,13 @@ the 8-bit PIL images its transform is written for: ``round(255 * x)`` as ``uint8
 ultrasound) become RGB by repeating the grey channel three times (PIL ``Image.convert("RGB")`` of an ``"L"``
 image), which is how every supported backbone was shown grey images in training. For CT windowed over 2000 HU
 (MedDINOv3) one 8-bit level is 7.8 HU.
+
+A batch whose images already have the model's square input size skips the per-image PIL round trip when the
+library's transform allows it (timm's eval ``Compose`` of ``Resize``, ``CenterCrop``, ``MaybeToTensor``,
+``Normalize``, see :func:`timm_transform`): at that size torchvision's ``Resize`` and ``CenterCrop`` return their
+input, so the same ``uint8`` pixels are converted as ``to_tensor`` converts them (``/ 255`` in float32) and the
+library's own ``Compose`` runs once on the batch. The result is bit-identical to the per-image path (tested); on
+the embedded tiny ViT it is what keeps preprocessing from competing with the forward pass for the GIL.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["LibraryTransform", "to_pil", "timm_transform", "transformers_transform", "open_clip_transform",
+__all__ = ["LibraryTransform", "to_pil", "to_uint8", "timm_transform", "transformers_transform", "open_clip_transform",
            "attach_preprocess", "PREPROCESS_ATTR", "GREY_TO_RGB"]
 
 #: Attribute a builder sets on the module it returns to carry the library transform (see attach_preprocess).
@@ -48,16 +55,33 @@ def to_pil(img: np.ndarray, *, index: int = 0) -> Image.Image:
     Raises:
         ValueError: wrong shape, NaN, or values outside [0, 1] (naming the image index).
     """
-    arr = np.asarray(img, dtype=np.float32)
-    if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] != 3):
-        raise ValueError(f"image {index} must be (H, W) or (H, W, 3), got {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"image {index} has NaN/Inf pixels")
-    lo, hi = float(arr.min()), float(arr.max())
-    if lo < -_RANGE_TOL or hi > 1 + _RANGE_TOL:
-        raise ValueError(f"image {index} has pixels in [{lo:.4g}, {hi:.4g}]; the common layout is floats in [0, 1]")
-    u8 = np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return Image.fromarray(u8, mode="L").convert("RGB") if arr.ndim == 2 else Image.fromarray(u8, mode="RGB")
+    u8 = to_uint8(img, index=index)
+    return Image.fromarray(u8, mode="L").convert("RGB") if u8.ndim == 2 else Image.fromarray(u8, mode="RGB")
+
+
+def to_uint8(img: np.ndarray, *, index: int = 0) -> np.ndarray:
+    """One image of the common layout as ``round(255 x)`` ``uint8`` ``(H, W)`` or ``(H, W, 3)``, checked as in
+    :func:`to_pil`."""
+    return _stack_to_uint8([img], first=index)[0]
+
+
+def _stack_to_uint8(images: Sequence[np.ndarray], *, first: int = 0) -> np.ndarray:
+    """Same-shaped images as one ``(B, H, W[, 3])`` ``uint8`` array, each checked as :func:`to_pil` checks it (the
+    error names the first bad image's index)."""
+    arr = np.stack([np.asarray(img, dtype=np.float32) for img in images])
+    if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] != 3):
+        raise ValueError(f"image {first} must be (H, W) or (H, W, 3), got {arr.shape[1:]}")
+    flat = arr.reshape(len(arr), -1)
+    finite = np.isfinite(flat).all(axis=1)
+    if not finite.all():
+        raise ValueError(f"image {first + int(np.argmin(finite))} has NaN/Inf pixels")
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    bad = (lo < -_RANGE_TOL) | (hi > 1 + _RANGE_TOL)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise ValueError(f"image {first + i} has pixels in [{float(lo[i]):.4g}, {float(hi[i]):.4g}]; the common "
+                         "layout is floats in [0, 1]")
+    return np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,9 @@ class LibraryTransform:
         override: what the kit changed (geometry only).
         resolved: the configuration actually applied (mean, std, interpolation, size, ...).
         fn: PIL images -> ``(B, 3, S, S)`` float32 tensor.
+        batched: ``(B, S, S[, 3])`` ``uint8`` -> the same tensor as ``fn`` gives, in one call (None: the
+            transform has no such path; see the module docstring).
+        side: the input side ``S`` of ``batched``.
     """
 
     library: str
@@ -80,12 +107,22 @@ class LibraryTransform:
     resolved: dict[str, Any]
     fn: Callable[[Sequence[Image.Image]], torch.Tensor] = field(repr=False, compare=False)
     text: str = ""
+    batched: Callable[[np.ndarray], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    side: int | None = None
 
     def __call__(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        pils = [to_pil(img, index=i) for i, img in enumerate(images)]
-        if not pils:
+        if not len(images):
             raise ValueError("no images to preprocess")
-        return self.fn(pils)
+        if self.takes_batch_path(images):
+            return self.batched(_stack_to_uint8(images))
+        return self.fn([to_pil(img, index=i) for i, img in enumerate(images)])
+
+    def takes_batch_path(self, images: Sequence[np.ndarray]) -> bool:
+        """True when ``images`` (all of one shape, already ``S x S``) go through ``batched``, not PIL one by one."""
+        if self.batched is None:
+            return False
+        shapes = {np.shape(img) for img in images}
+        return len(shapes) == 1 and next(iter(shapes))[:2] == (self.side, self.side)
 
     def provenance(self) -> dict[str, Any]:
         """The ``preprocess`` block of a record's backbone provenance (JSON-safe)."""
@@ -122,7 +159,36 @@ def timm_transform(model: torch.nn.Module, *, name: str, image_size: int, mean: 
     return LibraryTransform(
         library="timm", api="timm.data.create_transform(**timm.data.resolve_model_data_config(model))",
         native=native, override={"input_size": [3, image_size, image_size], "crop_pct": 1.0, "crop_mode": "squash"},
-        resolved=cfg, fn=lambda ims: torch.stack([tf(im) for im in ims]), text=repr(tf))
+        resolved=cfg, fn=lambda ims: torch.stack([tf(im) for im in ims]), text=repr(tf),
+        batched=_batched_at_input_size(tf, image_size), side=image_size)
+
+
+def _batched_at_input_size(tf: Any, side: int) -> Callable[[np.ndarray], torch.Tensor] | None:
+    """The batch path of a timm eval transform for ``side x side`` images, or None when ``tf`` is not exactly
+    ``Compose([Resize((S, S)), CenterCrop((S, S)), MaybeToTensor()|ToTensor(), Normalize(...)])``.
+
+    At ``S x S`` torchvision's ``Resize`` returns its input unchanged and ``CenterCrop`` crops nothing, for PIL images
+    and tensors alike; ``MaybeToTensor`` passes a tensor through. So the ``uint8`` pixels are converted the way
+    ``to_tensor`` converts an 8-bit image (channels first, ``float32 / 255``; grey repeated to RGB as PIL's
+    ``convert("RGB")`` does) and the library's own ``Compose`` is applied once to the whole batch.
+    """
+    from timm.data.transforms import MaybeToTensor
+    from torchvision import transforms as T
+
+    steps = getattr(tf, "transforms", None)
+    kinds = (T.Resize, T.CenterCrop, (MaybeToTensor, T.ToTensor), T.Normalize)
+    if not isinstance(tf, T.Compose) or len(steps) != 4 or not all(isinstance(t, k) for t, k in zip(steps, kinds)):
+        return None
+    if tuple(np.atleast_1d(steps[0].size)) not in ((side,), (side, side)) or steps[0].max_size is not None \
+            or tuple(np.atleast_1d(steps[1].size)) not in ((side,), (side, side)):
+        return None
+
+    def run(u8: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(u8)
+        x = x[:, None].expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
+        return tf(x.contiguous().to(torch.get_default_dtype()).div(255))
+
+    return run
 
 
 def transformers_transform(folder: str | Path, *, name: str, image_size: int, mean: Sequence[float],

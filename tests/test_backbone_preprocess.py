@@ -193,3 +193,71 @@ def test_registry_mean_must_agree_with_the_library() -> None:
     wrong = dataclasses.replace(spec, name="test-wrong-mean", mean=(0.485, 0.456, 0.406))
     with pytest.raises(ValueError, match="mean"):
         FrozenBackbone(wrong, spec.builder(spec=spec)).preprocess([np.zeros((8, 8), np.float32)])
+
+
+# --------------------------------------------------------------------------- the batch path at the input size
+
+
+def _per_image(transform, images: list[np.ndarray]) -> torch.Tensor:
+    return transform.fn([to_pil(im) for im in images])
+
+
+@pytest.mark.parametrize("model_name, size", [("vit_tiny_patch16_224", 128), ("resnet18", 48)])
+def test_batch_path_is_bit_identical_to_the_library_per_image(model_name: str, size: int) -> None:
+    """Images already at the input size skip PIL: the same pixels as the library's per-image transform, bit for bit,
+    grey and RGB, with a per-channel normalisation (resnet18: ImageNet mean and std) and the extremes 0 and 1."""
+    import timm
+
+    from covtoken.backbone.preprocess import timm_transform
+
+    model = timm.create_model(model_name, pretrained=False, num_classes=0)
+    data = timm.data.resolve_model_data_config(model)
+    tf = timm_transform(model, name=model_name, image_size=size, mean=data["mean"], std=data["std"])
+    assert tf.batched is not None
+    rng = np.random.default_rng(7)
+    for shape in ((size, size), (size, size, 3)):
+        images = [rng.random(shape, dtype=np.float32) for _ in range(5)]
+        images[0][:] = 0.0
+        images[1][:] = 1.0
+        images[2][: size // 2] = 0.5 / 255  # exactly half an 8-bit level: rounding must match
+        assert tf.takes_batch_path(images)
+        got = tf(images)
+        assert got.dtype == torch.float32 and got.is_contiguous()
+        assert torch.equal(got, _per_image(tf, images)), shape
+        assert len({tuple(c.tolist()) for c in got.mean(dim=(2, 3))}) > 1  # the images differ
+
+
+def test_other_sizes_and_mixed_batches_take_the_library_per_image_path() -> None:
+    tf = load_backbone("tiny-vit").transform
+    small, square = np.zeros((64, 64), np.float32), np.zeros((128, 128), np.float32)
+    assert not tf.takes_batch_path([small])
+    assert not tf.takes_batch_path([square, np.zeros((128, 128, 3), np.float32)])
+    assert torch.equal(tf([square, small]), _per_image(tf, [square, small]))
+
+
+def test_the_batch_path_names_the_bad_image() -> None:
+    tf = load_backbone("tiny-vit").transform
+    images = [np.zeros((128, 128), np.float32) for _ in range(4)]
+    images[2] = images[2].copy()
+    images[2][5, 5] = np.nan
+    assert tf.takes_batch_path(images)
+    with pytest.raises(ValueError, match="image 2 has NaN"):
+        tf(images)
+    images[2][5, 5] = 1.5
+    with pytest.raises(ValueError, match=r"image 2 has pixels in \[0, 1.5\]"):
+        tf(images)
+
+
+def test_a_transform_with_another_step_has_no_batch_path() -> None:
+    from torchvision import transforms as T
+
+    from covtoken.backbone.preprocess import _batched_at_input_size
+
+    tf = load_backbone("tiny-vit").transform
+    assert _batched_at_input_size(T.Compose([T.Resize((128, 128)), T.ToTensor()]), 128) is None
+    extra = T.Compose([T.Resize((128, 128)), T.CenterCrop((128, 128)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3),
+                       T.RandomHorizontalFlip()])
+    assert _batched_at_input_size(extra, 128) is None
+    assert _batched_at_input_size(T.Compose([T.Resize((96, 96)), T.CenterCrop((96, 96)), T.ToTensor(),
+                                             T.Normalize([0.5] * 3, [0.5] * 3)]), 128) is None
+    assert tf.batched is not None
