@@ -106,13 +106,17 @@ def _files_read(root: Path, items: list[ImageItem], masks: EvalMasks) -> list[Pa
 
 def _folder_dataset(name: str, module: str, function: str, info: dict[str, str]) -> Loader:
     """A loader for a dataset kept as files under one root folder; its revision is the digest of the files read."""
-    def load(*, root: str | Path | None = None, **_: Any) -> LoadedDataset:
+    def load(*, root: str | Path | None = None, **options: Any) -> LoadedDataset:
         import importlib
 
         from .identity import IDENTITIES, check_identity
 
         path = _require_root(name, root)
-        items, masks = getattr(importlib.import_module(module, __package__), function)(path)
+        fn = getattr(importlib.import_module(module, __package__), function)
+        # the loader's own options (e.g. KiTS23's slice_every) reach it; others (a phantom entry's n_patients, when
+        # a flow check runs on real files under an embedded entry) do not apply to files and are not passed
+        own = {k: v for k, v in options.items() if k in inspect.signature(fn).parameters and k != "root"}
+        items, masks = fn(path, **own)
         identity = IDENTITIES.get(name)
         if identity is not None:
             check_identity(name, items, identity)  # wrong data stops here, naming the file

@@ -31,6 +31,9 @@ def test_kits23_layout_every_fourth_slice_and_tumour_only(tmp_path):
     assert areas["case_00000/z0004"] == 9 and areas["case_00000/z0000"] == 0  # label 2 only, not the kidney
     assert all(0.0 <= i.image.min() and i.image.max() <= 1.0 for i in d.items)  # kidney window applied
     assert d.provenance["revision"].startswith("sha256:")
+    # the loader's own options reach it through the catalog (slice_every was once dropped there silently)
+    every = load_dataset("kits23", root=tmp_path, slice_every=1, n_patients=7)  # a phantom option is not the loader's
+    assert [i.meta["slice_index"] for i in every.items if i.patient_id == "case_00000"] == list(range(9))
 
 
 def test_msd_liver_and_missing_label_file(tmp_path):
