@@ -7,12 +7,8 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +18,9 @@ from scipy import ndimage
 from conftest import REPO_ROOT
 from covtoken.audit import audit_folder
 from covtoken.data.catalog import load_dataset
-from covtoken.data.splits import split_patients
 from covtoken.evidence import allowed_entry, entry_tier
-from covtoken.lock import ThresholdLock, lock_entry, write_lock
 from covtoken.record import loads_strict, read_record
-from g1_helpers import copy_lock, load_job
+import g8_helpers
 from test_label_leak import with_masks
 
 TINY3D = {"steps": 60, "checkpoint_every": 20, "batch_size": 4, "views": 2, "num_slices": 16,
@@ -45,16 +39,8 @@ def tiny_parameters() -> dict:
 
 
 def tiny_lock(dest: Path) -> Path:
-    """A copy of the lock whose G8/embedded-3d entry runs the tiny protocol (locked through the kit's function)."""
-    path = copy_lock(dest)
-    doc = json.loads(path.read_text())
-    e = ThresholdLock(doc).entry("G8/embedded-3d")
-    criteria = [dict(c, metric="knn3_balanced_accuracy_gain") if c["metric"].startswith("knn") else dict(c)
-                for c in e.criteria]
-    new = lock_entry(doc, gate_id="G8", claim=e.claim, name="embedded-3d", criteria=criteria,
-                     parameters=tiny_parameters(), calibration={"method": "test fixture"}, supersede=True)
-    write_lock(new, path)
-    return path
+    """A copy of the lock whose G8/embedded-3d entry runs the tiny protocol."""
+    return g8_helpers.tiny_lock(dest, "embedded-3d", tiny_parameters())
 
 
 # ------------------------------------------------------------------------------------------------ the data and labels
@@ -93,12 +79,7 @@ def test_a_real_3d_entry_judges_real_runs_only():
 # -------------------------------------------------------------------------------------------- the label-free stage
 @pytest.fixture(scope="module")
 def setting():
-    job = load_job("g8_lejepa_pretrain")
-    P = tiny_parameters()
-    data = load_dataset("phantom-ct3d", seed=5, **P["dataset_options"])
-    splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=0)
-    cfg = replace(job.G8Config(), batch_size=8, dims=3)
-    return job, data, splits, P, cfg
+    return g8_helpers.stage_setting("phantom-ct3d", tiny_parameters(), batch_size=8, dims=3)
 
 
 def stage_outputs(data, setting, work: Path) -> dict:
@@ -120,11 +101,7 @@ def test_3d_stage_is_blind_to_masks_and_pretrains_on_training_patients_only(sett
     assert list(ref["fed"]) == sorted(splits["train"])  # one volume per training patient, nobody else's
     assert not set(ref["fed"]) & (set(splits["val"]) | set(splits["test"]))
     assert {f"feat:{a}" for a in ("random_init", "pixels", "step000020", "step000040", "step000060")} <= set(ref)
-    for how in ("permuted", "zeroed"):
-        out = stage_outputs(with_masks(data, how), setting, tmp_path / how)
-        assert out.keys() == ref.keys()
-        for k in ref:
-            assert np.array_equal(out[k], ref[k]), f"{k} changed with {how} masks"
+    g8_helpers.assert_blind_to_masks(lambda d, folder: stage_outputs(d, setting, folder), data, ref, tmp_path)
 
 
 @pytest.mark.slow
@@ -180,43 +157,16 @@ def killed_and_resumed(tmp_path_factory):
     run elsewhere."""
     tmp = tmp_path_factory.mktemp("g8-3d")
     lock = tiny_lock(tmp / "lock")
-    results, work = tmp / "results", tmp / "work"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run_id = "g8-20261202t000000-3d3d3d"
-    proc = subprocess.Popen(_job_cmd(results, work, lock, run_id), cwd=tmp, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    manifest = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(work.glob("lejepa/*/manifest.json"))
-        if found and json.loads(found[0].read_text())["shards"]:
-            manifest = found[0]
-            break
-        time.sleep(0.01)
-    assert manifest is not None, "the job never wrote a checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = json.loads(manifest.read_text())["shards"]
+    first, manifest = g8_helpers.kill_and_resume(lambda r, w, rid: _job_cmd(r, w, lock, rid), tmp,
+                                                 run_id="g8-20261202t000000-3d3d3d",
+                                                 unbroken_id="g8-20261202t000000-3e3e3e", poll=0.01)
     assert len(first) < 3, "the kill came after pretraining had finished"
-    assert not list(results.glob("*.json")), "a killed run must leave no record"
-    rc = subprocess.run(_job_cmd(results, work, lock, run_id), cwd=tmp, env=env, capture_output=True, text=True)
-    assert rc.returncode == 0, rc.stderr[-3000:]
-    rc2 = subprocess.run(_job_cmd(tmp / "results2", tmp / "work2", lock, "g8-20261202t000000-3e3e3e"), cwd=tmp,
-                         env=env, capture_output=True, text=True)
-    assert rc2.returncode == 0, rc2.stderr[-3000:]
     return tmp, lock, first, manifest
 
 
 @pytest.mark.slow
 def test_3d_job_resumes_after_a_kill_to_the_same_weights_and_metrics(killed_and_resumed):
-    tmp, _, first, manifest = killed_and_resumed
-    resumed = json.loads(manifest.read_text())["shards"]
-    unbroken = json.loads(next((tmp / "work2").glob("lejepa/*/manifest.json")).read_text())["shards"]
-    assert resumed[:len(first)] == first  # what the killed attempt wrote is kept, not redone
-    assert [c["sha256"] for c in resumed] == [c["sha256"] for c in unbroken]
-    a = read_record(next((tmp / "results").glob("*.json")))
-    b = read_record(next((tmp / "results2").glob("*.json")))
-    assert any("resumed from the checkpoint" in n for n in a["notes"])
+    a, b = g8_helpers.assert_resumed_like_unbroken(*killed_and_resumed[:1], *killed_and_resumed[2:])
     assert a["metrics"] == b["metrics"] and a["decision"] == b["decision"]
 
 

@@ -6,12 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import signal
-import subprocess
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +14,8 @@ import pytest
 
 from conftest import REPO_ROOT
 from covtoken.audit import audit_folder
-from covtoken.data.catalog import load_dataset
-from covtoken.data.splits import split_patients
-from covtoken.lock import ThresholdLock, lock_entry, write_lock
 from covtoken.record import loads_strict, read_record
-from g1_helpers import copy_lock, load_job
+import g8_helpers
 from test_label_leak import with_masks
 
 TINY_PRETRAIN = {"global_size": 64, "local_size": 32, "global_views": 2, "local_views": 1, "batch_size": 8,
@@ -45,27 +37,13 @@ def tiny_parameters() -> dict:
 
 
 def tiny_lock(dest: Path) -> Path:
-    """A copy of the lock whose G8/embedded entry runs the tiny protocol (locked through the kit's own function)."""
-    path = copy_lock(dest)
-    doc = json.loads(path.read_text())
-    lock = ThresholdLock(doc)
-    e = lock.entry("G8/embedded")
-    criteria = [dict(c, metric="knn3_balanced_accuracy_gain") if c["metric"].startswith("knn") else dict(c)
-                for c in e.criteria]
-    new = lock_entry(doc, gate_id="G8", claim=e.claim, name="embedded", criteria=criteria,
-                     parameters=tiny_parameters(), calibration={"method": "test fixture"}, supersede=True)
-    write_lock(new, path)
-    return path
+    """A copy of the lock whose G8/embedded entry runs the tiny protocol."""
+    return g8_helpers.tiny_lock(dest, "embedded", tiny_parameters())
 
 
 @pytest.fixture(scope="module")
 def setting():
-    job = load_job("g8_lejepa_pretrain")
-    P = tiny_parameters()
-    data = load_dataset("phantom-ct", seed=5, **P["dataset_options"])
-    splits = split_patients([it.patient_id for it in data.items], fractions=P["split_fractions"], seed=0)
-    cfg = replace(job.G8Config(), batch_size=16)
-    return job, data, splits, P, cfg
+    return g8_helpers.stage_setting("phantom-ct", tiny_parameters(), batch_size=16)
 
 
 def stage_outputs(stage, data, setting, work: Path) -> dict:
@@ -86,11 +64,8 @@ def test_pretraining_stage_is_blind_to_masks_and_sees_only_training_patients(set
     train = sorted(it.image_id for it in data.items if it.patient_id in set(splits["train"]))
     held_out = {it.image_id for it in data.items if it.patient_id not in set(splits["train"])}
     assert list(ref["fed"]) == train and not held_out & set(ref["fed"])
-    for how in ("permuted", "zeroed"):
-        out = stage_outputs(job.label_free_stage, with_masks(data, how), setting, tmp_path / how)
-        assert out.keys() == ref.keys()
-        for k in ref:
-            assert np.array_equal(out[k], ref[k]), f"{k} changed with {how} masks"
+    g8_helpers.assert_blind_to_masks(lambda d, folder: stage_outputs(job.label_free_stage, d, setting, folder), data,
+                                     ref, tmp_path)
 
 
 @pytest.mark.slow
@@ -123,42 +98,15 @@ def killed_and_resumed(tmp_path_factory):
     """Run the job, SIGKILL it once its first checkpoint exists, run the same command again."""
     tmp = tmp_path_factory.mktemp("g8")
     lock = tiny_lock(tmp / "lock")
-    results, work = tmp / "results", tmp / "work"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    run_id = "g8-20261202t000000-a1b2c3"  # the rerun of a killed run keeps its id (the ledger sees a resume)
-    proc = subprocess.Popen(_job_cmd(results, work, lock, run_id), cwd=tmp, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    manifest = None
-    while time.time() < deadline and proc.poll() is None:
-        found = list(work.glob("lejepa/*/manifest.json"))
-        if found and json.loads(found[0].read_text())["shards"]:
-            manifest = found[0]
-            break
-        time.sleep(0.05)
-    assert manifest is not None, "the job never wrote a checkpoint"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    first = json.loads(manifest.read_text())["shards"]
-    assert not list(results.glob("*.json")), "a killed run must leave no record"
-    rc = subprocess.run(_job_cmd(results, work, lock, run_id), cwd=tmp, env=env, capture_output=True, text=True)
-    assert rc.returncode == 0, rc.stderr[-3000:]
-    # an unbroken run of the same protocol, elsewhere
-    rc2 = subprocess.run(_job_cmd(tmp / "results2", tmp / "work2", lock, "g8-20261202t000000-d4e5f6"), cwd=tmp,
-                         env=env, capture_output=True, text=True)
-    assert rc2.returncode == 0, rc2.stderr[-3000:]
+    first, manifest = g8_helpers.kill_and_resume(lambda r, w, rid: _job_cmd(r, w, lock, rid), tmp,
+                                                 run_id="g8-20261202t000000-a1b2c3",
+                                                 unbroken_id="g8-20261202t000000-d4e5f6")
     return tmp, lock, first, manifest
 
 
 @pytest.mark.slow
 def test_smoke_job_resumes_after_a_kill_to_the_same_weights(killed_and_resumed):
-    tmp, _, first, manifest = killed_and_resumed
-    resumed = json.loads(manifest.read_text())["shards"]
-    unbroken = json.loads(next((tmp / "work2").glob("lejepa/*/manifest.json")).read_text())["shards"]
-    assert resumed[:len(first)] == first  # what the killed attempt wrote is kept, not redone
-    assert [c["sha256"] for c in resumed] == [c["sha256"] for c in unbroken]
-    rec = read_record(next((tmp / "results").glob("*.json")))
-    assert any("resumed from the checkpoint" in n for n in rec["notes"])
+    g8_helpers.assert_resumed_like_unbroken(*killed_and_resumed[:1], *killed_and_resumed[2:])
 
 
 @pytest.mark.slow
