@@ -64,6 +64,14 @@ PLACE_KEYS = frozenset({"results", "run_id", "work_dir", "lock"})
 RESOLVED_KEYS = frozenset({"lock_entry"})
 
 
+def _set_on_command_line(rec: dict, key: str) -> bool:
+    """True when ``rec``'s command sets config ``key`` (``--key`` or ``--key=...``) or reads a ``--config`` file (which
+    may set anything)."""
+    flag = "--" + key.replace("_", "-")
+    return any(arg in (flag, "--config") or arg.startswith((flag + "=", "--config="))
+               for arg in rec["provenance"]["command"])
+
+
 def compare_records(a: dict, b: dict, *, fields: tuple[tuple[str, ...], ...] = COMPARED) -> list[str]:
     """Differences between two records in ``fields`` (default :data:`COMPARED`), exact (one line each)."""
     from .eval.recompute import canonical
@@ -91,6 +99,9 @@ def protocol_differences(a: dict, b: dict) -> list[str]:
         out.append(f"provenance/command: job {a['provenance']['command'][:1]} vs {b['provenance']['command'][:1]}")
     ca, cb = a["provenance"]["config"], b["provenance"]["config"]
     for k in sorted((set(ca) | set(cb)) - PLACE_KEYS - RESOLVED_KEYS):
+        if k not in ca and not _set_on_command_line(b, k):
+            continue  # an option added after the original was made, left at its default: the compared results say
+            # whether that default kept the original behaviour
         if ca.get(k, "<absent>") != cb.get(k, "<absent>"):
             out.append(f"provenance/config/{k}: original {ca.get(k, '<absent>')!r}, rerun {cb.get(k, '<absent>')!r}")
     for path in (("provenance", "seed"), ("lock", "entry"), ("gate_id",)):

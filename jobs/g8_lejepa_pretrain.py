@@ -129,7 +129,8 @@ def label_free_stage(data, splits, P, cfg, ckpt_dir, on_checkpoint=None, stop_af
 def label_free_stage_3d(data, splits, P, cfg, ckpt_dir, on_checkpoint=None, stop_after=None):  # noqa: ANN001
     """The 3-D label-free stage: LeJEPA on the training patients' volumes, then frozen embeddings of every volume
     for every arm (random init, each checkpoint) and a pixel baseline. Same contract as :func:`label_free_stage`
-    (no mask read; ``tests/test_label_leak.py`` checks it bit for bit with permuted and zeroed masks).
+    (no mask read; ``tests/test_g8_3d_job.py`` checks it bit for bit with permuted and zeroed masks, and that
+    pretraining is fed exactly the training patients' volumes).
 
     Returns:
         ``(pretrain_result, inputs)``: :class:`covtoken.arch.lejepa3d.Pretrain3DResult` and

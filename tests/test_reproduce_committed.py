@@ -300,7 +300,7 @@ def test_drift_outside_the_metrics_is_caught(field):
     assert drift(committed, rerun), field
 
 
-@pytest.mark.parametrize("change", ["seed", "smoke", "config", "job", "entry"])
+@pytest.mark.parametrize("change", ["seed", "smoke", "config", "job", "entry", "new-option-set", "new-option-config"])
 def test_a_run_at_another_protocol_is_not_a_reproduction(change):
     committed, rerun = _twin("G1")
     prov = rerun["provenance"]
@@ -312,6 +312,9 @@ def test_a_run_at_another_protocol_is_not_a_reproduction(change):
         prov["config"]["batch_size"] = prov["config"]["batch_size"] + 1
     elif change == "job":
         prov["command"] = ["jobs/g3_membership_vs_saliency.py", *prov["command"][1:]]
+    elif change.startswith("new-option"):  # an option the original's code did not have, set by the rerun
+        prov["config"]["dims"] = 3
+        prov["command"] = [*prov["command"], *(["--dims", "3"] if change == "new-option-set" else ["--config=x.json"])]
     else:
         rerun["lock"]["entry"] = "G1/some-other-entry"
     out = drift(committed, rerun)
@@ -319,6 +322,10 @@ def test_a_run_at_another_protocol_is_not_a_reproduction(change):
     # where the job wrote is not protocol
     committed2, rerun2 = _twin("G1")
     rerun2["provenance"]["config"].update(results="/elsewhere", run_id="g1-x", work_dir="/w", lock="/l.json")
+    assert drift(committed2, rerun2) == []
+    # an option added since the original was made, left at its default (not on the command line), is not protocol:
+    # the compared results say whether the default kept the original behaviour
+    rerun2["provenance"]["config"]["dims"] = 2
     assert drift(committed2, rerun2) == []
 
 
