@@ -33,7 +33,15 @@ from torchvision.transforms import v2
 from .sigreg import DEFAULT_KNOTS, DEFAULT_T_MAX, sigreg
 
 __all__ = ["LeJEPAConfig", "LeJEPAModel", "build_encoder", "make_views", "lejepa_loss",
-           "images_to_tensor"]
+           "images_to_tensor", "check_known_params"]
+
+
+def check_known_params(cls: type, params: Mapping[str, Any], *, what: str) -> None:
+    """Raise ``ValueError`` naming any key of ``params`` that is not a field of the config dataclass ``cls``."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - fields)
+    if unknown:
+        raise ValueError(f"unknown {what} parameter(s) {unknown}; valid: {sorted(fields)}")
 
 
 @dataclass(frozen=True)
@@ -93,11 +101,8 @@ class LeJEPAConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any], **overrides: Any) -> "LeJEPAConfig":
         """Build from the locked ``pretraining`` parameters; an unknown key raises, naming it."""
-        fields = {f.name for f in dataclasses.fields(cls)}
         merged = {**dict(params), **overrides}
-        unknown = sorted(set(merged) - fields)
-        if unknown:
-            raise ValueError(f"unknown pretraining parameter(s) {unknown}; valid: {sorted(fields)}")
+        check_known_params(cls, merged, what="pretraining")
         for k in ("global_scale", "local_scale"):
             if k in merged:
                 merged[k] = tuple(float(x) for x in merged[k])

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lejepa import lejepa_loss
+from .lejepa import check_known_params, lejepa_loss
 from .sigreg import DEFAULT_KNOTS, DEFAULT_T_MAX
 from .volumetric import group_volumes
 
@@ -71,10 +71,7 @@ class LeJEPA3DConfig:
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> "LeJEPA3DConfig":
         """Build from the locked ``pretraining`` parameters of a 3-D entry; an unknown key raises, naming it."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(params) - fields)
-        if unknown:
-            raise ValueError(f"unknown 3-D pretraining parameter(s) {unknown}; valid: {sorted(fields)}")
+        check_known_params(cls, params, what="3-D pretraining")
         merged = {k: (tuple(v) if isinstance(v, list) else v) for k, v in params.items()}
         return cls(**merged)
 
@@ -91,15 +88,20 @@ def stack_volumes(images: Sequence[np.ndarray], volume_ids: Sequence[str],
     Raises:
         ValueError: slices of one volume differ in shape (from ``group_volumes``: duplicate positions).
     """
-    vols, ids = [], []
-    for v in group_volumes(volume_ids, positions):
+    groups = group_volumes(volume_ids, positions)
+    return _stack_groups(images, groups), [v.volume_id for v in groups]
+
+
+def _stack_groups(images: Sequence[np.ndarray], groups: Sequence[Any]) -> list[np.ndarray]:
+    """One ``(D, H, W)`` volume per group of :func:`~covtoken.arch.volumetric.group_volumes`, slices in its order."""
+    vols = []
+    for v in groups:
         sl = [np.asarray(images[r], dtype=np.float32) for r in v.rows]
         sl = [s.mean(-1) if s.ndim == 3 else s for s in sl]
         if len({s.shape for s in sl}) != 1:
             raise ValueError(f"volume {v.volume_id!r}: slices of different shapes {sorted({s.shape for s in sl})}")
         vols.append(np.stack(sl))
-        ids.append(v.volume_id)
-    return vols, ids
+    return vols
 
 
 def build_encoder_3d(cfg: LeJEPA3DConfig) -> nn.Module:
@@ -293,20 +295,19 @@ def training_volumes(items: Sequence[Any], train_patients: Sequence[str]) -> tup
     volume phantoms), else by image id (the 2-D phantoms' ``<patient>-sNN``). Only ``items`` of
     ``train_patients`` are read; no mask is touched.
     """
-    if not set(train_patients) & {it.patient_id for it in items}:
-        raise ValueError("no training patient's slice to pretrain on")
-    vols, ids, _ = patient_volumes(items, train_patients)
+    vols, ids, _ = patient_volumes(items, train_patients, none="no training patient's slice to pretrain on")
     return vols, ids
 
 
-def patient_volumes(items: Sequence[Any], patients: Sequence[str]
+def patient_volumes(items: Sequence[Any], patients: Sequence[str], *, none: str = "none of the patients has a slice"
                     ) -> tuple[list[np.ndarray], list[str], dict[str, list[str]]]:
     """The slices of ``patients`` stacked into one volume per patient (sorted by id), and each volume's slice ids
-    in stacking order (the evaluation reads a volume's label from them)."""
+    in stacking order (the evaluation reads a volume's label from them); ``none`` is the error when no item is of
+    ``patients``."""
     keep = set(patients)
     fit = sorted((it for it in items if it.patient_id in keep), key=lambda it: it.image_id)
     if not fit:
-        raise ValueError(f"none of the {len(keep)} patients has a slice")
+        raise ValueError(none)
     rank: dict[str, int] = {}
     positions = []
     for it in fit:
@@ -315,10 +316,9 @@ def patient_volumes(items: Sequence[Any], patients: Sequence[str]
         else:
             positions.append(float(rank.setdefault(it.patient_id, 0)))
             rank[it.patient_id] += 1
-    vols, ids = stack_volumes([it.image for it in fit], [it.patient_id for it in fit], positions)
-    order = {v.volume_id: [fit[r].image_id for r in v.rows]
-             for v in group_volumes([it.patient_id for it in fit], positions)}
-    return vols, ids, {v: order[v] for v in ids}
+    groups = group_volumes([it.patient_id for it in fit], positions)
+    return (_stack_groups([it.image for it in fit], groups), [v.volume_id for v in groups],
+            {v.volume_id: [fit[r].image_id for r in v.rows] for v in groups})
 
 
 def pretrain_volumes(data: Any, splits: Mapping[str, Sequence[str]], cfg: LeJEPA3DConfig, *, seed: int,

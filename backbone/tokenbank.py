@@ -77,8 +77,8 @@ class _ShardFiles:
     Each file gets the ``.npy`` header of its final shape first (the header ``np.save`` writes), then the rows of
     every batch as they arrive; the bytes are hashed on their way to disk. The files are synced once, when the shard
     is finished: a shard counts only once the manifest lists it, so syncing each batch would buy no safety (a killed
-    build's temporary files are discarded) and cost one disk round trip per batch and block. Files live under temporary names until :meth:`finish` renames them;
-    :meth:`abort` removes them. The result is byte for byte the ``np.save`` of the whole shard.
+    build's temporary files are discarded) and cost one disk round trip per batch and block. Files live under
+    temporary names until :meth:`finish` renames them; :meth:`abort` removes them. The result is byte for byte the ``np.save`` of the whole shard.
     """
 
     def __init__(self, sdir: Path, blocks: Sequence[int], shape: tuple[int, int, int], dtype: str) -> None:

@@ -1,6 +1,7 @@
 """Dataset names the jobs accept, each mapped to a loader that returns the common layout.
 
-* ``phantom-ct``, ``phantom-ct3d`` (volumes: contiguous slices per patient), ``phantom-kidney``, ``phantom-us``, ``phantom-derm``: generated from a seed (the embedded default).
+* ``phantom-ct``, ``phantom-ct3d`` (volumes: contiguous slices per patient), ``phantom-kidney``, ``phantom-us``,
+  ``phantom-derm``: generated from a seed (the embedded default).
 * ``busi`` and ``lidc`` (option ``root``): the BUSI and LIDC-IDRI folder layouts, e.g. the samples in
   ``../shared/realdata``; their revision is a digest of every file read.
 * ``folder`` (option ``root``): any folder of images + masks (+ optional ``index.csv``) with a ``dataset.json``
@@ -115,7 +116,8 @@ def _folder_dataset(name: str, module: str, function: str, info: dict[str, str])
         fn = getattr(importlib.import_module(module, __package__), function)
         # the loader's own options (e.g. KiTS23's slice_every) reach it; others (a phantom entry's n_patients, when
         # a flow check runs on real files under an embedded entry) do not apply to files and are not passed
-        own = {k: v for k, v in options.items() if k in inspect.signature(fn).parameters and k != "root"}
+        accepted = set(inspect.signature(fn).parameters) - {"root"}
+        own = {k: v for k, v in options.items() if k in accepted}
         items, masks = fn(path, **own)
         identity = IDENTITIES.get(name)
         if identity is not None:

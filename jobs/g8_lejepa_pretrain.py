@@ -154,7 +154,8 @@ def label_free_stage_3d(data, splits, P, cfg, ckpt_dir, on_checkpoint=None, stop
     side = [int(n) for n in P["pixel_baseline_size"]]
     features["pixels"] = np.stack([torch.nn.functional.adaptive_avg_pool3d(torch.as_tensor(v)[None], side).reshape(-1)
                                    .numpy() for v in vols]).astype(np.float32)
-    rows = {k: np.array(sorted(ids.index(p) for p in v), dtype=np.int64) for k, v in splits.items()}
+    row = {v: i for i, v in enumerate(ids)}
+    rows = {k: np.array(sorted(row[p] for p in v), dtype=np.int64) for k, v in splits.items()}
     inputs = G8Inputs(ids, list(ids), rows, features, {}, [a for a in arms if a != "random_init"], (),
                       slices_of=slices_of)
     return res, inputs
