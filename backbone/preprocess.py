@@ -25,7 +25,7 @@ image), which is how every supported backbone was shown grey images in training.
 A batch whose images already have the model's square input size skips the per-image PIL round trip when the
 library's transform allows it (timm's eval ``Compose`` of ``Resize``, ``CenterCrop``, ``MaybeToTensor``,
 ``Normalize``, see :func:`timm_transform`): at that size torchvision's ``Resize`` and ``CenterCrop`` return their
-input, so the same ``uint8`` pixels are converted as ``to_tensor`` converts them (``/ 255`` in float32) and the
+input, so the same 8-bit levels are converted as ``to_tensor`` converts them (``/ 255`` in float32) and the
 library's own ``Compose`` runs once on the batch. The result is bit-identical to the per-image path (tested); on
 the embedded tiny ViT it is what keeps preprocessing from competing with the forward pass for the GIL.
 """
@@ -68,20 +68,32 @@ def to_uint8(img: np.ndarray, *, index: int = 0) -> np.ndarray:
 def _stack_to_uint8(images: Sequence[np.ndarray], *, first: int = 0) -> np.ndarray:
     """Same-shaped images as one ``(B, H, W[, 3])`` ``uint8`` array, each checked as :func:`to_pil` checks it (the
     error names the first bad image's index)."""
+    return _stack_levels(images, first=first).astype(np.uint8)
+
+
+def _stack_levels(images: Sequence[np.ndarray], *, first: int = 0) -> np.ndarray:
+    """Same-shaped images as one ``(B, H, W[, 3])`` float32 array of their 8-bit levels ``round(255 x)`` (whole
+    numbers 0..255, the values :func:`_stack_to_uint8` casts), each checked as :func:`to_pil` checks it.
+
+    One copy of the batch, then every step in place; the range check reads each image's minimum and maximum, which
+    are NaN or infinite whenever any pixel is.
+    """
     arr = np.stack([np.asarray(img, dtype=np.float32) for img in images])
     if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] != 3):
         raise ValueError(f"image {first} must be (H, W) or (H, W, 3), got {arr.shape[1:]}")
     flat = arr.reshape(len(arr), -1)
-    finite = np.isfinite(flat).all(axis=1)
+    lo, hi = flat.min(axis=1), flat.max(axis=1)
+    finite = np.isfinite(lo) & np.isfinite(hi)
     if not finite.all():
         raise ValueError(f"image {first + int(np.argmin(finite))} has NaN/Inf pixels")
-    lo, hi = flat.min(axis=1), flat.max(axis=1)
     bad = (lo < -_RANGE_TOL) | (hi > 1 + _RANGE_TOL)
     if bad.any():
         i = int(np.argmax(bad))
         raise ValueError(f"image {first + i} has pixels in [{float(lo[i]):.4g}, {float(hi[i]):.4g}]; the common "
                          "layout is floats in [0, 1]")
-    return np.rint(np.clip(arr, 0.0, 1.0) * 255.0).astype(np.uint8)
+    np.clip(arr, 0.0, 1.0, out=arr)
+    arr *= 255.0
+    return np.rint(arr, out=arr)
 
 
 @dataclass(frozen=True)
@@ -95,8 +107,8 @@ class LibraryTransform:
         override: what the kit changed (geometry only).
         resolved: the configuration actually applied (mean, std, interpolation, size, ...).
         fn: PIL images -> ``(B, 3, S, S)`` float32 tensor.
-        batched: ``(B, S, S[, 3])`` ``uint8`` -> the same tensor as ``fn`` gives, in one call (None: the
-            transform has no such path; see the module docstring).
+        batched: ``(B, S, S[, 3])`` float32 8-bit levels (:func:`_stack_levels`) -> the same tensor as ``fn``
+            gives, in one call (None: the transform has no such path; see the module docstring).
         side: the input side ``S`` of ``batched``.
     """
 
@@ -114,7 +126,7 @@ class LibraryTransform:
         if not len(images):
             raise ValueError("no images to preprocess")
         if self.takes_batch_path(images):
-            return self.batched(_stack_to_uint8(images))
+            return self.batched(_stack_levels(images))
         return self.fn([to_pil(img, index=i) for i, img in enumerate(images)])
 
     def takes_batch_path(self, images: Sequence[np.ndarray]) -> bool:
@@ -165,28 +177,36 @@ def timm_transform(model: torch.nn.Module, *, name: str, image_size: int, mean: 
 
 def _batched_at_input_size(tf: Any, side: int) -> Callable[[np.ndarray], torch.Tensor] | None:
     """The batch path of a timm eval transform for ``side x side`` images, or None when ``tf`` is not exactly
-    ``Compose([Resize((S, S)), CenterCrop((S, S)), MaybeToTensor()|ToTensor(), Normalize(...)])``.
+    ``Compose([Resize((S, S)), CenterCrop((S, S)), MaybeToTensor(), Normalize(...)])`` (a plain ``ToTensor`` cannot
+    take a tensor, so such a transform keeps the per-image path).
 
     At ``S x S`` torchvision's ``Resize`` returns its input unchanged and ``CenterCrop`` crops nothing, for PIL images
-    and tensors alike; ``MaybeToTensor`` passes a tensor through. So the ``uint8`` pixels are converted the way
+    and tensors alike; ``MaybeToTensor`` passes a tensor through. So the 8-bit levels are converted the way
     ``to_tensor`` converts an 8-bit image (channels first, ``float32 / 255``; grey repeated to RGB as PIL's
-    ``convert("RGB")`` does) and the library's own ``Compose`` is applied once to the whole batch.
+    ``convert("RGB")`` does) and the library's own ``Compose`` is applied once to the whole batch. Grey is repeated
+    after the division, as a view: the library's ``Normalize`` writes its result to a copy of three channels (an
+    in-place ``Normalize`` is given a copy first).
     """
     from timm.data.transforms import MaybeToTensor
     from torchvision import transforms as T
 
     steps = getattr(tf, "transforms", None)
-    kinds = (T.Resize, T.CenterCrop, (MaybeToTensor, T.ToTensor), T.Normalize)
+    kinds = (T.Resize, T.CenterCrop, MaybeToTensor, T.Normalize)
     if not isinstance(tf, T.Compose) or len(steps) != 4 or not all(isinstance(t, k) for t, k in zip(steps, kinds)):
         return None
     if tuple(np.atleast_1d(steps[0].size)) not in ((side,), (side, side)) or steps[0].max_size is not None \
             or tuple(np.atleast_1d(steps[1].size)) not in ((side,), (side, side)):
         return None
 
-    def run(u8: np.ndarray) -> torch.Tensor:
-        x = torch.from_numpy(u8)
-        x = x[:, None].expand(-1, 3, -1, -1) if x.ndim == 3 else x.permute(0, 3, 1, 2)
-        return tf(x.contiguous().to(torch.get_default_dtype()).div(255))
+    def run(levels: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(levels).to(torch.get_default_dtype()).div_(255)  # to_tensor's float / 255 of a level
+        if x.ndim == 3:  # grey, repeated to RGB after the division (the library's Normalize copies its input)
+            x = x[:, None].expand(-1, 3, -1, -1)
+            if steps[3].inplace:
+                x = x.contiguous()
+        else:
+            x = x.permute(0, 3, 1, 2).contiguous()
+        return tf(x).contiguous()
 
     return run
 

@@ -258,6 +258,28 @@ def test_a_transform_with_another_step_has_no_batch_path() -> None:
     extra = T.Compose([T.Resize((128, 128)), T.CenterCrop((128, 128)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3),
                        T.RandomHorizontalFlip()])
     assert _batched_at_input_size(extra, 128) is None
+    plain = T.Compose([T.Resize((128, 128)), T.CenterCrop((128, 128)), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    assert _batched_at_input_size(plain, 128) is None  # ToTensor cannot take the batch tensor
     assert _batched_at_input_size(T.Compose([T.Resize((96, 96)), T.CenterCrop((96, 96)), T.ToTensor(),
                                              T.Normalize([0.5] * 3, [0.5] * 3)]), 128) is None
     assert tf.batched is not None
+
+
+def test_an_in_place_normalize_on_the_batch_path_equals_the_library_per_image() -> None:
+    """Grey batches are repeated to RGB as a view; a transform whose ``Normalize`` writes in place must be given a
+    copy, or it would normalise the shared channel three times."""
+    from timm.data.transforms import MaybeToTensor
+    from torchvision import transforms as T
+
+    from covtoken.backbone.preprocess import _batched_at_input_size, _stack_levels
+
+    tf = T.Compose([T.Resize((32, 32)), T.CenterCrop((32, 32)), MaybeToTensor(),
+                    T.Normalize([0.2, 0.4, 0.6], [0.3, 0.2, 0.1], inplace=True)])
+    batched = _batched_at_input_size(tf, 32)
+    assert batched is not None
+    rng = np.random.default_rng(3)
+    for shape in ((32, 32), (32, 32, 3)):
+        images = [rng.random(shape, dtype=np.float32) for _ in range(3)]
+        got = batched(_stack_levels(images))
+        want = torch.stack([tf(to_pil(im)) for im in images])
+        assert torch.equal(got, want), shape
