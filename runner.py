@@ -24,6 +24,7 @@ from .lock import DEFAULT_LOCK_PATH, LockError, ThresholdLock, gate_template_ent
 from .provenance import code_state, package_versions, runtime
 from .record import (ArtefactWriter, RecordError, dumps_strict, loads_strict, new_run_id, sealed_fields, utc_now,
                      write_json_atomic, write_record)
+from .threads import torch_threads
 
 __all__ = ["load_config", "add_config_arguments", "Run", "stage", "torch_threads", "default_lock_path", "ConfigError",
            "JobConfig", "job_main", "load_gate_dataset"]
@@ -277,20 +278,6 @@ def default_lock_path() -> Path:
     from importlib import resources
 
     return Path(str(resources.files("covtoken").joinpath("configs/thresholds.lock.json")))
-
-
-@contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Run the block with ``n`` torch intra-op threads (0: leave the default), restoring the previous count."""
-    import torch
-
-    before = torch.get_num_threads()
-    if n:
-        torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextmanager

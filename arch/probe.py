@@ -21,12 +21,13 @@ drawn from the training seed. This module sees embeddings only; it never sees a 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator, Literal, Mapping
+from typing import Literal, Mapping
 
 import numpy as np
 import torch
+
+from ..threads import torch_threads
 
 __all__ = ["HeadConfig", "TrainedProbe", "l2_normalise", "predict", "change_score", "cosine_distance", "check_params",
            "train_probe", "init_params", "stable_pair_loss"]
@@ -222,17 +223,6 @@ def _loss(kind: str, p: Mapping[str, torch.Tensor], p0: Mapping[str, torch.Tenso
     return data + anchor * reg, data
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    # The predictor is tiny (d x d): intra-op parallelism only adds overhead, and on busy cores a great deal.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def train_probe(z_context: np.ndarray, z_target: np.ndarray, head: HeadConfig, *, seed: int) -> TrainedProbe:
     """Train one predictor on stable pairs.
 
@@ -252,7 +242,8 @@ def train_probe(z_context: np.ndarray, z_target: np.ndarray, head: HeadConfig, *
         norms = np.linalg.norm(arr, axis=1)
         if not np.allclose(norms, 1.0, atol=1e-4):
             raise ValueError(f"{name} must be L2-normalised (row norms in [{norms.min():.4f}, {norms.max():.4f}])")
-    with _single_thread():
+    # the predictor is tiny (d x d): intra-op parallelism only adds overhead, and on busy cores a great deal
+    with torch_threads(1):
         return _train(zc_np, zt_np, head, int(seed))
 
 

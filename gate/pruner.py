@@ -20,14 +20,13 @@ Nothing here sees a mask.
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 import torch
 
 from ..coverage import get_functional
+from ..threads import torch_threads
 from .hard_concrete import deterministic_gates, gate_entropy, prob_nonzero, sample_gates
 
 __all__ = ["PrunerConfig", "PrunerResult", "fit_pruner"]
@@ -137,21 +136,6 @@ def _repair(fn, z: torch.Tensor, kept: torch.Tensor, log_alpha: torch.Tensor, fu
     return kept, added
 
 
-@contextmanager
-def _cpu_threads(device: torch.device, n: int) -> Iterator[None]:
-    """Run with ``n`` intra-op CPU threads (batches of small matrices gain nothing from more, and on a shared
-    machine extra threads only spin); restored afterwards. No effect on CUDA."""
-    if device.type != "cpu":
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def fit_pruner(tokens: np.ndarray, cfg: PrunerConfig, *, device: str = "cpu", cpu_threads: int = 1) -> PrunerResult:
     """Train the gates of every image and return its test-time keep set.
 
@@ -171,7 +155,9 @@ def fit_pruner(tokens: np.ndarray, cfg: PrunerConfig, *, device: str = "cpu", cp
     if not np.isfinite(arr).all():
         raise ValueError("tokens contain NaN or Inf")
     dev = torch.device(device)
-    with _cpu_threads(dev, cpu_threads):
+    # batches of small matrices gain nothing from more intra-op threads, and on a shared machine extra threads
+    # only spin
+    with torch_threads(cpu_threads if dev.type == "cpu" else 0):
         parts = [_fit_batch(arr[s:s + cfg.batch_size], cfg, offset=s, device=dev)
                  for s in range(0, arr.shape[0], cfg.batch_size)]
     hist = parts[0].history if len(parts) == 1 else [

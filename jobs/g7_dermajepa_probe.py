@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from covtoken.runner import JobConfig, job_main, load_gate_dataset
+from covtoken.runner import JobConfig, job_main, load_gate_dataset, torch_threads
 
 MIN_LESIONS_FOR_CI = 20
 
@@ -79,15 +79,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_with_threads(cfg: G7Config, *, command: list[str]) -> int:
-    import torch
-
-    before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)  # on busy cores one thread is often faster for the tiny default
-    try:
+    with torch_threads(cfg.threads):  # on busy cores one thread is often faster for the tiny default
         return run_g7(cfg, command=command)
-    finally:
-        torch.set_num_threads(before)
 
 
 def label_free_stage(data, bb, splits, P, cfg) -> LabelFree:  # noqa: ANN001 (types live in the packages)

@@ -38,7 +38,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
-from covtoken.runner import JobConfig, job_main, load_gate_dataset
+from covtoken.runner import JobConfig, job_main, load_gate_dataset, stage, torch_threads
 
 
 @dataclass(frozen=True)
@@ -58,15 +58,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_g9(cfg: G9Config, *, command: list[str]) -> int:
-    import torch
-
     from covtoken.classifier.report import finish_g9, load_arms, open_g9_run
-    from covtoken.runner import stage
 
-    before = torch.get_num_threads()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    try:
+    with torch_threads(cfg.threads):
         run, arms = open_g9_run(cfg, command=command)   # configs validated and the lock checked before any data
         data = load_gate_dataset(cfg, run.parameters, dataset=cfg.dataset, root=cfg.data_root)
         with stage("fit_and_calibrate", arms=sorted(arms)):
@@ -74,8 +68,6 @@ def run_g9(cfg: G9Config, *, command: list[str]) -> int:
         path = finish_g9(cfg, run, data, fit, splits)
         logging.getLogger("covtoken.g9").info("record: %s", path)
         return 0
-    finally:
-        torch.set_num_threads(before)
 
 
 if __name__ == "__main__":
