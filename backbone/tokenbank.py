@@ -11,13 +11,14 @@ interrupted build loses at most the shard in progress; calling :meth:`TokenBank.
 finished shards by hash and continues. Labels never enter a bank: per-token lesion fractions are kept
 apart by the evaluation code.
 
-Throughput: the forward pass runs on the calling thread while workers prepare the next batches of pixels (the
-library transform) and one writer appends each batch's tokens to the shard's files as soon as it is computed
-(hashing the bytes on their way to disk and syncing them), so that preprocessing, hashing and I/O overlap with
-compute and a finished shard only needs a rename and the manifest. Tokens are stored in the bank dtype
+Throughput: batches are computed concurrently on forward workers (:func:`forward_plan` splits the torch thread budget
+between them), each preparing its pixels with the library transform, running the forward pass and casting the
+tokens, while one writer appends each batch's tokens to the shard's files in bank order as soon as they are ready
+(hashing the bytes on their way to disk), so that preprocessing, hashing and I/O overlap with compute and a finished
+shard only needs a sync, a rename and the manifest. Tokens are stored in the bank dtype
 (:data:`BANK_DTYPES`; a locked protocol parameter ``token_bank_dtype``, see :func:`bank_dtype`) straight from the
 forward output (one cast, checked for overflow); readers always get float32. The files are byte for byte the
-``np.save`` of each whole shard, whatever the batch size.
+``np.save`` of each whole shard, whatever the batch size or schedule.
 """
 from __future__ import annotations
 
@@ -29,8 +30,10 @@ import logging
 import os
 import shutil
 import tempfile
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -39,9 +42,11 @@ import torch
 
 from ..data.layout import ImageItem
 from ..record import loads_strict, sha256_file, write_json_atomic
+from ..threads import torch_threads
 from .frozen import FrozenBackbone, all_finite
 
-__all__ = ["TokenBank", "BankMismatchError", "BANK_DTYPES", "DEFAULT_BANK_DTYPE", "bank_dtype"]
+__all__ = ["TokenBank", "BankMismatchError", "BANK_DTYPES", "DEFAULT_BANK_DTYPE", "bank_dtype", "ForwardPlan",
+           "forward_plan"]
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
@@ -61,6 +66,36 @@ def bank_dtype(params: Mapping[str, Any]) -> str:
     if value not in BANK_DTYPES:
         raise ValueError(f"token_bank_dtype must be one of {list(BANK_DTYPES)}, got {value!r}")
     return str(value)
+
+
+#: Most batches a bank computes at once (each worker holds one batch's activations).
+MAX_FORWARD_WORKERS = 16
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How a bank schedules its forward passes: ``workers`` batches at once, each with ``threads`` intra-op threads."""
+
+    workers: int
+    threads: int
+
+
+def forward_plan(threads: int = 0, *, device: str | torch.device = "cpu") -> ForwardPlan:
+    """The bank's schedule for a budget of ``threads`` torch intra-op threads (0: the current count).
+
+    On the CPU the budget is split into concurrent forward passes rather than spent inside one: each worker thread
+    prepares, computes and checks a whole batch with an even share of the threads, one each up to
+    :data:`MAX_FORWARD_WORKERS`. A batch's preprocessing, casting and checks then overlap other batches' forward
+    passes instead of leaving the threads of one parallel forward waiting, and small models, whose single forward
+    cannot keep several threads busy, use every core. On an accelerator two workers suffice (one batch is prepared
+    and copied back while the other computes) and more would only hold more batches in device memory. The tokens
+    do not depend on the schedule (tested bit for bit against one forward at a time with the whole budget).
+    """
+    n = int(threads) or torch.get_num_threads()
+    if n < 1:
+        raise ValueError(f"thread budget must be positive, got {n}")
+    workers = min(n, MAX_FORWARD_WORKERS) if torch.device(device).type == "cpu" else 2
+    return ForwardPlan(workers=workers, threads=max(1, n // workers))
 
 
 class BankMismatchError(ValueError):
@@ -287,38 +322,40 @@ class TokenBank:
             if on_shard is not None:
                 on_shard(sdir)
 
-        def prepare(b0: int, b1: int) -> Any:
-            return backbone.preprocess([it.image for it in items[b0:b1]])
+        store = getattr(torch, dtype)
+
+        def extract(b0: int, b1: int) -> dict[int, np.ndarray]:
+            """Tokens of images ``b0..b1-1`` in the bank dtype, checked (runs on a forward worker)."""
+            pixels = backbone.preprocess([it.image for it in items[b0:b1]])
+            toks = backbone.patch_tokens(pixels, blocks, final_norm=final_norm)
+            arrays = {}
+            for b in blocks:
+                out = toks[b].to(store).contiguous()
+                if store is not torch.float32 and not all_finite(out):
+                    raise OverflowError(f"{backbone.spec.name}: block {b} tokens overflow {dtype} "
+                                        f"(images {b0}..{b1 - 1}); use token_bank_dtype float32")
+                arrays[b] = out.numpy()
+            return arrays
 
         from ..progress import progress
 
-        store = getattr(torch, dtype)
-        # Batches are prepared ahead on threads (PIL transforms release the GIL), except one case: a batch the
-        # library converts in one vectorised call (images already at the input size) while torch runs several
-        # intra-op threads. Its torch ops would then start a second OpenMP team that stalls the forward's (measured
-        # on two cores: 0.48-0.54x of the bare forward on a thread, 0.65-0.70x inline); it is cheap, so inline.
-        inline = torch.get_num_threads() > 1 and backbone.transform.takes_batch_path([it.image for it in items])
-        workers = max(1, min(4, (os.cpu_count() or 2) // 2))
+        plan = forward_plan(device=backbone.device)
+        log.info(json.dumps({"event": "bank_plan", "bank": str(root), "batches": len(batches),
+                             "forward_workers": plan.workers, "intra_op_threads": plan.threads}))
         try:
-            with ThreadPoolExecutor(workers, thread_name_prefix="bank-prep") as prep, \
+            with torch_threads(plan.threads), \
+                    ThreadPoolExecutor(plan.workers, thread_name_prefix="bank-forward") as pool, \
                     ThreadPoolExecutor(1, thread_name_prefix="bank-write") as writer, \
                     progress(f"tokens {backbone.spec.name}", sum(b1 - b0 for _, b0, b1 in batches),
                              unit="images") as step:
+                # at most workers + 1 batches of tokens in flight, and 2 waiting for the writer
+                ahead = deque(pool.submit(extract, b0, b1) for _, b0, b1 in batches[:plan.workers + 1])
                 writes: list[Future] = []
-                ahead = [] if inline else [prep.submit(prepare, b0, b1) for _, b0, b1 in batches[:workers + 1]]
                 try:
                     for i, (s, b0, b1) in enumerate(batches):
-                        pixels = prepare(b0, b1) if inline else ahead.pop(0).result()
-                        if not inline and i + len(ahead) + 1 < len(batches):
-                            ahead.append(prep.submit(prepare, *batches[i + len(ahead) + 1][1:]))
-                        toks = backbone.patch_tokens(pixels, blocks, final_norm=final_norm)
-                        arrays = {}
-                        for b in blocks:
-                            out = toks[b].to(store).contiguous()
-                            if store is not torch.float32 and not all_finite(out):
-                                raise OverflowError(f"{backbone.spec.name}: block {b} tokens overflow {dtype} "
-                                                    f"(images {b0}..{b1 - 1}); use token_bank_dtype float32")
-                            arrays[b] = out.numpy()
+                        arrays = ahead.popleft().result()
+                        if i + len(ahead) + 1 < len(batches):
+                            ahead.append(pool.submit(extract, *batches[i + len(ahead) + 1][1:]))
                         step(b1 - b0)
                         while writes and (writes[0].done() or len(writes) >= 2):  # surface errors; at most 2 queued
                             writes.pop(0).result()

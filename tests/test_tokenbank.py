@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 import time
 
 import numpy as np
@@ -10,9 +11,11 @@ import pytest
 import torch
 
 from covtoken.backbone.frozen import load_backbone
-from covtoken.backbone.tokenbank import BankMismatchError, TokenBank, bank_dtype
+from covtoken.backbone import tokenbank
+from covtoken.backbone.tokenbank import BankMismatchError, ForwardPlan, TokenBank, bank_dtype, forward_plan
 from covtoken.data.catalog import load_dataset
 from covtoken.record import sha256_file
+from covtoken.threads import torch_threads
 
 
 @pytest.fixture(scope="module")
@@ -89,11 +92,12 @@ def test_batchwise_files_are_np_save_bytes_and_a_failed_build_leaves_only_finish
         buf = io.BytesIO()
         np.save(buf, np.load(f))
         assert f.read_bytes() == buf.getvalue()  # the header and layout np.save writes
-    real, calls = bb.patch_tokens, []
+    real, last = bb.patch_tokens, bb.preprocess([items[5].image])
 
-    def fails_on_sixth(pixels, blocks, *, final_norm=False):
-        calls.append(1)
-        if len(calls) == 6:  # the second batch of shard 1, once the writer has its files open and half written
+    def fails_on_the_last(pixels, blocks, *, final_norm=False):
+        # image 5 is the second batch of shard 1: fail once the writer has shard 1's files open and half written
+        # (batches run concurrently, so the failing call is found by its pixels, not by its place in the calls)
+        if torch.equal(pixels, last):
             deadline = time.monotonic() + 30
             while not list((tmp_path / "b" / "shard-00001").glob(".block-*")) and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -101,12 +105,59 @@ def test_batchwise_files_are_np_save_bytes_and_a_failed_build_leaves_only_finish
             raise RuntimeError("planted failure")
         return real(pixels, blocks, final_norm=final_norm)
 
-    monkeypatch.setattr(bb, "patch_tokens", fails_on_sixth)
-    with pytest.raises(RuntimeError, match="planted"):
-        TokenBank.build(tmp_path / "b", bb, items, blocks=[1, 4], shard_size=4, batch_size=1, dtype="float16")
+    monkeypatch.setattr(bb, "patch_tokens", fails_on_the_last)
+    budget = torch.get_num_threads() + 1
+    with torch_threads(budget):
+        with pytest.raises(RuntimeError, match="planted"):
+            TokenBank.build(tmp_path / "b", bb, items, blocks=[1, 4], shard_size=4, batch_size=1, dtype="float16")
+        assert torch.get_num_threads() == budget  # the build's share per worker is undone on failure too
     assert sorted(p.relative_to(tmp_path / "b").as_posix() for p in (tmp_path / "b").rglob("*") if p.is_file()) == [
         "manifest.json", "shard-00000/block-01.npy", "shard-00000/block-04.npy"]
     assert list(TokenBank(tmp_path / "b").manifest["shards"]) == ["00000"]
     monkeypatch.setattr(bb, "patch_tokens", real)
     resumed = TokenBank.build(tmp_path / "b", bb, items, blocks=[1, 4], shard_size=4, batch_size=1, dtype="float16")
     assert resumed.manifest["shards"] == ref.manifest["shards"]  # same bytes whatever the batch size or interruption
+
+
+def test_forward_plan_splits_the_thread_budget_into_concurrent_forwards() -> None:
+    assert forward_plan(1) == ForwardPlan(workers=1, threads=1)
+    assert forward_plan(2) == ForwardPlan(workers=2, threads=1)
+    assert forward_plan(40) == ForwardPlan(workers=tokenbank.MAX_FORWARD_WORKERS, threads=40 // 16)
+    with torch_threads(3):
+        assert forward_plan() == ForwardPlan(workers=3, threads=1)  # 0: the current count
+    with pytest.raises(ValueError, match="positive"):
+        forward_plan(-1)
+    # on an accelerator: one batch computing while the next is prepared, whatever the CPU budget
+    assert forward_plan(1, device="cuda") == ForwardPlan(workers=2, threads=1)
+    assert forward_plan(16, device="cuda:0") == ForwardPlan(workers=2, threads=8)
+
+
+@pytest.mark.parametrize("budget", [1, 2, 4])
+def test_tokens_do_not_depend_on_the_schedule(tmp_path, small, budget) -> None:
+    """Batches computed concurrently with a share of the threads give, bit for bit, the tokens of one forward at a
+    time with the whole budget, in bank order; the thread count is the budget again after the build."""
+    bb, items = small  # 6 images, 6 batches of one
+    blocks = [0, 3, 5]
+    with torch_threads(budget):
+        bank = TokenBank.build(tmp_path / "bank", bb, items, blocks=blocks, shard_size=4, batch_size=1)
+        assert torch.get_num_threads() == budget
+        one_at_a_time = [bb.patch_tokens(bb.preprocess([it.image]), blocks) for it in items]
+    for b in blocks:
+        np.testing.assert_array_equal(bank.tokens(b), torch.cat([t[b] for t in one_at_a_time]).numpy())
+
+
+def test_forward_workers_run_with_their_share_of_the_threads(tmp_path, small, monkeypatch) -> None:
+    bb, items = small
+    real, seen = bb.patch_tokens, []
+    lock = threading.Lock()
+
+    def recording(pixels, blocks, *, final_norm=False):
+        with lock:
+            seen.append((threading.current_thread().name.split("_")[0], torch.get_num_threads()))
+        return real(pixels, blocks, final_norm=final_norm)
+
+    monkeypatch.setattr(bb, "patch_tokens", recording)
+    monkeypatch.setattr(tokenbank, "MAX_FORWARD_WORKERS", 2)
+    with torch_threads(4):  # 2 workers x 2 threads
+        TokenBank.build(tmp_path / "bank", bb, items, blocks=[1], shard_size=4, batch_size=1)
+    assert seen == [("bank-forward", 2)] * len(items)
