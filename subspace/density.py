@@ -36,8 +36,14 @@ def check_tokens(tokens: np.ndarray, *, what: str = "tokens", dtype: type = np.f
     return arr.astype(dtype, copy=False)
 
 
+#: rows scored per block by :func:`affine_sq_norm` (8192 x 768 float32 = 24 MiB)
+SCORE_ROWS = 8192
+
+
 def affine_sq_norm(tokens: np.ndarray, weight: np.ndarray, offset: np.ndarray, *, what: str = "tokens") -> np.ndarray:
-    """``||x W - b||^2`` of each row ``x`` in float32: one ``addmm`` and one row-norm pass.
+    """``||x W - b||^2`` of each row ``x`` in float32: an ``addmm`` and a row-norm pass per block of
+    :data:`SCORE_ROWS` rows, into one reused buffer (the ``n x m`` product is never held whole, and the norm reads
+    each block while it is still in cache).
 
     A NaN/Inf token makes its own score non-finite (``x W`` spreads it over the row), so the finite check runs on
     the ``n`` scores instead of the ``n x d`` tokens.
@@ -61,7 +67,13 @@ def affine_sq_norm(tokens: np.ndarray, weight: np.ndarray, offset: np.ndarray, *
     x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
     w = torch.from_numpy(np.ascontiguousarray(weight, dtype=np.float32))
     b = torch.from_numpy(np.ascontiguousarray(offset, dtype=np.float32))
-    out = torch.linalg.vector_norm(torch.addmm(b.neg(), x, w), dim=1).double().square_().numpy()
+    neg_b, norms = b.neg(), torch.empty(x.shape[0], dtype=torch.float32)
+    buf = torch.empty(min(SCORE_ROWS, x.shape[0]), w.shape[1], dtype=torch.float32)
+    for s in range(0, x.shape[0], SCORE_ROWS):
+        rows = x[s:s + SCORE_ROWS]
+        block = torch.addmm(neg_b, rows, w, out=buf[:rows.shape[0]])
+        torch.linalg.vector_norm(block, dim=1, out=norms[s:s + rows.shape[0]])
+    out = norms.double().square_().numpy()
     bad = ~np.isfinite(out)
     if bad.any():
         raise ValueError(f"{what}: {int(bad.sum())} token(s) contain NaN or Inf (or overflow float32 scoring)")

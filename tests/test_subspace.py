@@ -111,3 +111,21 @@ def test_float32_scoring_keeps_a_small_residual_far_from_the_mean():
     x32, c32 = xc.astype(np.float32), r.components_.astype(np.float32)
     naive = (x32 ** 2).sum(1) - ((x32 @ c32) ** 2).sum(1)
     assert abs(naive[0] - ref[0]) > 10 * abs(r.score(x)[0] - ref[0])
+
+
+def test_scores_are_computed_in_row_blocks_without_losing_a_row(tokens, monkeypatch):
+    """Blocks of SCORE_ROWS rows (here 7: seven whole blocks and a partial one of 1 row) give every token its own
+    score, in order, and a NaN token in the partial last block is still counted."""
+    from covtoken.subspace import density
+
+    fit, q = tokens
+    g, p = GaussianDensity().fit(fit), PCAResidual(explained_variance=0.8).fit(fit)
+    whole = g.score(q), p.score(q)
+    monkeypatch.setattr(density, "SCORE_ROWS", 7)
+    np.testing.assert_allclose(g.score(q), whole[0], rtol=1e-6)
+    np.testing.assert_allclose(p.score(q), whole[1], rtol=1e-6, atol=1e-6 * whole[1].max())
+    np.testing.assert_allclose(g.score(q[::-1]), whole[0][::-1], rtol=1e-6)  # row i's score is row i's
+    bad = q.copy()
+    bad[-1, 0] = np.nan
+    with pytest.raises(ValueError, match="1 token"):
+        g.score(bad)
