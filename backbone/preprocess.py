@@ -62,18 +62,13 @@ def to_pil(img: np.ndarray, *, index: int = 0) -> Image.Image:
 def to_uint8(img: np.ndarray, *, index: int = 0) -> np.ndarray:
     """One image of the common layout as ``round(255 x)`` ``uint8`` ``(H, W)`` or ``(H, W, 3)``, checked as in
     :func:`to_pil`."""
-    return _stack_to_uint8([img], first=index)[0]
-
-
-def _stack_to_uint8(images: Sequence[np.ndarray], *, first: int = 0) -> np.ndarray:
-    """Same-shaped images as one ``(B, H, W[, 3])`` ``uint8`` array, each checked as :func:`to_pil` checks it (the
-    error names the first bad image's index)."""
-    return _stack_levels(images, first=first).astype(np.uint8)
+    return _stack_levels([img], first=index)[0].astype(np.uint8)
 
 
 def _stack_levels(images: Sequence[np.ndarray], *, first: int = 0) -> np.ndarray:
     """Same-shaped images as one ``(B, H, W[, 3])`` float32 array of their 8-bit levels ``round(255 x)`` (whole
-    numbers 0..255, the values :func:`_stack_to_uint8` casts), each checked as :func:`to_pil` checks it.
+    numbers 0..255, the values :func:`to_uint8` casts), each checked as :func:`to_pil` checks it (the error names
+    the first bad image's index).
 
     One copy of the batch, then every step in place; the range check reads each image's minimum and maximum, which
     are NaN or infinite whenever any pixel is.

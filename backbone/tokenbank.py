@@ -350,12 +350,14 @@ class TokenBank:
                              unit="images") as step:
                 # at most workers + 1 batches of tokens in flight, and 2 waiting for the writer
                 ahead = deque(pool.submit(extract, b0, b1) for _, b0, b1 in batches[:plan.workers + 1])
+                unsubmitted = iter(batches[plan.workers + 1:])
                 writes: list[Future] = []
                 try:
-                    for i, (s, b0, b1) in enumerate(batches):
+                    for s, b0, b1 in batches:
                         arrays = ahead.popleft().result()
-                        if i + len(ahead) + 1 < len(batches):
-                            ahead.append(pool.submit(extract, *batches[i + len(ahead) + 1][1:]))
+                        following = next(unsubmitted, None)  # keep the window full
+                        if following is not None:
+                            ahead.append(pool.submit(extract, *following[1:]))
                         step(b1 - b0)
                         while writes and (writes[0].done() or len(writes) >= 2):  # surface errors; at most 2 queued
                             writes.pop(0).result()
